@@ -1,0 +1,1 @@
+"""Input pipelines: decoding, shards, loaders, dataset adapters."""

@@ -1,0 +1,44 @@
+"""vllama_jax: Video-LLaMA (arXiv 2306.02858) as a JAX/Flax training codebase."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.7,<0.11",
+    "flax>=0.11,<0.13",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "grain>=0.2.12,<0.3",
+    "array-record>=0.7,<0.9",
+    "tensorflow-datasets>=4.9.8,<5",
+    "ml_collections>=1.0,<2",
+    "transformers>=4.46,<6",
+    "tokenizers>=0.20,<1",
+    "safetensors>=0.4,<1",
+    "librosa>=0.10,<0.12",
+    "av>=12,<19",
+    "numpy>=1.26,<3",
+    "pillow>=10,<13",
+    "tqdm>=4.66,<5",
+    "tensorboardX>=2.6,<3",
+    "matplotlib>=3.8,<4",
+]
+
+EXTRAS = {
+    # torch is only a parity reference / conversion backend, never a core dependency.
+    "torch": ["torch==2.13.0"],
+    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2"],
+}
+
+setup(
+    name="vllama_jax",
+    version="0.1.0",
+    description="Video-LLaMA (audio-visual instruction-tuned video LLM) in JAX/Flax",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllama_jax", "vllama_jax.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "vllama-demo=vllama_jax.cli:demo_main",
+        ],
+    },
+)

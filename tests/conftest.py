@@ -1,0 +1,29 @@
+"""Test setup: 8 fake CPU devices (must be set before jax is imported), float32 everywhere."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def assert_close(actual, expected, atol=1e-4, rtol=0.0, what=""):
+    """Max-abs-error check that prints the error it found."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+    tol = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+    return err

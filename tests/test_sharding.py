@@ -1,0 +1,51 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from vllama_jax import sharding
+from vllama_jax.models.common import Dense, LayerNorm
+
+
+class _Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = Dense(64, ("embed", "mlp"))(x)
+        x = LayerNorm(axis="mlp")(x)
+        return Dense(32, ("mlp", "embed"))(x)
+
+
+def test_make_mesh_auto_axes_and_inference():
+    mesh = sharding.make_mesh((2, -1, 2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+
+
+def test_make_mesh_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding.make_mesh((3, 2, 1))
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.make_mesh((-1, -1, 1))
+
+
+def test_rules_weights_fsdp_tensor_and_activations_batch_only():
+    assert sharding.logical_to_mesh_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_to_mesh_spec(("vocab", "embed")) == P("tensor", "fsdp")
+    # embed on an activation gives way to batch, which already took fsdp.
+    assert sharding.logical_to_mesh_spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
+
+
+def test_sharded_forward_equals_single_device():
+    model = _Mlp()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 32)), jnp.float32)
+    variables = nn.meta.unbox(model.init(jax.random.key(0), x))
+    expected = model.apply(variables, x)
+    mesh = sharding.make_mesh((2, 2, 2))
+    shardings = sharding.param_shardings(jax.eval_shape(model.init, jax.random.key(0), x), mesh)
+    assert shardings["params"]["Dense_0"]["kernel"].spec == P("fsdp", "tensor")
+    sharded = jax.device_put(variables, shardings)
+    out = jax.jit(model.apply)(sharded, sharding.shard_batch(x, mesh))
+    assert out.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)

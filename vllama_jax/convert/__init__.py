@@ -1,0 +1,1 @@
+"""Weight conversion between PyTorch checkpoints and Flax params."""

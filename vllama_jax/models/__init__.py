@@ -1,0 +1,1 @@
+"""Flax Linen ports of the Video-LLaMA towers."""
