@@ -23,14 +23,23 @@ Fields (`decode_example` returns exactly these keys):
   conversations  list of {'from': 'human'|'gpt', 'value': str} ([] for caption examples);
                  `<image>` / `<video>` placeholders normalized to IMAGE_PLACEHOLDER
   duration_s     float, source clip duration (0.0 for images)
+  meta           dict str -> str, free-form provenance / labels (e.g. the synthetic set's attributes)
+
+Shards written through the TFDS builders hold each record wrapped in a one-feature
+`tf.train.Example` ({RECORD_FEATURE: bytes}), because TFDS always stores Example protos;
+`decode_example` accepts both the bare msgpack bytes and that wrapping (told apart by the first
+byte: a msgpack map starts with 0x80-0x8f / 0xde / 0xdf, an Example proto with 0x0a), so grain /
+array_record readers and `tfds.data_sources(...)[i][RECORD_FEATURE]` both work.
 """
 from __future__ import annotations
 
+import io
 import re
 from typing import Any, Dict, Sequence
 
 import msgpack
 import numpy as np
+from PIL import Image
 
 RECORD_VERSION = 1
 FRAME_SHORT_SIDE = 256
@@ -43,10 +52,13 @@ MEDIA_KINDS = ("video", "image")
 EXAMPLE_KINDS = ("caption", "conversation")
 SPEAKERS = ("human", "gpt")
 
-FIELDS = ("version", "id", "media", "frames", "frame_times", "fbank", "audio_present", "kind",
-          "caption", "conversations", "duration_s")
+RECORD_FEATURE = "record"
+JPEG_QUALITY = 90
 
-_PLACEHOLDER_RE = re.compile(r"<(?:image|video|Image|Video|ImageHere)>")
+FIELDS = ("version", "id", "media", "frames", "frame_times", "fbank", "audio_present", "kind",
+          "caption", "conversations", "duration_s", "meta")
+
+_PLACEHOLDER_RE = re.compile(r"<(?:image|video|ImageHere)>")
 
 
 class RecordError(ValueError):
@@ -65,7 +77,8 @@ def silent_fbank(num_clips: int = NUM_AUDIO_CLIPS) -> np.ndarray:
 
 def make_example(*, id: str, media: str, frames: Sequence[bytes], kind: str, caption: str = "",
                  conversations: Sequence[Dict[str, str]] = (), frame_times=None, fbank=None,
-                 audio_present: bool = False, duration_s: float = 0.0) -> Dict[str, Any]:
+                 audio_present: bool = False, duration_s: float = 0.0,
+                 meta: Dict[str, str] | None = None) -> Dict[str, Any]:
     """Builds a schema-complete example dict (defaults filled in, placeholders normalized, validated)."""
     frames = list(frames)
     example = {
@@ -82,6 +95,7 @@ def make_example(*, id: str, media: str, frames: Sequence[bytes], kind: str, cap
         "conversations": [{"from": t["from"], "value": normalize_placeholders(t["value"])}
                           for t in conversations],
         "duration_s": float(duration_s),
+        "meta": dict(meta or {}),
     }
     validate_example(example)
     return example
@@ -137,6 +151,9 @@ def validate_example(example: Dict[str, Any]) -> None:
         _fail(eid, f"version {example['version']} is not supported (this code reads {RECORD_VERSION})")
     if not isinstance(example["id"], str) or not example["id"]:
         _fail(eid, "id must be a non-empty str")
+    meta = example["meta"]
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        _fail(eid, f"meta must be a dict of str -> str, got {meta!r}")
     _validate_media(example, eid)
     _validate_text(example, eid)
 
@@ -176,16 +193,99 @@ def encode_example(example: Dict[str, Any]) -> bytes:
     return msgpack.packb(example, default=_default, use_bin_type=True)
 
 
+def _varint(buf: bytes, pos: int):
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise RecordError("truncated varint in tf.train.Example record")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _proto_fields(buf: bytes):
+    """Yields (field number, value) of the length-delimited fields of a protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            step = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + step], pos + step
+        else:
+            raise RecordError(f"unsupported protobuf wire type {wire} in tf.train.Example record")
+        yield field, value
+
+
+def unwrap_tf_example(record: bytes, feature: str = RECORD_FEATURE) -> bytes:
+    """The single bytes value of `feature` in a serialized tf.train.Example (what TFDS stores)."""
+    # Example{1: Features{1: map entry{1: key, 2: Feature{1: BytesList{1: bytes}}}}}
+    for _, features in (f for f in _proto_fields(record) if f[0] == 1):
+        for _, entry in (f for f in _proto_fields(features) if f[0] == 1):
+            fields = dict(_proto_fields(entry))
+            if fields.get(1, b"").decode("utf-8", "replace") != feature:
+                continue
+            lists = [v for k, v in _proto_fields(fields.get(2, b"")) if k == 1]
+            values = [v for lst in lists for k, v in _proto_fields(lst) if k == 1]
+            if len(values) != 1:
+                raise RecordError(f"tf.train.Example feature {feature!r} holds {len(values)} bytes values, expected 1")
+            return bytes(values[0])
+    raise RecordError(f"tf.train.Example record has no bytes feature {feature!r}")
+
+
+def _is_msgpack_map(record: bytes) -> bool:
+    return bool(record) and (0x80 <= record[0] <= 0x8F or record[0] in (0xDE, 0xDF))
+
+
 def decode_example(record: bytes) -> Dict[str, Any]:
-    """Parses one record's bytes back into the example dict (arrays as numpy, frames as JPEG bytes)."""
+    """Parses one record's bytes (bare or TFDS-wrapped) into the example dict (arrays as numpy)."""
+    record = bytes(record)
+    if record[:1] == b"\x0a":
+        record = unwrap_tf_example(record)
+    if not _is_msgpack_map(record):
+        raise RecordError(f"record of {len(record)} bytes is neither a msgpack map nor a tf.train.Example "
+                          f"(first bytes {record[:8]!r})")
     try:
         example = msgpack.unpackb(record, object_hook=_object_hook, raw=False, strict_map_key=False)
+    except RecordError:
+        raise
     except (msgpack.UnpackException, ValueError) as e:
-        if isinstance(e, RecordError):
-            raise
-        raise RecordError(f"record of {len(record)} bytes is not a msgpack record: {e}") from e
-    if not isinstance(example, dict):
-        raise RecordError(f"record decodes to {type(example).__name__}, expected a map")
+        raise RecordError(f"record of {len(record)} bytes is not a valid msgpack record: {e}") from e
     validate_example(example)
     return example
 
+
+def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """uint8 [H,W,3] -> baseline JPEG bytes (PIL, 4:2:0), the format of the `frames` field."""
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"frame: expected uint8 [H,W,3], got {frame.dtype} {frame.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> uint8 [H,W,3] RGB."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise RecordError(f"frame of {len(data)} bytes is not a decodable JPEG: {e}") from e
+
+
+def decode_frames(example: Dict[str, Any]) -> np.ndarray:
+    """The example's stored frames as uint8 [T,H,W,3]."""
+    frames = [decode_jpeg(f) for f in example["frames"]]
+    shapes = {f.shape for f in frames}
+    if len(shapes) != 1:
+        raise RecordError(f"record {example.get('id')!r}: frames have different shapes {sorted(shapes)}")
+    return np.stack(frames)
