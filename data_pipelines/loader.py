@@ -1,0 +1,358 @@
+"""grain input pipeline: ArrayRecord shards -> fixed-shape Video-LLaMA model batches.
+
+    per dataset:  ShardSource (ArrayRecord + records.decode_example)
+                  -> shard by process (disjoint, equal-sized slices)
+                  -> shuffle (seeded, reshuffled every epoch) -> repeat(num_epochs)
+                  -> ExampleTransform (random_map: frame sampling, crop/resize, prompt + targets)
+    mixture:      MapDataset.mix(datasets, weights)  (deterministic weighted interleave)
+    then:         to_iter_dataset(read threads) -> batch -> optional mp_prefetch(worker processes)
+
+Every random choice (shuffle order, headtail frames, crop, caption prompt) is a function of the
+seed and the element's position, so an iterator's `get_state()` (a small dict: positions only)
+restored with `set_state()` replays exactly the remaining batches, in any process count.
+
+Batch (per process; `batch_size` rows), the contract with the model:
+  frames          float32 [B,T,S,S,3] CLIP-normalized (S = image_size)
+  frame_mask      bool [B,T]; videos: all True (short videos repeat frames as the reference's
+                  sampling does); images: only frame 0 is valid, frames 1.. are zeros (the
+                  reference feeds an image as a 1-frame clip, i.e. the video Q-Former must
+                  ignore masked frames)
+  audio           float32 [B,M,1,128,204] normalized fbank (zeros when absent)
+  audio_mask      bool [B] audio_present
+  input_ids       int32 [B,L]; 0 at media positions, pad id (LLaMA: 0) after the text
+  attention_mask  int32 [B,L], 1 on every real position (media included)
+  targets         int32 [B,L], HF convention (label of position i; the model shifts); -100 on
+                  bos, prompt, media and padding
+  media_mask      bool [B,L], exactly num_media_tokens consecutive True per row
+  example_id      str [B] only with keep_ids=True (not for the device)
+Known differences from the reference: batches may mix datasets (the reference draws whole batches
+from one dataset, LAVIS MultiIterLoader); the caption prompt is drawn per example (reference: per
+batch); attention_mask is 1 on unk tokens too (reference: `input_ids != pad` = 0 there).
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import glob
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from data_pipelines import prompts as P
+from data_pipelines import video as V
+from data_pipelines.records import RecordError, decode_example, decode_jpeg
+from data_pipelines.tokenizer import TextEncoder
+from vllama_jax.models.common import Preset
+
+FRAME_SAMPLINGS = ("auto", "uniform", "headtail")
+CAPTION_PROCESSORS = ("blip", "none")
+
+
+class LoaderError(ValueError):
+    """Bad loader input: a missing shard, a corrupt record, an example that breaks the prompt rules."""
+
+
+# ---------------------------------------------------------------------------- configuration
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a mixture.
+
+    paths: ArrayRecord files or glob patterns (TFDS shards included). frame_sampling: 'auto' is
+    headtail for training captions (WebVid stage 1) and uniform otherwise (instruction data,
+    eval), as the reference. caption_processor: 'blip' lowercases and strips punctuation (the
+    reference's blip_caption text processor; its cc_sbu_align dataset skipped it: use 'none').
+    """
+    paths: tuple[str, ...]
+    weight: float = 1.0
+    name: str = ""
+    frame_sampling: str = "auto"
+    caption_processor: str = "blip"
+
+    def __post_init__(self):
+        if isinstance(self.paths, (str, os.PathLike)):
+            object.__setattr__(self, "paths", (os.fspath(self.paths),))
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            raise LoaderError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {self.frame_sampling!r}")
+        if self.caption_processor not in CAPTION_PROCESSORS:
+            raise LoaderError(f"caption_processor must be one of {CAPTION_PROCESSORS}, got {self.caption_processor!r}")
+        if not self.weight > 0:
+            raise LoaderError(f"dataset {self.name or self.paths}: weight must be > 0, got {self.weight}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig(Preset):
+    """Per-process batch layout, prompt style and pipeline knobs. Presets: stage1, stage2_vicuna,
+    stage2_llama_v2 (the reference's train configs) and tiny (tests)."""
+    batch_size: int = 32             # rows per process
+    seq_len: int = 80                # L; stage 1: 1 bos + 32 media + 32 caption tokens fit
+    num_frames: int = 8
+    image_size: int = 224
+    num_media_tokens: int = 32       # 32 video query tokens (+8 if audio tokens share the placeholder)
+    num_audio_clips: int = 8
+    conv_style: str = "vicuna"
+    max_conv_len: int = P.DEFAULT_MAX_CONV_LEN
+    max_txt_len: int = 32            # caption tokens (incl. end_sym)
+    caption_prompts: tuple[str, ...] = ()     # empty: no prompt (stage 1)
+    caption_template: str = P.VICUNA_CAPTION_TEMPLATE
+    end_sym: str = P.STAGE1_END_SYM
+    video_time_msg: bool = True      # "The video contains 8 frames sampled at ..." in video conversations
+    train: bool = True               # random crop + headtail; False: resize + uniform, first prompt
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None    # None: repeat forever
+    drop_remainder: bool = True
+    read_threads: int = 2            # grain ReadOptions.num_threads (per process / worker)
+    prefetch_buffer_size: int = 16   # elements read ahead by those threads
+    worker_count: int = 0            # >0: mp_prefetch worker processes
+    worker_buffer_size: int = 2      # batches each worker holds ready
+    keep_ids: bool = False
+
+    @classmethod
+    def presets(cls):
+        return LOADER_PRESETS
+
+    def __post_init__(self):
+        if self.conv_style not in P.CONV_STYLES:
+            raise LoaderError(f"conv_style must be one of {P.CONV_STYLES}, got {self.conv_style!r}")
+        for name in ("batch_size", "seq_len", "num_frames", "image_size", "num_media_tokens", "max_txt_len"):
+            if getattr(self, name) < 1:
+                raise LoaderError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+LOADER_PRESETS = {
+    "stage1": LoaderConfig(),
+    "stage2_vicuna": LoaderConfig(batch_size=4, seq_len=512, max_txt_len=320, end_sym=P.VICUNA_END_SYM,
+                                  caption_prompts=P.ALIGNMENT_IMAGE_PROMPTS),
+    "stage2_llama_v2": LoaderConfig(batch_size=4, seq_len=512, max_txt_len=320, conv_style="llama_v2",
+                                    end_sym=P.LLAMA2_END_SYM, caption_template=P.LLAMA2_CAPTION_TEMPLATE,
+                                    caption_prompts=P.ALIGNMENT_IMAGE_PROMPTS),
+    "tiny": LoaderConfig(batch_size=2, seq_len=48, num_frames=4, image_size=32, num_media_tokens=4,
+                         max_txt_len=16, read_threads=1, prefetch_buffer_size=4),
+}
+
+
+# ---------------------------------------------------------------------------- source
+
+def expand_paths(paths: Iterable[str]) -> list[str]:
+    """Files named by `paths` (globs expanded, sorted); errors name the path that matched nothing."""
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if glob.has_magic(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise LoaderError(f"shard pattern {p!r} matches no file")
+            out.extend(matches)
+        elif not os.path.isfile(p):
+            raise LoaderError(f"shard file {p!r} does not exist")
+        else:
+            out.append(p)
+    if not out:
+        raise LoaderError("no shard paths given")
+    return out
+
+
+class ShardSource:
+    """Random-access source over ArrayRecord files yielding decoded examples.
+
+    Each example gets `_where` = "path[record]" so later failures can name the record.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        from grain.sources import ArrayRecordDataSource
+
+        self.paths = expand_paths(paths)
+        self._files = []
+        for p in self.paths:
+            try:
+                self._files.append(ArrayRecordDataSource([p]))
+            except Exception as e:  # array_record raises RuntimeError/ValueError with C++ messages
+                raise LoaderError(f"shard {p!r} is not a readable ArrayRecord file: {e}") from e
+        self._ends = list(np.cumsum([len(f) for f in self._files]))
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if self._ends else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file number, record number in that file) of a global record index."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} out of range [0, {len(self)})")
+        f = bisect.bisect_right(self._ends, index)
+        return f, index - int(self._ends[f - 1] if f else 0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        f, pos = self.locate(int(index))
+        where = f"{self.paths[f]}[{pos}]"
+        try:
+            data = self._files[f][pos]
+            example = decode_example(data)
+        except (RecordError, ValueError, RuntimeError) as e:
+            raise LoaderError(f"record {where}: {e}") from e
+        example["_where"] = where
+        return example
+
+
+# ---------------------------------------------------------------------------- per-example transform
+
+def _frame_sampling(spec: DatasetSpec, config: LoaderConfig, kind: str) -> str:
+    if spec.frame_sampling != "auto":
+        return spec.frame_sampling
+    return "headtail" if config.train and kind == "caption" else "uniform"
+
+
+class ExampleTransform:
+    """Decoded record -> one batch row (numpy). A grain RandomMap: `random_map(example, rng)`."""
+
+    def __init__(self, config: LoaderConfig, spec: DatasetSpec, encoder: TextEncoder):
+        self.config, self.spec, self.encoder = config, spec, encoder
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        where = f"record {example.get('id', '?')!r} ({example.get('_where', '?')})"
+        try:
+            return self._transform(example, rng, where)
+        except (LoaderError, P.PromptError) as e:
+            raise LoaderError(str(e) if where in str(e) else f"{where}: {e}") from e
+        except (RecordError, ValueError) as e:
+            raise LoaderError(f"{where}: {e}") from e
+
+    def _frames(self, example, rng, sampling):
+        cfg = self.config
+        stored = example["frames"]
+        is_video = example["media"] == "video"
+        idx = V.sample_indices(len(stored), cfg.num_frames, sampling, rng) if is_video else np.zeros(1, np.int64)
+        raw = np.stack([decode_jpeg(stored[i]) for i in idx])
+        if cfg.train:
+            pix = V.train_transform(raw, rng, cfg.image_size, squash=is_video)
+        else:
+            pix = V.eval_transform(raw, cfg.image_size)
+        frames = np.zeros((cfg.num_frames, cfg.image_size, cfg.image_size, 3), np.float32)
+        frames[:len(pix)] = pix
+        mask = np.zeros(cfg.num_frames, bool)
+        mask[:len(pix)] = True
+        times = np.asarray(example["frame_times"], np.float32)[idx]
+        return frames, mask, times
+
+    def _audio(self, example, where):
+        fbank = np.asarray(example["fbank"], np.float32)
+        want = (self.config.num_audio_clips, 1, 128, 204)
+        if fbank.shape != want:
+            raise LoaderError(f"{where}: fbank shape {fbank.shape}, expected {want}")
+        return fbank
+
+    def _text(self, example, rng, times, where):
+        cfg, enc = self.config, self.encoder
+        if example["kind"] == "caption":
+            caption = example["caption"]
+            if self.spec.caption_processor == "blip":
+                caption = P.blip_caption(caption)
+            prompt = P.caption_prompt(cfg.caption_prompts, cfg.caption_template, rng if cfg.train else None)
+            return P.tokenize_caption(caption, enc, cfg.num_media_tokens, prompt, cfg.end_sym, cfg.max_txt_len)
+        msg = P.video_time_message(times) if example["media"] == "video" and cfg.video_time_msg else ""
+        turns = P.insert_media(example["conversations"], example["media"], cfg.num_media_tokens, msg, where)
+        return P.tokenize_conversation(turns, enc, cfg.conv_style, cfg.max_conv_len, where)
+
+    def _transform(self, example, rng, where):
+        cfg = self.config
+        frames, frame_mask, times = self._frames(example, rng, _frame_sampling(self.spec, cfg, example["kind"]))
+        audio = self._audio(example, where)
+        ids, targets = self._text(example, rng, times, where)
+        row = P.pack_example(ids, targets, self.encoder.patch_id, self.encoder.pad_id, cfg.seq_len,
+                             cfg.num_media_tokens, where)
+        row.update(frames=frames, frame_mask=frame_mask, audio=audio,
+                   audio_mask=np.asarray(bool(example["audio_present"])))
+        if cfg.keep_ids:
+            row["example_id"] = np.asarray(example["id"])
+        return row
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+def _as_specs(datasets) -> list[DatasetSpec]:
+    if isinstance(datasets, DatasetSpec):
+        return [datasets]
+    if isinstance(datasets, (str, os.PathLike)):
+        return [DatasetSpec(paths=(os.fspath(datasets),))]
+    specs = [d if isinstance(d, DatasetSpec) else DatasetSpec(paths=(os.fspath(d),)) for d in datasets]
+    if not specs:
+        raise LoaderError("no datasets given")
+    return specs
+
+
+def process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    """(index, count) of this process' data shard; defaults to jax's process index / count."""
+    if shard_index is None and shard_count is None:
+        import grain
+
+        opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+        return opts.shard_index, opts.shard_count
+    if shard_index is None or shard_count is None or not 0 <= shard_index < shard_count:
+        raise LoaderError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    return shard_index, shard_count
+
+
+def shard_dataset(ds, shard_index: int, shard_count: int, drop_remainder: bool = True):
+    """This shard's slice of a MapDataset; equal sizes across shards when drop_remainder (so no
+    process runs out of batches before the others and hangs a collective)."""
+    if drop_remainder:
+        ds = ds[: len(ds) - len(ds) % shard_count]
+    return ds[shard_index::shard_count]
+
+
+def make_example_dataset(spec: DatasetSpec, config: LoaderConfig, encoder: TextEncoder,
+                         shard_index: int, shard_count: int, seed: int):
+    """grain.MapDataset of transformed rows for one dataset (sharded, shuffled, repeated)."""
+    import grain
+
+    source = ShardSource(spec.paths)
+    ds = shard_dataset(grain.MapDataset.source(source), shard_index, shard_count, config.drop_remainder)
+    if len(ds) == 0:
+        raise LoaderError(f"dataset {spec.name or spec.paths}: shard {shard_index}/{shard_count} is empty "
+                          f"({len(source)} records)")
+    if config.shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(config.num_epochs)
+    return ds.random_map(ExampleTransform(config, spec, encoder), seed=seed + 1)
+
+
+def make_dataset(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,
+                 shard_count: int | None = None):
+    """grain.IterDataset of model batches (see module docstring) for this process' shard.
+
+    `datasets`: a DatasetSpec, a path, or a list of them (mixed by their weights).
+    `encoder`: `tokenizer.TextEncoder` over the LLM's tokenizer.
+    """
+    import grain
+
+    specs = _as_specs(datasets)
+    shard_index, shard_count = process_shard(shard_index, shard_count)
+    # Distinct, fixed seeds per dataset so adding a dataset does not reorder the others.
+    parts = [make_example_dataset(s, config, encoder, shard_index, shard_count,
+                                  seed=(config.seed * 1_000_003 + 7919 * k) % 2**31)
+             for k, s in enumerate(specs)]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in specs])
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.prefetch_buffer_size))
+    it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    if config.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
+                                                         per_worker_buffer_size=config.worker_buffer_size))
+    return it
+
+
+def make_loader(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,
+                shard_count: int | None = None):
+    """An iterator of batches with `get_state()` / `set_state(state)` (grain DatasetIterator)."""
+    return iter(make_dataset(datasets, config, encoder, shard_index, shard_count))
+
+
+def batch_spec(config: LoaderConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shapes and dtypes of one batch (for `jax.ShapeDtypeStruct`s before data exists)."""
+    b, t, s, L = config.batch_size, config.num_frames, config.image_size, config.seq_len
+    return {
+        "frames": ((b, t, s, s, 3), np.float32), "frame_mask": ((b, t), np.bool_),
+        "audio": ((b, config.num_audio_clips, 1, 128, 204), np.float32), "audio_mask": ((b,), np.bool_),
+        "input_ids": ((b, L), np.int32), "attention_mask": ((b, L), np.int32),
+        "targets": ((b, L), np.int32), "media_mask": ((b, L), np.bool_),
+    }

@@ -1,0 +1,226 @@
+"""grain loader: fixed shapes, masks, truncation, resumable state, process sharding, mixing, errors."""
+import dataclasses
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data_pipelines import loader as L
+from data_pipelines import prompts as P
+from data_pipelines.records import encode_example, encode_jpeg, make_example
+from data_pipelines.tokenizer import TextEncoder, TokenizerError, build_demo_tokenizer, load_tokenizer
+
+CFG = L.LoaderConfig.preset("tiny")  # B=2, L=48, T=4, 32x32 frames, 4 media tokens
+X = P.IGNORE_INDEX
+
+
+def _jpeg(rng, h=20, w=24):
+    return encode_jpeg(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def caption_example(i, rng, media="video", caption=None, audio=False):
+    n = 8 if media == "video" else 1
+    fbank = rng.standard_normal((8, 1, 128, 204)).astype(np.float16) if audio else None
+    return make_example(id=f"cap/{i}", media=media, frames=[_jpeg(rng) for _ in range(n)], kind="caption",
+                        caption=caption or f"Clip number {i}.", frame_times=np.arange(n) * 0.5,
+                        fbank=fbank, audio_present=audio, duration_s=4.0 if media == "video" else 0.0)
+
+
+def conv_example(i, rng, media="image"):
+    n = 8 if media == "video" else 1
+    turns = [{"from": "human", "value": ("<image>\n" if media == "image" else "<video> ") + f"What is {i}?"},
+             {"from": "gpt", "value": f"It is {i}."}]
+    return make_example(id=f"conv/{i}", media=media, frames=[_jpeg(rng) for _ in range(n)],
+                        kind="conversation", conversations=turns, frame_times=np.arange(n) * 0.5)
+
+
+def write_shards(path_prefix, examples, num_shards=2):
+    paths = [f"{path_prefix}-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
+    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    for i, ex in enumerate(examples):
+        writers[i % num_shards].write(ex if isinstance(ex, bytes) else encode_example(ex))
+    for w in writers:
+        w.close()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    texts = [f"clip number {i} what is {i} it is {i}" for i in range(50)]
+    texts += [P.VICUNA_CAPTION_TEMPLATE, "The video contains frames sampled at seconds."]
+    out = build_demo_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=500)
+    return TextEncoder(load_tokenizer(out))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    d = tmp_path_factory.mktemp("shards")
+    caps = [caption_example(i, rng, media="video" if i % 3 else "image", audio=i % 4 == 0) for i in range(24)]
+    convs = [conv_example(i, rng, media="image" if i % 2 else "video") for i in range(8)]
+    return {"caption": write_shards(str(d / "cap"), caps), "conv": write_shards(str(d / "conv"), convs)}
+
+
+def _ids(batches):
+    return [str(i) for b in batches for i in b["example_id"]]
+
+
+def test_batch_shapes_masks_and_padding(shards, encoder):
+    cfg = dataclasses.replace(CFG, batch_size=4, keep_ids=True, num_epochs=1)
+    specs = [L.DatasetSpec(shards["caption"], weight=1.0), L.DatasetSpec(shards["conv"], weight=1.0)]
+    batches = list(L.make_loader(specs, cfg, encoder, 0, 1))
+    assert len(batches) == 4  # mixing stops when the 8 conversations run out: 8 + 8 rows
+    spec = L.batch_spec(cfg)
+    for b in batches:
+        for k, (shape, dtype) in spec.items():
+            assert b[k].shape == shape and b[k].dtype == dtype, k
+        mm = b["media_mask"]
+        np.testing.assert_array_equal(mm.sum(1), cfg.num_media_tokens)
+        assert (b["input_ids"][mm] == 0).all()
+        assert (b["targets"][mm] == X).all()
+        assert (b["targets"][b["attention_mask"] == 0] == X).all()
+        assert (b["input_ids"][b["attention_mask"] == 0] == encoder.pad_id).all()
+        assert (b["input_ids"][:, 0] == encoder.bos_id).all() and (b["targets"][:, 0] == X).all()
+        for r, eid in enumerate(b["example_id"]):
+            n = b["attention_mask"][r].sum()
+            assert b["attention_mask"][r, :n].all()  # real tokens first, then padding
+            n_labels = int((b["targets"][r] != X).sum())
+            assert n_labels > 0
+            image = eid.startswith("cap/") and int(eid.split("/")[1]) % 3 == 0 or \
+                eid.startswith("conv/") and int(eid.split("/")[1]) % 2 == 1
+            assert b["frame_mask"][r].tolist() == ([True] + [False] * 3 if image else [True] * 4), eid
+            assert not b["frames"][r][~b["frame_mask"][r]].any()
+            assert b["audio_mask"][r] == (eid.startswith("cap/") and int(eid.split("/")[1]) % 4 == 0)
+            assert b["audio"][r].any() == b["audio_mask"][r]
+        assert np.isfinite(b["frames"]).all() and abs(float(b["frames"].mean())) < 3
+
+
+def test_caption_row_matches_prompt_builder(shards, encoder):
+    """A stage-1 caption row is exactly [bos] + media + caption ids + '\\n', then padding."""
+    cfg = dataclasses.replace(CFG, batch_size=1, keep_ids=True, shuffle=False, num_epochs=1, train=False)
+    b = next(L.make_loader(L.DatasetSpec(shards["caption"][:1]), cfg, encoder, 0, 1))
+    i = int(str(b["example_id"][0]).split("/")[1])
+    text = encoder(f"clip number {i}\n", add_bos=False)
+    n = 1 + cfg.num_media_tokens + len(text)
+    assert b["input_ids"][0, :n].tolist() == [encoder.bos_id] + [0] * cfg.num_media_tokens + text
+    assert b["targets"][0].tolist() == [X] * (1 + cfg.num_media_tokens) + text + [X] * (cfg.seq_len - n)
+    assert b["attention_mask"][0].tolist() == [1] * n + [0] * (cfg.seq_len - n)
+
+
+def test_max_txt_len_truncates_caption(tmp_path, encoder):
+    rng = np.random.default_rng(1)
+    long = " ".join(["clip number"] * 30)
+    paths = write_shards(str(tmp_path / "long"), [caption_example(0, rng, caption=long)], num_shards=1)
+    cfg = dataclasses.replace(CFG, batch_size=1, max_txt_len=7, num_epochs=1)
+    b = next(L.make_loader(paths, cfg, encoder, 0, 1))
+    labels = b["targets"][0][b["targets"][0] != X]
+    assert len(labels) == 7
+    assert labels.tolist() == encoder(long + "\n", add_bos=False)[:7]
+    assert b["attention_mask"][0].sum() == 1 + cfg.num_media_tokens + 7
+
+
+def test_conversation_targets_vicuna_and_llama2(shards, encoder):
+    for style in ("vicuna", "llama_v2"):
+        cfg = dataclasses.replace(CFG, batch_size=8, seq_len=160, conv_style=style, num_epochs=1, keep_ids=True)
+        b = next(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+        for r, eid in enumerate(b["example_id"]):
+            i = eid.split("/")[1]
+            labels = b["targets"][r][b["targets"][r] != X].tolist()
+            answer = encoder(f"It is {i}.", add_bos=False)
+            decoded = encoder.decode(labels)
+            assert f"It is {i}." in decoded, (style, decoded)
+            assert f"What is {i}" not in decoded, (style, decoded)  # the question is never a target
+            if style == "vicuna":
+                assert decoded.rstrip().endswith("###")  # the reference trains the closing ###
+            else:
+                assert labels[-1] == encoder.tokenizer.eos_token_id and len(labels) >= len(answer)
+
+
+def test_video_conversation_time_message(shards, encoder):
+    cfg = dataclasses.replace(CFG, batch_size=8, seq_len=160, num_epochs=1, keep_ids=True, shuffle=False)
+    b = next(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+    for r, eid in enumerate(b["example_id"]):
+        text = encoder.decode(b["input_ids"][r][b["attention_mask"][r] == 1])
+        is_video = int(eid.split("/")[1]) % 2 == 0
+        # 8 stored frames 0.5 s apart, uniform 4 of them: indices 0,2,4,6
+        assert ("The video contains 4 frames sampled at 0.0, 1.0, 2.0, 3.0 seconds." in text) == is_video, text
+
+
+def test_state_restore_yields_exactly_the_remaining_examples(shards, encoder):
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1)
+    spec = L.DatasetSpec(shards["caption"])
+    it = L.make_loader(spec, cfg, encoder, 0, 1)
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    rest = list(it)
+    assert len(first) + len(rest) == 12
+    resumed = L.make_loader(spec, cfg, encoder, 0, 1)
+    resumed.set_state(state)
+    again = list(resumed)
+    assert _ids(again) == _ids(rest)
+    for a, b in zip(rest, again):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # same crops, frames, prompts
+    assert sorted(_ids(first) + _ids(rest)) == sorted(f"cap/{i}" for i in range(24))
+
+
+def test_epochs_are_reshuffled(shards, encoder):
+    cfg = dataclasses.replace(CFG, batch_size=4, keep_ids=True, num_epochs=2)
+    ids = _ids(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+    e1, e2 = ids[:8], ids[8:]
+    assert sorted(e1) == sorted(e2) == sorted(f"conv/{i}" for i in range(8))
+    assert e1 != e2
+    same_seed = _ids(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+    assert same_seed == ids
+    other_seed = _ids(L.make_loader(L.DatasetSpec(shards["conv"]), dataclasses.replace(cfg, seed=1), encoder, 0, 1))
+    assert other_seed != ids
+
+
+def test_two_processes_see_disjoint_shards_covering_the_data(shards, encoder):
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1)
+    seen = [set(_ids(L.make_loader(L.DatasetSpec(shards["caption"]), cfg, encoder, p, 2))) for p in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 12
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"cap/{i}" for i in range(24)}
+    # 24 records over 5 processes: equal shards of 4, the 4 left over are dropped
+    sizes = [len(_ids(L.make_loader(L.DatasetSpec(shards["caption"]), dataclasses.replace(cfg, batch_size=1),
+                                    encoder, p, 5))) for p in range(5)]
+    assert sizes == [4] * 5
+
+
+def test_mixing_weights_are_respected(shards, encoder):
+    cfg = dataclasses.replace(CFG, batch_size=8, keep_ids=True, seq_len=160)
+    specs = [L.DatasetSpec(shards["caption"], weight=3.0), L.DatasetSpec(shards["conv"], weight=1.0)]
+    it = L.make_loader(specs, cfg, encoder, 0, 1)
+    ids = _ids(next(it) for _ in range(30))  # 240 draws, several epochs of the conversations
+    frac = sum(i.startswith("cap/") for i in ids) / len(ids)
+    assert abs(frac - 0.75) < 0.03, frac
+    assert len({i for i in ids if i.startswith("conv/")}) == 8
+
+
+def test_missing_shard_and_tokenizer_errors(tmp_path, encoder):
+    with pytest.raises(L.LoaderError, match="nothere.array_record.*does not exist"):
+        L.make_loader(str(tmp_path / "nothere.array_record"), CFG, encoder, 0, 1)
+    with pytest.raises(L.LoaderError, match="matches no file"):
+        L.make_loader(str(tmp_path / "none-*.array_record"), CFG, encoder, 0, 1)
+    (tmp_path / "junk.array_record").write_bytes(b"this is not an array record file" * 10)
+    with pytest.raises(L.LoaderError, match="junk.array_record.*not a readable ArrayRecord"):
+        L.make_loader(str(tmp_path / "junk.array_record"), CFG, encoder, 0, 1)
+    with pytest.raises(TokenizerError, match="no_tokenizer_here"):
+        load_tokenizer(tmp_path / "no_tokenizer_here")
+
+
+def test_corrupt_record_names_the_record(tmp_path, encoder):
+    rng = np.random.default_rng(2)
+    paths = write_shards(str(tmp_path / "bad"), [caption_example(0, rng), b"\x93garbage"], num_shards=1)
+    cfg = dataclasses.replace(CFG, batch_size=1, shuffle=False, num_epochs=1)
+    it = L.make_loader(paths, cfg, encoder, 0, 1)
+    next(it)
+    with pytest.raises(L.LoaderError, match=r"bad-00000-of-00001.array_record\[1\]"):
+        next(it)
+
+
+def test_seq_len_too_short_for_the_prompt_names_the_record(shards, encoder):
+    cfg = dataclasses.replace(CFG, seq_len=3, num_epochs=1)
+    with pytest.raises(L.LoaderError, match=r"record 'cap/\d+'.*media tokens"):
+        next(L.make_loader(L.DatasetSpec(shards["caption"]), cfg, encoder, 0, 1))
