@@ -1,0 +1,371 @@
+"""Video / image decoding, frame sampling and the pixel transforms of Video-LLaMA's processors.
+
+Decoding (PyAV) samples frames by presentation time, so variable-frame-rate files are sampled
+evenly in time; for constant-rate files the result equals the reference's index sampling
+(`np.arange(0, vlen, vlen / n).astype(int)` in `video_llama/processors/video_processor.py`).
+Display-matrix rotation is applied; clips with fewer frames than asked repeat frames (the
+reference silently returns fewer frames, which its datasets then reject).
+
+Transforms (pure numpy + PIL, for the loader to apply to decoded JPEG frames):
+  eval_transform   resize to 224x224 bicubic, aspect not kept (alpro_video_eval / blip2_image_eval)
+  train_transform  random resized crop, scale 0.5-1, ratio 3/4-4/3, bicubic, one crop per clip
+                   (alpro_video_train / blip2_image_train; no flip in either). For videos the
+                   reference decodes at 224x224 (aspect squashed) and crops that; `squash=True`
+                   reproduces that geometry with a single resampling of the source pixels.
+  normalize        /255 then CLIP mean/std
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from fractions import Fraction
+from typing import List, Optional, Sequence
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+from PIL import Image
+
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+IMAGE_SIZE = 224
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+SAMPLINGS = ("uniform", "headtail")
+
+
+class MediaDecodeError(ValueError):
+    """A media file is missing, empty or cannot be decoded. `path` and `reason` say which and why."""
+
+    kind = "media"
+
+    def __init__(self, path, reason: str, category: str = "undecodable"):
+        self.path = str(path)
+        self.reason = reason
+        self.category = category  # "missing" | "empty" | "undecodable": the report groups by it
+        super().__init__(f"cannot decode {self.kind} {self.path!r}: {reason}")
+
+
+class VideoDecodeError(MediaDecodeError):
+    kind = "video"
+
+
+class ImageDecodeError(MediaDecodeError):
+    kind = "image"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedVideo:
+    """Frames picked from one video.
+
+    frames: uint8 [T,H,W,3], display orientation; times: float64 [T] seconds from the first frame;
+    indices: int [T] position of each frame among all `num_source_frames` frames (time order).
+    """
+    frames: np.ndarray
+    times: np.ndarray
+    indices: np.ndarray
+    num_source_frames: int
+    duration_s: float
+    rotation: int
+    has_audio: bool
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _check_sampling(num_available: int, n: int, sampling: str) -> None:
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
+    if n < 1 or num_available < 1:
+        raise ValueError(f"need n >= 1 frames out of num_available >= 1, got n={n}, num_available={num_available}")
+
+
+def _pick_sorted(population: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    # Distinct picks like the reference's rnd.sample; repeats only when the half is too short.
+    replace = population.size < k
+    return np.sort(rng.choice(population, size=k, replace=replace))
+
+
+def sample_indices(num_available: int, n: int, sampling: str = "uniform",
+                   rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Indices of n frames out of num_available (sorted; repeats when num_available < n).
+
+    uniform: floor(i * num_available / n), the reference's `np.arange(0, vlen, vlen/n).astype(int)`.
+    headtail: n//2 distinct random frames from the first half, the rest from the second half
+    (the reference's training sampling). Applied to a stored uniform pool of 2n frames, uniform
+    picks exactly the uniform n frames of the source video.
+    """
+    _check_sampling(num_available, n, sampling)
+    if sampling == "uniform":
+        return (np.arange(n, dtype=np.int64) * num_available) // n
+    if rng is None:
+        raise ValueError("sampling='headtail' needs an rng (np.random.Generator)")
+    half = num_available // 2
+    if half == 0:
+        return np.zeros(n, np.int64)
+    head = _pick_sorted(np.arange(half), n // 2, rng)
+    tail = _pick_sorted(np.arange(half, num_available), n - n // 2, rng)
+    return np.concatenate([head, tail]).astype(np.int64)
+
+
+def sample_by_time(pts: Sequence[int], duration: int, n: int, sampling: str = "uniform",
+                   rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Indices into the time-sorted frame timestamps `pts` (any integer unit, pts[0] = start).
+
+    uniform: the frame shown at start + i * duration / n (last frame with pts <= that time).
+    headtail: as `sample_indices`, with the halves split at start + duration / 2.
+    """
+    pts = np.asarray(pts, np.int64)
+    _check_sampling(pts.size, n, sampling)
+    start = int(pts[0])
+    if sampling == "uniform":
+        # Exact rational targets: with a constant rate they land on frame boundaries exactly.
+        targets = [start + Fraction(i * duration, n) for i in range(n)]
+        return np.array([max(int(np.searchsorted(pts, int(t // 1), side="right")) - 1, 0)
+                         for t in targets], np.int64)
+    if rng is None:
+        raise ValueError("sampling='headtail' needs an rng (np.random.Generator)")
+    mid = start + Fraction(duration, 2)
+    num_head = int(np.sum(pts < mid))
+    if num_head == 0 or num_head == pts.size:
+        return sample_indices(pts.size, n, "headtail", rng)
+    head = _pick_sorted(np.arange(num_head), n // 2, rng)
+    tail = _pick_sorted(np.arange(num_head, pts.size), n - n // 2, rng)
+    return np.concatenate([head, tail]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _open(path: str):
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "file not found", "missing")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file (0 bytes)", "empty")
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise VideoDecodeError(path, f"not a readable media file ({type(e).__name__}: {e})") from e
+
+
+def _packet_pts(path: str, container, stream) -> List[int]:
+    """Presentation times of all video packets (demux only, no decoding), sorted."""
+    pts = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream flush packet
+            if packet.pts is None:
+                raise VideoDecodeError(path, "video packets without timestamps")
+            pts.append(int(packet.pts))
+    except av.FFmpegError as e:
+        raise VideoDecodeError(path, f"demuxing failed ({type(e).__name__}: {e})") from e
+    if not pts:
+        raise VideoDecodeError(path, "no video frames (zero-length video)", "empty")
+    return sorted(set(pts))
+
+
+def _duration(pts: List[int], stream) -> int:
+    """Clip length in pts units: last frame start + one frame period - first frame start."""
+    if len(pts) > 1:
+        period = int(np.median(np.diff(pts)))
+    elif stream.average_rate and stream.time_base:
+        period = max(int(round(1 / (stream.average_rate * stream.time_base))), 1)
+    else:
+        period = 1
+    return pts[-1] - pts[0] + max(period, 1)
+
+
+def _rotation_quarters(frame) -> int:
+    # av's frame.rotation is the display matrix angle: counter-clockwise degrees for display.
+    angle = int(getattr(frame, "rotation", 0) or 0)
+    return int(round(angle / 90.0)) % 4
+
+
+def _display_array(frame, quarters: int, sar, reformatter) -> np.ndarray:
+    # One reformatter per video reuses its swscale context (frame.to_ndarray builds one per call).
+    image = reformatter.reformat(frame, format="rgb24").to_ndarray()
+    if sar is not None and sar not in (0, 1):
+        # Anamorphic storage: stretch to the display aspect before anything else sees the pixels.
+        width = max(int(round(image.shape[1] * float(sar))), 1)
+        image = np.asarray(Image.fromarray(image).resize((width, image.shape[0]), Image.BICUBIC))
+    return np.ascontiguousarray(np.rot90(image, quarters)) if quarters else image
+
+
+def _decode_targets(path: str, container, stream, targets: np.ndarray):
+    """For each target pts (ascending), the last decoded frame with pts <= target, and the rotation."""
+    out: List[Optional[np.ndarray]] = [None] * len(targets)
+    quarters, prev, next_target = 0, None, 0
+    sar = stream.sample_aspect_ratio
+    reformatter = VideoReformatter()
+    try:
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            if prev is None:
+                quarters = _rotation_quarters(frame)
+            while next_target < len(targets) and frame.pts > targets[next_target] and prev is not None:
+                out[next_target] = _display_array(prev, quarters, sar, reformatter)
+                next_target += 1
+            if next_target == len(targets):
+                break
+            prev = frame
+    except av.FFmpegError as e:
+        raise VideoDecodeError(path, f"decoding failed ({type(e).__name__}: {e})") from e
+    if prev is None:
+        raise VideoDecodeError(path, "no decodable video frames")
+    if next_target < len(targets):
+        last = _display_array(prev, quarters, sar, reformatter)
+        for i in range(next_target, len(targets)):
+            out[i] = last
+    return out, quarters * 90
+
+
+def decode_video(path: str, num_frames: int = 8, sampling: str = "uniform",
+                 rng: Optional[np.random.Generator] = None,
+                 short_side: Optional[int] = None) -> DecodedVideo:
+    """Decodes `num_frames` frames of `path` sampled by time, in display orientation.
+
+    `short_side` resizes (bicubic, aspect kept) so the shorter side has that many pixels.
+    Raises VideoDecodeError (a ValueError naming the path) for missing, empty, undecodable or
+    frameless files.
+    """
+    path = os.fspath(path)
+    container = _open(path)
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError(path, "no video stream")
+        stream = container.streams.video[0]
+        has_audio = bool(container.streams.audio)
+        pts = _packet_pts(path, container, stream)
+        duration = _duration(pts, stream)
+        indices = sample_by_time(pts, duration, num_frames, sampling, rng)
+        targets = np.asarray(pts, np.int64)[indices]
+        tb = float(stream.time_base) if stream.time_base else 1.0
+    # Reopen rather than seek: seeking to the very start is unreliable for some containers.
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames, rotation = _decode_targets(path, container, stream, targets)
+    frames = np.stack(frames)
+    if short_side:
+        frames = resize_short_side(frames, short_side)
+    return DecodedVideo(frames=frames, times=(targets - pts[0]) * tb, indices=indices,
+                        num_source_frames=len(pts), duration_s=duration * tb, rotation=rotation,
+                        has_audio=has_audio)
+
+
+def load_image(path: str) -> np.ndarray:
+    """uint8 [H,W,3] RGB (`Image.open(path).convert('RGB')` as the reference; EXIF rotation not applied)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageDecodeError(path, "file not found", "missing")
+    if os.path.getsize(path) == 0:
+        raise ImageDecodeError(path, "empty file (0 bytes)", "empty")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
+        raise ValueError(f"frames: expected uint8 [T>=1,H,W,3], got {frames.dtype} {frames.shape}")
+    return frames
+
+
+def _resize(frames: np.ndarray, size_wh, box=None) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(f).resize(size_wh, Image.BICUBIC, box=box))
+                     for f in frames])
+
+
+def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 [T,H,W,3] -> shorter side = short_side, aspect kept (bicubic); unchanged if already so."""
+    frames = _check_frames(frames)
+    h, w = frames.shape[1:3]
+    if min(h, w) == short_side:
+        return frames
+    if h <= w:
+        size = (max(int(round(w * short_side / h)), 1), short_side)
+    else:
+        size = (short_side, max(int(round(h * short_side / w)), 1))
+    return _resize(frames, size)
+
+
+def normalize(frames: np.ndarray) -> np.ndarray:
+    """uint8 (or 0-255 float) [...,3] -> float32 CLIP-normalized."""
+    return ((np.asarray(frames, np.float32) / 255.0) - CLIP_MEAN) / CLIP_STD
+
+
+def random_resized_crop_params(height: int, width: int, rng: np.random.Generator,
+                               scale=CROP_SCALE, ratio=CROP_RATIO):
+    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params (10 tries, then center crop)."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = float(np.exp(rng.uniform(log_ratio[0], log_ratio[1])))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(frames: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE,
+                    squash: bool = True, scale=CROP_SCALE, ratio=CROP_RATIO) -> np.ndarray:
+    """uint8 [T,H,W,3] -> float32 [T,size,size,3]: one random resized crop for the whole clip.
+
+    squash=True (videos, alpro_video_train): the crop is drawn on the frame squashed to
+    size x size, as the reference decodes videos at 224x224 before cropping. squash=False
+    (images, blip2_image_train): the crop is drawn on the frame itself.
+    """
+    frames = _check_frames(frames)
+    h, w = frames.shape[1:3]
+    if squash:
+        top, left, ch, cw = random_resized_crop_params(size, size, rng, scale, ratio)
+        sy, sx = h / size, w / size
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    else:
+        top, left, ch, cw = random_resized_crop_params(h, w, rng, scale, ratio)
+        box = (left, top, left + cw, top + ch)
+    return normalize(_resize(frames, (size, size), box=box))
+
+
+def eval_transform(frames: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 [T,H,W,3] -> float32 [T,size,size,3]: bicubic resize to size x size, then normalize."""
+    frames = _check_frames(frames)
+    return normalize(_resize(frames, (size, size)))
+
+
+def load_video(path: str, num_frames: int = 8, train: bool = False,
+               rng: Optional[np.random.Generator] = None, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Reference-style clip straight from a file: float32 [num_frames,size,size,3].
+
+    train: headtail sampling + random resized crop; eval: uniform sampling + resize.
+    """
+    if train and rng is None:
+        raise ValueError("load_video(train=True) needs an rng (np.random.Generator)")
+    decoded = decode_video(path, num_frames, "headtail" if train else "uniform", rng)
+    return train_transform(decoded.frames, rng, size) if train else eval_transform(decoded.frames, size)
+
+
+def load_image_clip(path: str, train: bool = False, rng: Optional[np.random.Generator] = None,
+                    size: int = IMAGE_SIZE) -> np.ndarray:
+    """An image as a 1-frame clip: float32 [1,size,size,3] (blip2_image_train / _eval)."""
+    if train and rng is None:
+        raise ValueError("load_image_clip(train=True) needs an rng (np.random.Generator)")
+    frames = load_image(path)[None]
+    return train_transform(frames, rng, size, squash=False) if train else eval_transform(frames, size)
