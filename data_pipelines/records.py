@@ -21,7 +21,9 @@ Fields (`decode_example` returns exactly these keys):
   kind           'caption' | 'conversation'
   caption        str ('' for conversation examples)
   conversations  list of {'from': 'human'|'gpt', 'value': str} ([] for caption examples);
-                 `<image>` / `<video>` placeholders normalized to IMAGE_PLACEHOLDER
+                 `<image>` / `<video>` placeholders normalized to IMAGE_PLACEHOLDER; the first
+                 turn is human's and holds the conversation's only IMAGE_PLACEHOLDER, at the
+                 position the source put it (adapters prefix "<ImageHere> " when it had none)
   duration_s     float, source clip duration (0.0 for images)
   meta           dict str -> str, free-form provenance / labels (e.g. the synthetic set's attributes)
 
@@ -118,6 +120,11 @@ def _validate_text(ex, eid):
     for i, turn in enumerate(turns):
         if set(turn) != {"from", "value"} or turn["from"] not in SPEAKERS or not isinstance(turn["value"], str):
             _fail(eid, f"conversations[{i}] must be {{'from': {SPEAKERS}, 'value': str}}, got {turn!r}")
+    if turns:
+        counts = [t["value"].count(IMAGE_PLACEHOLDER) for t in turns]
+        if turns[0]["from"] != "human" or counts[0] != 1 or sum(counts) != 1:
+            _fail(eid, f"conversations must start with a human turn holding the only {IMAGE_PLACEHOLDER}; "
+                       f"got first speaker {turns[0]['from']!r}, placeholders per turn {counts}")
 
 
 def _validate_media(ex, eid):
@@ -239,6 +246,24 @@ def unwrap_tf_example(record: bytes, feature: str = RECORD_FEATURE) -> bytes:
                 raise RecordError(f"tf.train.Example feature {feature!r} holds {len(values)} bytes values, expected 1")
             return bytes(values[0])
     raise RecordError(f"tf.train.Example record has no bytes feature {feature!r}")
+
+
+def _proto_len_field(field: int, payload: bytes) -> bytes:
+    key, size, out = (field << 3) | 2, len(payload), bytearray()
+    for value in (key, size):
+        while True:
+            byte, value = value & 0x7F, value >> 7
+            out.append(byte | (0x80 if value else 0))
+            if not value:
+                break
+    return bytes(out) + payload
+
+
+def wrap_tf_example(record: bytes, feature: str = RECORD_FEATURE) -> bytes:
+    """`record` as the serialized one-feature tf.train.Example TFDS writes (byte-identical)."""
+    bytes_list = _proto_len_field(1, record)
+    entry = _proto_len_field(1, feature.encode()) + _proto_len_field(2, _proto_len_field(1, bytes_list))
+    return _proto_len_field(1, _proto_len_field(1, entry))
 
 
 def _is_msgpack_map(record: bytes) -> bool:
