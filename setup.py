@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "array-record>=0.7,<0.9",
     "tensorflow-datasets>=4.9.8,<5",
     "ml_collections>=1.0,<2",
+    "msgpack>=1,<2",
     "transformers>=4.46,<6",
     "tokenizers>=0.20,<1",
     "safetensors>=0.4,<1",
@@ -39,6 +40,7 @@ setup(
     entry_points={
         "console_scripts": [
             "vllama-demo=vllama_jax.cli:demo_main",
+            "vllama-prepare-data=data_pipelines.cli:main",
         ],
     },
 )

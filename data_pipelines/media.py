@@ -88,8 +88,10 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: Optional[np.ndar
     """Writes `frames` (uint8 [T,H,W,3], H and W even) as an h264 mp4, with a mono aac track if `audio`.
 
     `timestamps` (seconds, increasing, one per frame) makes a variable-frame-rate file instead of a
-    constant `fps` one. `rotation` (degrees, multiple of 90) is stored as display rotation metadata,
-    as phones do; the pixels are stored unrotated. Returns `path`.
+    constant `fps` one. `rotation` (degrees, multiple of 90) is stored as a display matrix, as phones
+    do, with the pixels unrotated: players show the frames turned `rotation` degrees
+    counter-clockwise (FFmpeg's display-matrix convention; a phone's legacy `rotate=90` tag, a
+    clockwise turn, reads back as -90). Returns `path`.
     """
     frames = _check_frames(frames)
     if audio is not None:

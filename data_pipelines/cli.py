@@ -1,0 +1,111 @@
+"""`vllama-prepare-data`: build a dataset's ArrayRecord shards (TFDS layout) from its published files.
+
+  vllama-prepare-data demo --data-dir DIR [--num-train 256 --num-test 64 --seed 0]
+  vllama-prepare-data webvid2m --source DIR --data-dir DIR [--video-dir DIR]
+  vllama-prepare-data cc595k --source DIR --data-dir DIR [--image-dir DIR]
+  vllama-prepare-data cc_sbu_align --source DIR --data-dir DIR
+  vllama-prepare-data llava_instruct150k --source DIR --data-dir DIR [--image-dir DIR]
+  vllama-prepare-data videochat_instruct11k --source DIR --data-dir DIR [--video-dir DIR]
+
+Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain),
+with `<dataset>-<split>.report.json` listing skipped inputs. Rerunning an interrupted command
+resumes it (finished shards are kept in DIR/<dataset>/work-1.0.0 until the build completes).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import List, Optional
+
+from data_pipelines import shards, synthetic
+
+SOURCE_DIR_FLAGS = {
+    "webvid2m": ("video_dir",),
+    "cc595k": ("image_dir",),
+    "cc_sbu_align": (),
+    "llava_instruct150k": ("image_dir",),
+    "videochat_instruct11k": ("video_dir",),
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, help="output root (TFDS data_dir)")
+    parser.add_argument("--workers", type=int, default=max((os.cpu_count() or 1) - 1, 0),
+                        help="decoding processes (0: decode in this process)")
+    parser.add_argument("--examples-per-shard", type=int, default=None,
+                        help=f"default {shards.DEFAULT_EXAMPLES_PER_SHARD}")
+    parser.add_argument("--max-examples", type=int, default=None, help="first N items of each split only")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _media_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=None, help="frames stored per video (default 16)")
+    parser.add_argument("--short-side", type=int, default=None, help="stored frame short side (default 256)")
+    parser.add_argument("--no-audio", action="store_true", help="store no fbank (audio_present=False)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllama-prepare-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    demo = sub.add_parser("demo", help="synthetic audio-visual demo set")
+    _common(demo)
+    demo.add_argument("--num-train", type=int, default=256)
+    demo.add_argument("--num-test", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--media-dir", default=None, help="where the mp4s go (default DATA_DIR/vllama_demo/media)")
+    for name, flags in SOURCE_DIR_FLAGS.items():
+        p = sub.add_parser(name, help=f"{name} from its published files")
+        _common(p)
+        _media_flags(p)
+        p.add_argument("--source", required=True, help="directory with the published annotation files")
+        for flag in flags:
+            p.add_argument("--" + flag.replace("_", "-"), default=None)
+    return parser
+
+
+def _builder_kwargs(args) -> dict:
+    from data_pipelines.adapters.common import MediaOptions
+
+    kwargs = dict(num_workers=args.workers, examples_per_shard=args.examples_per_shard,
+                  progress=not args.no_progress)
+    if args.dataset == "demo":
+        kwargs["source_dir"] = args.media_dir
+        kwargs["source_kwargs"] = dict(num_train=args.num_train, num_test=args.num_test, seed=args.seed)
+        return kwargs
+    options = MediaOptions()
+    changes = {k: v for k, v in (("num_frames", args.frames), ("short_side", args.short_side)) if v is not None}
+    if args.no_audio:
+        changes["audio"] = False
+    kwargs["options"] = dataclasses.replace(options, **changes)
+    kwargs["source_dir"] = args.source
+    kwargs["source_kwargs"] = {f: getattr(args, f) for f in SOURCE_DIR_FLAGS[args.dataset] if getattr(args, f)}
+    return kwargs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data_pipelines import tfds_builders
+
+    name = synthetic.NAME if args.dataset == "demo" else args.dataset
+    kwargs = _builder_kwargs(args)
+    builder = tfds_builders.BUILDERS[name](data_dir=args.data_dir, **kwargs)
+    import tensorflow_datasets as tfds
+
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=kwargs.get("source_dir"), max_examples_per_split=args.max_examples))
+    summary = {}
+    for split in builder.info.splits:
+        with open(os.path.join(builder.data_dir, shards.report_filename(name, split))) as f:
+            report = json.load(f)
+        summary[split] = {k: report[k] for k in ("num_inputs", "num_written", "num_skipped",
+                                                 "skipped_by_category", "num_no_audio")}
+    print(json.dumps({"dataset": name, "dir": os.fspath(builder.data_dir), "splits": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
