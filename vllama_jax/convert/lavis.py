@@ -1,0 +1,414 @@
+"""LAVIS / BLIP-2 / Video-LLaMA PyTorch weights <-> Flax params of `EvaViT`, `QFormer`, `Blip2ImageEncoder`.
+
+Files this reads (all through `torch.load(weights_only=True)`):
+  * `eva_vit_g.pth`: a flat state dict of LAVIS `eva_vit.VisionTransformer` (40 blocks; BLIP-2 uses 39).
+  * BLIP-2 checkpoints (`blip2_pretrained_flant5xxl.pth`, ...): `{"model": state_dict}` with
+    `visual_encoder.*`, `ln_vision.*`, `Qformer.bert.*`, `query_tokens` and text-side weights.
+  * Video-LLaMA checkpoints: `{"model": state_dict}` with `video_Qformer.bert.*`, `video_query_tokens`,
+    `audio_Qformer.bert.*`, `audio_query_tokens` (the composite converter passes those prefixes).
+
+Key map, EVA ViT (torch key under `prefix` -> Flax path under the ViT's params; `D` = width):
+  cls_token [1,1,D]                     -> cls_token
+  pos_embed [1,1+g*g,D]                 -> pos_embed (bicubic-resampled to the config grid if g differs,
+                                           as LAVIS `interpolate_pos_embed`)
+  patch_embed.proj.weight [D,3,p,p]     -> patch_embed/kernel [p*p*3, D] (rows ordered (y, x, c))
+  patch_embed.proj.bias                 -> patch_embed/bias
+  blocks.{i}.norm1|norm2.weight/.bias   -> blocks_{i}/norm1|norm2/scale, bias
+  blocks.{i}.attn.qkv.weight [3D,D]     -> blocks_{i}/attn/query|key|value/kernel (split in thirds, transposed)
+  blocks.{i}.attn.q_bias, .v_bias       -> blocks_{i}/attn/query/bias, value/bias (k has no bias)
+  blocks.{i}.attn.proj.weight/.bias     -> blocks_{i}/attn/proj/kernel (transposed), bias
+  blocks.{i}.mlp.fc1|fc2.weight/.bias   -> blocks_{i}/fc1|fc2/kernel (transposed), bias
+  ignored: blocks.{i >= depth}.* (BLIP-2 drops EVA's 40th block), norm.*, fc_norm.*, head.* (LAVIS
+  builds no final norm or classifier).
+
+Key map, Q-Former (torch key under `prefix`, e.g. `Qformer.bert.` -> Flax path under the QFormer's params):
+  {query_key} [1,Q,H] (no prefix)                    -> query_tokens
+  embeddings.LayerNorm.weight/.bias                  -> embed_norm/scale, bias
+  encoder.layer.{i}.attention.self.query|key|value.* -> layer_{i}/attention/query|key|value/kernel, bias
+  encoder.layer.{i}.attention.output.dense.*         -> layer_{i}/attention/output/kernel, bias
+  encoder.layer.{i}.attention.output.LayerNorm.*     -> layer_{i}/attention/norm/scale, bias
+  encoder.layer.{i}.crossattention.(same as above)   -> layer_{i}/crossattention/... (layers i % freq == 0;
+                                                        key/value take the encoder width)
+  encoder.layer.{i}.intermediate_query.dense.*       -> layer_{i}/ffn/intermediate/kernel, bias
+  encoder.layer.{i}.output_query.dense.*             -> layer_{i}/ffn/output/kernel, bias
+  encoder.layer.{i}.output_query.LayerNorm.*         -> layer_{i}/ffn/norm/scale, bias
+  ignored (text side): embeddings.word_embeddings.*, embeddings.position_embeddings.*,
+  embeddings.position_ids, encoder.layer.{i}.intermediate.* / .output.* (the text FFN), pooler.*.
+  Every torch Linear `weight [out, in]` becomes a Flax `kernel [in, out]`.
+
+BLIP-2 composite: the above with prefixes `visual_encoder.` and `Qformer.bert.`, `query_tokens`, plus
+  ln_vision.weight/.bias -> ln_vision/scale, bias; ignored: Qformer.cls.*, text_proj, vision_proj,
+  itm_head, temp, t5_proj/opt_proj/llm_proj and the language models.
+
+Conversions return `(params, ConversionReport)`; missing keys and wrong shapes raise `CheckpointError`
+naming them; keys nobody claims are listed in `report.unmatched` (an error with `strict=True`).
+The inverse functions give the original names and layouts back; both directions are bit exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from vllama_jax.models.qformer import QFormerConfig
+from vllama_jax.models.vit import EvaViTConfig, interpolate_pos_embed
+
+StateDict = Mapping[str, np.ndarray]
+Params = dict[str, Any]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the configured model (missing keys, wrong shapes, unreadable file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    """What an import did with every checkpoint key it looked at."""
+    loaded: tuple[str, ...] = ()
+    ignored: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
+    unmatched: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def merge(self, *others: "ConversionReport") -> "ConversionReport":
+        out = self
+        for o in others:
+            out = ConversionReport(out.loaded + o.loaded, {**out.ignored, **o.ignored},
+                                   out.unmatched + o.unmatched, out.notes + o.notes)
+        return out
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} keys, ignored {len(self.ignored)}, unmatched {len(self.unmatched)}"]
+        reasons: dict[str, int] = {}
+        for why in self.ignored.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        lines += [f"  ignored ({n}): {why}" for why, n in sorted(reasons.items())]
+        lines += [f"  unmatched: {k}" for k in self.unmatched]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --- the key map ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    key: str                          # full torch key
+    shape: tuple[int, ...]            # torch shape
+    paths: tuple[tuple[str, ...], ...]  # Flax paths it feeds
+    kind: str = "copy"                # copy | linear | patch | qkv
+
+
+def _linear(key, path, n_in, n_out, bias=True):
+    out = [_Entry(f"{key}.weight", (n_out, n_in), (path + ("kernel",),), "linear")]
+    if bias:
+        out.append(_Entry(f"{key}.bias", (n_out,), (path + ("bias",),)))
+    return out
+
+
+def _norm(key, path, d):
+    return [_Entry(f"{key}.weight", (d,), (path + ("scale",),)), _Entry(f"{key}.bias", (d,), (path + ("bias",),))]
+
+
+def _to_flax(e: _Entry, a: np.ndarray) -> tuple[np.ndarray, ...]:
+    if e.kind == "copy":
+        return (a,)
+    if e.kind == "linear":
+        return (np.ascontiguousarray(a.T),)
+    if e.kind == "patch":
+        d, c, p, _ = a.shape
+        return (np.ascontiguousarray(a.transpose(2, 3, 1, 0)).reshape(p * p * c, d),)
+    if e.kind == "qkv":
+        return tuple(np.ascontiguousarray(part.T) for part in np.split(a, 3, axis=0))
+    raise AssertionError(e.kind)
+
+
+def _from_flax(e: _Entry, arrays: list[np.ndarray]) -> np.ndarray:
+    if e.kind == "copy":
+        return arrays[0]
+    if e.kind == "linear":
+        return np.ascontiguousarray(arrays[0].T)
+    if e.kind == "patch":
+        d, c, p, _ = e.shape
+        return np.ascontiguousarray(arrays[0].reshape(p, p, c, d).transpose(3, 2, 0, 1))
+    if e.kind == "qkv":
+        return np.concatenate([a.T for a in arrays], axis=0)
+    raise AssertionError(e.kind)
+
+
+def eva_vit_entries(config: EvaViTConfig, prefix: str = "") -> list[_Entry]:
+    d, p = config.width, config.patch_size
+    out = [
+        _Entry(f"{prefix}cls_token", (1, 1, d), (("cls_token",),)),
+        _Entry(f"{prefix}pos_embed", (1, config.num_patches + 1, d), (("pos_embed",),)),
+        _Entry(f"{prefix}patch_embed.proj.weight", (d, config.in_channels, p, p), (("patch_embed", "kernel"),),
+               "patch"),
+        _Entry(f"{prefix}patch_embed.proj.bias", (d,), (("patch_embed", "bias"),)),
+    ]
+    for i in range(config.depth):
+        k, b = f"{prefix}blocks.{i}.", (f"blocks_{i}",)
+        attn = b + ("attn",)
+        out += _norm(k + "norm1", b + ("norm1",), d)
+        out.append(_Entry(k + "attn.qkv.weight", (3 * d, d),
+                          tuple(attn + (n, "kernel") for n in ("query", "key", "value")), "qkv"))
+        out.append(_Entry(k + "attn.q_bias", (d,), (attn + ("query", "bias"),)))
+        out.append(_Entry(k + "attn.v_bias", (d,), (attn + ("value", "bias"),)))
+        out += _linear(k + "attn.proj", attn + ("proj",), d, d)
+        out += _norm(k + "norm2", b + ("norm2",), d)
+        out += _linear(k + "mlp.fc1", b + ("fc1",), d, config.mlp_dim)
+        out += _linear(k + "mlp.fc2", b + ("fc2",), config.mlp_dim, d)
+    return out
+
+
+def _eva_vit_ignored(config: EvaViTConfig, prefix: str):
+    extra_block = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
+
+    def why(key: str) -> str | None:
+        m = extra_block.match(key)
+        if m and int(m.group(1)) >= config.depth:
+            return f"EVA block beyond depth {config.depth} (BLIP-2 drops the last block)"
+        if re.match(re.escape(prefix) + r"(norm|fc_norm|head)\.", key):
+            return "final norm / classifier head that LAVIS' ViT does not build"
+        return None
+    return why
+
+
+def qformer_entries(config: QFormerConfig, prefix: str = "Qformer.bert.",
+                    query_key: str = "query_tokens") -> list[_Entry]:
+    h, w = config.hidden_size, config.encoder_width
+    out = [_Entry(query_key, (1, config.num_query_tokens, h), (("query_tokens",),))]
+    out += _norm(f"{prefix}embeddings.LayerNorm", ("embed_norm",), h)
+    for i in range(config.num_layers):
+        k, b = f"{prefix}encoder.layer.{i}.", (f"layer_{i}",)
+        blocks = [("attention", h)] + ([("crossattention", w)] if config.has_cross_attention(i) else [])
+        for name, kv_in in blocks:
+            out += _linear(f"{k}{name}.self.query", b + (name, "query"), h, h)
+            out += _linear(f"{k}{name}.self.key", b + (name, "key"), kv_in, h)
+            out += _linear(f"{k}{name}.self.value", b + (name, "value"), kv_in, h)
+            out += _linear(f"{k}{name}.output.dense", b + (name, "output"), h, h)
+            out += _norm(f"{k}{name}.output.LayerNorm", b + (name, "norm"), h)
+        out += _linear(f"{k}intermediate_query.dense", b + ("ffn", "intermediate"), h, config.intermediate_size)
+        out += _linear(f"{k}output_query.dense", b + ("ffn", "output"), config.intermediate_size, h)
+        out += _norm(f"{k}output_query.LayerNorm", b + ("ffn", "norm"), h)
+    return out
+
+
+def _qformer_ignored(prefix: str):
+    rules = [
+        (r"embeddings\.(word_embeddings\.|position_embeddings\.|position_ids$)",
+         "Q-Former text embeddings (queries only, no position embeddings)"),
+        (r"encoder\.layer\.\d+\.(intermediate|output)\.", "Q-Former text FFN (queries use the *_query FFN)"),
+        (r"pooler\.", "BERT pooler (unused)"),
+    ]
+    rules = [(re.compile(re.escape(prefix) + r), why) for r, why in rules]
+    return lambda key: next((why for r, why in rules if r.match(key)), None)
+
+
+_BLIP2_IGNORED = re.compile(
+    r"(Qformer\.cls\.|text_proj\.|vision_proj\.|itm_head\.|temp$|(t5|opt|llm)_proj\.|(t5|opt|llm)_model\.)")
+
+
+def expected_keys(entries: list[_Entry]) -> dict[str, tuple[int, ...]]:
+    """Torch key -> torch shape of a key map (for checks and docs)."""
+    return {e.key: e.shape for e in entries}
+
+
+# --- generic import / export -------------------------------------------------------------------------
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    node = tree
+    for name in path:
+        if not isinstance(node, Mapping) or name not in node:
+            raise CheckpointError(f"params: missing {'/'.join(path)}")
+        node = node[name]
+    return np.asarray(node)
+
+
+def _import(sd: StateDict, entries: list[_Entry], in_scope, why_ignored, dtype, what: str):
+    missing = [e.key for e in entries if e.key not in sd]
+    if missing:
+        raise CheckpointError(f"{what}: checkpoint is missing {len(missing)} key(s): {', '.join(missing)}")
+    params: Params = {}
+    for e in entries:
+        a = np.asarray(sd[e.key])
+        if a.shape != e.shape:
+            raise CheckpointError(f"{what}: checkpoint key {e.key!r} has shape {a.shape}, expected {e.shape}")
+        for path, part in zip(e.paths, _to_flax(e, a)):
+            _set(params, path, part.astype(dtype, copy=False) if dtype is not None else part)
+    used = {e.key for e in entries}
+    ignored, unmatched = {}, []
+    for key in sd:
+        if key in used or not in_scope(key):
+            continue
+        why = why_ignored(key)
+        if why is None:
+            unmatched.append(key)
+        else:
+            ignored[key] = why
+    return params, ConversionReport(tuple(e.key for e in entries), ignored, tuple(unmatched))
+
+
+def _export(params: Params, entries: list[_Entry], dtype) -> dict[str, np.ndarray]:
+    out = {}
+    for e in entries:
+        a = _from_flax(e, [_get(params, p) for p in e.paths])
+        out[e.key] = a.astype(dtype, copy=False) if dtype is not None else a
+    return out
+
+
+def _np_dtype(dtype):
+    return None if dtype is None else np.dtype(dtype)
+
+
+# --- public pure functions --------------------------------------------------------------------------
+
+def eva_vit_params_from_state_dict(sd: StateDict, config: EvaViTConfig, prefix: str = "",
+                                   dtype=None) -> tuple[Params, ConversionReport]:
+    """EvaViT params from a LAVIS `VisionTransformer` state dict; only keys under `prefix` are looked at.
+
+    `dtype` defaults to `config.param_dtype`. A `pos_embed` for another (square) patch grid is
+    resampled to the config grid and noted in the report.
+    """
+    dtype = _np_dtype(config.param_dtype if dtype is None else dtype)
+    notes = ()
+    pos_key = f"{prefix}pos_embed"
+    want = (1, config.num_patches + 1, config.width)
+    if pos_key in sd and np.shape(sd[pos_key]) != want and np.shape(sd[pos_key])[-1:] == want[-1:]:
+        found = np.shape(sd[pos_key])
+        pos = interpolate_pos_embed(np.asarray(sd[pos_key], np.float32), (config.grid_size,) * 2)
+        sd = {**sd, pos_key: pos}
+        notes = (f"{pos_key}: resampled {found} -> {want} (bicubic, as LAVIS interpolate_pos_embed)",)
+    params, report = _import(sd, eva_vit_entries(config, prefix), lambda k: k.startswith(prefix),
+                             _eva_vit_ignored(config, prefix), dtype, "EVA ViT")
+    return params, dataclasses.replace(report, notes=notes)
+
+
+def eva_vit_state_dict_from_params(params: Params, config: EvaViTConfig, prefix: str = "",
+                                   dtype=None) -> dict[str, np.ndarray]:
+    """Inverse of `eva_vit_params_from_state_dict`: LAVIS names and layouts (numpy arrays)."""
+    return _export(params, eva_vit_entries(config, prefix), _np_dtype(dtype))
+
+
+def qformer_params_from_state_dict(sd: StateDict, config: QFormerConfig, prefix: str = "Qformer.bert.",
+                                   query_key: str = "query_tokens", dtype=None
+                                   ) -> tuple[Params, ConversionReport]:
+    """QFormer params from LAVIS `BertModel` keys under `prefix` plus the `query_key` tensor.
+
+    Video-LLaMA: `prefix='video_Qformer.bert.', query_key='video_query_tokens'` (or `audio_`).
+    `dtype` defaults to `config.param_dtype`.
+    """
+    dtype = _np_dtype(config.param_dtype if dtype is None else dtype)
+    return _import(sd, qformer_entries(config, prefix, query_key), lambda k: k.startswith(prefix),
+                   _qformer_ignored(prefix), dtype, "Q-Former")
+
+
+def qformer_state_dict_from_params(params: Params, config: QFormerConfig, prefix: str = "Qformer.bert.",
+                                   query_key: str = "query_tokens", dtype=None) -> dict[str, np.ndarray]:
+    """Inverse of `qformer_params_from_state_dict` (query-path keys only; no text-side weights)."""
+    return _export(params, qformer_entries(config, prefix, query_key), _np_dtype(dtype))
+
+
+def _ln_vision_entries(width: int, prefix: str = "ln_vision.") -> list[_Entry]:
+    return [_Entry(f"{prefix}weight", (width,), (("scale",),)), _Entry(f"{prefix}bias", (width,), (("bias",),))]
+
+
+def blip2_image_encoder_params_from_state_dict(sd: StateDict, vit_config: EvaViTConfig,
+                                               qformer_config: QFormerConfig, dtype=None
+                                               ) -> tuple[Params, ConversionReport]:
+    """`Blip2ImageEncoder` params from a BLIP-2 state dict (the `"model"` dict of the .pth).
+
+    Every key is accounted for: loaded, ignored on purpose (text side, LM projections) or unmatched.
+    """
+    vit, r_vit = eva_vit_params_from_state_dict(sd, vit_config, "visual_encoder.", dtype)
+    ln, r_ln = _import(sd, _ln_vision_entries(vit_config.width), lambda k: k.startswith("ln_vision."),
+                       lambda k: None, _np_dtype(vit_config.param_dtype if dtype is None else dtype), "ln_vision")
+    qf, r_qf = qformer_params_from_state_dict(sd, qformer_config, "Qformer.bert.", "query_tokens", dtype)
+    report = r_vit.merge(r_ln, r_qf)
+    seen = set(report.loaded) | set(report.ignored) | set(report.unmatched)
+    rest = [k for k in sd if k not in seen]
+    ignored = {k: "BLIP-2 text side / language-model part" for k in rest if _BLIP2_IGNORED.match(k)}
+    unmatched = tuple(k for k in rest if k not in ignored)
+    report = report.merge(ConversionReport((), ignored, unmatched))
+    return {"visual_encoder": vit, "ln_vision": ln, "qformer": qf}, report
+
+
+def blip2_image_encoder_state_dict_from_params(params: Params, vit_config: EvaViTConfig,
+                                               qformer_config: QFormerConfig, dtype=None
+                                               ) -> dict[str, np.ndarray]:
+    """Inverse of `blip2_image_encoder_params_from_state_dict` (image path only)."""
+    for name in ("visual_encoder", "ln_vision", "qformer"):
+        if name not in params:
+            raise CheckpointError(f"params: missing subtree {name!r} (have {sorted(params)})")
+    return {
+        **eva_vit_state_dict_from_params(params["visual_encoder"], vit_config, "visual_encoder.", dtype),
+        **_export(params["ln_vision"], _ln_vision_entries(vit_config.width), _np_dtype(dtype)),
+        **qformer_state_dict_from_params(params["qformer"], qformer_config, "Qformer.bert.", "query_tokens", dtype),
+    }
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    import torch
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+    """A PyTorch `.pth` as `{key: numpy array}`; a `{"model": state_dict}` wrapper is unwrapped.
+
+    Loads with `weights_only=True` (no arbitrary unpickling); bf16 tensors stay bf16 (ml_dtypes).
+    """
+    import torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a broken or unsafe file
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        out[key] = _tensor_to_numpy(value)
+    return out
+
+
+def _check_strict(report: ConversionReport, strict: bool, path) -> ConversionReport:
+    if strict and report.unmatched:
+        raise CheckpointError(f"{path}: {len(report.unmatched)} unexpected key(s): {', '.join(report.unmatched)}")
+    return report
+
+
+def load_eva_vit(path, config: EvaViTConfig, prefix: str = "", strict: bool = False, dtype=None):
+    """`eva_vit_g.pth` -> `(EvaViT params, report)`."""
+    params, report = eva_vit_params_from_state_dict(read_state_dict(path), config, prefix, dtype)
+    return params, _check_strict(report, strict, path)
+
+
+def load_qformer(path, config: QFormerConfig, prefix: str = "Qformer.bert.", query_key: str = "query_tokens",
+                 strict: bool = False, dtype=None):
+    """One Q-Former out of a BLIP-2 or Video-LLaMA `.pth` -> `(QFormer params, report)`."""
+    params, report = qformer_params_from_state_dict(read_state_dict(path), config, prefix, query_key, dtype)
+    return params, _check_strict(report, strict, path)
+
+
+def load_blip2_image_encoder(path, vit_config: EvaViTConfig, qformer_config: QFormerConfig,
+                             strict: bool = False, dtype=None):
+    """A BLIP-2 `.pth` -> `(Blip2ImageEncoder params, report)`."""
+    params, report = blip2_image_encoder_params_from_state_dict(read_state_dict(path), vit_config,
+                                                                qformer_config, dtype)
+    return params, _check_strict(report, strict, path)
