@@ -162,6 +162,8 @@ def test_blip2_image_encoder_matches_torch_pipeline(rng):
     expected = ref.run_hf_qformer(hf, sd["query_tokens"], feats.numpy(), np.ones(feats.shape[:2]))
     assert out.shape == (2, qf_cfg.num_query_tokens, qf_cfg.hidden_size)
     assert_close(out, expected, atol=1e-4, what="Blip2ImageEncoder vs torch")
+    # LAVIS' ln_vision is a torch.nn.LayerNorm subclass with the default eps (too small to show above).
+    assert Blip2ImageEncoder(vit_cfg, qf_cfg).ln_vision_eps == torch.nn.LayerNorm(8).eps == 1e-5
     abstract = jax.eval_shape(Blip2ImageEncoder(vit_cfg, qf_cfg).init, jax.random.key(0), images)
     assert jax.tree.structure(nn.meta.unbox(abstract)["params"]) == jax.tree.structure(params)
 
