@@ -336,9 +336,19 @@ def make_dataset(datasets, config: LoaderConfig, encoder: TextEncoder, shard_ind
                                               prefetch_buffer_size=config.prefetch_buffer_size))
     it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
     if config.worker_count > 0:
+        _use_default_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
                                                          per_worker_buffer_size=config.worker_buffer_size))
     return it
+
+
+def _use_default_absl_flags() -> None:
+    """grain's worker processes read absl flags; outside `absl.app.run` they are unparsed and
+    reading one raises, so accept the defaults (a no-op when the program parsed them)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_loader(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,
@@ -356,3 +366,89 @@ def batch_spec(config: LoaderConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
         "input_ids": ((b, L), np.int32), "attention_mask": ((b, L), np.int32),
         "targets": ((b, L), np.int32), "media_mask": ((b, L), np.bool_),
     }
+
+
+# ---------------------------------------------------------------------------- trainer entry points
+
+# Room for the stage-2 caption prompt ("###Human: <Image>..</Image> Describe ... ###Assistant: ")
+# when seq_len is derived from max_txt_len.
+PROMPT_ALLOWANCE = 48
+# cc_sbu_align's reference dataset class returns the raw caption (no blip_caption processing).
+_RAW_CAPTION_DATASETS = ("cc_sbu_align",)
+
+
+def _caption_prompts(prompt_path: str) -> tuple[str, ...]:
+    if not prompt_path:
+        return ()
+    if os.path.isfile(prompt_path):
+        return P.load_prompt_file(prompt_path)
+    if os.path.basename(prompt_path) == "alignment_image.txt":
+        return P.ALIGNMENT_IMAGE_PROMPTS  # the reference's file, shipped as a constant
+    raise LoaderError(f"prompt file {prompt_path!r} (config.paths.prompt_path) does not exist")
+
+
+def _dataset_specs(data) -> list[DatasetSpec]:
+    """DatasetSpecs from `config.data`: `dataset_shards` (name -> glob), or `shards` with an optional
+    `{name}` field formatted per `datasets` entry; ratios -1 weigh a dataset by its size."""
+    names = dict(data.get("datasets") or {})
+    per_name = dict(data.get("dataset_shards") or {})
+    shards = data.get("shards") or ""
+    if not names:
+        if not shards:
+            raise LoaderError("config.data.shards is empty: name the ArrayRecord shards to train on")
+        return [DatasetSpec(paths=(shards,), name="shards")]
+    specs = []
+    for name, ratio in names.items():
+        pattern = per_name.get(name) or (shards.format(name=name) if "{name}" in shards else "")
+        if not pattern:
+            raise LoaderError(f"dataset {name!r}: no shards; set config.data.dataset_shards[{name!r}] or a "
+                              f"config.data.shards glob containing '{{name}}'")
+        weight = float(ratio) if ratio and ratio > 0 else float(len(ShardSource([pattern])))
+        specs.append(DatasetSpec(paths=(pattern,), weight=weight, name=name,
+                                 caption_processor="none" if name in _RAW_CAPTION_DATASETS else "blip"))
+    return specs
+
+
+def loader_config_from(config, train: bool = True) -> LoaderConfig:
+    """LoaderConfig from the trainer's ml_collections config (`vllama_jax/train/config_lib.py`)."""
+    import jax
+
+    d, m, t = config.data, config.model, config.train
+    prompts = _caption_prompts(config.paths.get("prompt_path", ""))
+    media = int(d.num_query_placeholders)
+    seq_len = int(d.get("seq_len", 0)) or -(-(1 + media + int(m.max_txt_len) +
+                                              (PROMPT_ALLOWANCE if prompts else 0)) // 8) * 8
+    global_batch = int(t.batch_size)
+    if global_batch % jax.process_count():
+        raise LoaderError(f"config.train.batch_size {global_batch} is not divisible by {jax.process_count()} processes")
+    return LoaderConfig(
+        batch_size=global_batch // jax.process_count(), seq_len=seq_len, num_frames=int(d.num_frames),
+        image_size=int(d.image_size), num_media_tokens=media, num_audio_clips=int(d.num_audio_clips),
+        conv_style=str(m.chat_format), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
+        caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
+        seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
+        read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)))
+
+
+def _encoder_from(config) -> TextEncoder:
+    from data_pipelines.tokenizer import load_tokenizer
+
+    path = config.paths.get("tokenizer", "") or config.paths.get("llama_model", "")
+    if not path:
+        raise LoaderError("config.paths.tokenizer (or paths.llama_model) must name a tokenizer directory; "
+                          "tiny/demo runs can make one with data_pipelines.tokenizer.build_demo_tokenizer")
+    return TextEncoder(load_tokenizer(path))
+
+
+def build_train_iter(config):
+    """`config.data.train_builder` entry point: this process' resumable iterator of train batches."""
+    return make_loader(_dataset_specs(config.data), loader_config_from(config, train=True), _encoder_from(config))
+
+
+def build_eval_iter(config):
+    """`config.data.eval_builder` entry point: one pass over `config.data.eval_shards`, eval transforms."""
+    shards = config.data.get("eval_shards", "")
+    if not shards:
+        raise LoaderError("config.data.eval_shards is empty: name the ArrayRecord shards to evaluate on")
+    return make_loader(DatasetSpec(paths=(shards,), name="eval"), loader_config_from(config, train=False),
+                       _encoder_from(config))

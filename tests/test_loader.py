@@ -224,3 +224,51 @@ def test_seq_len_too_short_for_the_prompt_names_the_record(shards, encoder):
     cfg = dataclasses.replace(CFG, seq_len=3, num_epochs=1)
     with pytest.raises(L.LoaderError, match=r"record 'cap/\d+'.*media tokens"):
         next(L.make_loader(L.DatasetSpec(shards["caption"]), cfg, encoder, 0, 1))
+
+
+def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
+    import ml_collections
+
+    encoder.tokenizer.save_pretrained(tmp_path / "tok")
+    c = ml_collections.ConfigDict()
+    c.paths = ml_collections.ConfigDict({"tokenizer": str(tmp_path / "tok"), "llama_model": "",
+                                         "prompt_path": "prompts/alignment_image.txt"})
+    c.model = ml_collections.ConfigDict({"max_txt_len": 16, "end_sym": "###", "chat_format": "vicuna",
+                                         "prompt_template": P.VICUNA_CAPTION_TEMPLATE})
+    c.train = ml_collections.ConfigDict({"batch_size": 4, "seed": 3})
+    shard_dir = shards["caption"][0].rsplit("/", 1)[0]
+    c.data = ml_collections.ConfigDict({
+        "datasets": {"cap": 100, "conv": -1}, "shards": f"{shard_dir}/{{name}}-*.array_record",
+        "num_frames": 4, "image_size": 32, "num_audio_clips": 8, "seq_len": 0, "num_query_placeholders": 4})
+    cfg = L.loader_config_from(c)
+    assert cfg.seq_len == 72 and cfg.caption_prompts == P.ALIGNMENT_IMAGE_PROMPTS and cfg.batch_size == 4
+    specs = L._dataset_specs(c.data)
+    assert [(s.name, s.weight) for s in specs] == [("cap", 100.0), ("conv", 8.0)]
+    it = L.build_train_iter(c)
+    b = next(it)
+    assert b["input_ids"].shape == (4, 72) and b["frames"].shape == (4, 4, 32, 32, 3)
+    np.testing.assert_array_equal(b["media_mask"].sum(1), 4)
+    assert isinstance(it.get_state(), dict)
+    text = encoder.decode(b["input_ids"][0][b["attention_mask"][0] == 1])
+    assert "###Assistant:" in text  # stage-2 caption prompt or a vicuna conversation
+    c.paths.prompt_path = str(tmp_path / "missing_prompts.txt")
+    with pytest.raises(L.LoaderError, match="missing_prompts.txt"):
+        L.loader_config_from(c)
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_exactly(shards, encoder):
+    """mp_prefetch (2 worker processes): state restore replays the remaining batches (~30 s here)."""
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, worker_count=2)
+    spec = L.DatasetSpec(shards["caption"])
+    it = L.make_loader(spec, cfg, encoder, 0, 1)
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    rest = list(it)
+    it.close()
+    resumed = L.make_loader(spec, cfg, encoder, 0, 1)
+    resumed.set_state(state)
+    again = list(resumed)
+    resumed.close()
+    assert _ids(again) == _ids(rest)
+    assert sorted(_ids(first) + _ids(rest)) == sorted(f"cap/{i}" for i in range(24))
