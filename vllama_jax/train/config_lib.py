@@ -1,0 +1,191 @@
+"""Building blocks of the ml_collections training configs in `configs/`.
+
+`base_config()` holds every field the trainer reads, with defaults; `video_llama(...)` fills in
+one Video-LLaMA stage from the reference `train_configs/*.yaml` of DAMO-NLP-SG/Video-LLaMA
+(visionbranch_stage{1,2}, audiobranch_stage{1,2}); the files in `configs/` pick a stage and a
+backbone. Tower sizes are referenced by preset name (`vllama_jax.models.*.PRESETS`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+VICUNA_TEMPLATE = "###Human: {} ###Assistant: "
+LLAMA2_TEMPLATE = "[INST] <<SYS>>\n \n<</SYS>>\n\n{} [/INST] "
+
+# Reference `run:` sections. Batch sizes are per GPU in the yaml; the reference runs used 8 GPUs,
+# so the global batch here is 8x. Warmup and epochs count optimizer steps.
+_RUNS = {
+    ("vision", 1): dict(init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=2500,
+                        iters_per_epoch=2500, max_epoch=5, batch_per_gpu=32),
+    ("vision", 2): dict(init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=1000,
+                        iters_per_epoch=1000, max_epoch=3, batch_per_gpu=4),
+    ("audio", 1): dict(init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000,
+                       iters_per_epoch=5000, max_epoch=5, batch_per_gpu=32),
+    ("audio", 2): dict(init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=400,
+                       iters_per_epoch=1000, max_epoch=3, batch_per_gpu=4),
+}
+REFERENCE_GPUS = 8
+
+# Reference `datasets:` per stage (name -> sample_ratio; None: not given).
+_DATASETS = {
+    1: {"webvid": 100, "cc_sbu_align": 24},   # WebVid-2M captions + LLaVA CC-595k
+    2: {"cc_sbu_align": None, "llava_instruct": None, "webvid_instruct": None},
+}
+# max_txt_len: stage 1 uses the model default (32); stage 2 sets it per branch.
+_MAX_TXT_LEN = {("vision", 1): 32, ("vision", 2): 320, ("audio", 1): 32, ("audio", 2): 512}
+
+_BACKBONES = {
+    "vicuna7b": dict(llama="llama_7b", template=VICUNA_TEMPLATE, end_sym="###", chat_format="vicuna"),
+    "llama2_7b": dict(llama="llama2_7b", template=LLAMA2_TEMPLATE, end_sym="</s>", chat_format="llama_v2"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.task = ml_collections.ConfigDict()
+    # 'module:function' called with the whole config, returning a vllama_jax.train.task.Task.
+    c.task.builder = "vllama_jax.models.video_llama:build_task"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "video_llama"
+    c.model.llama = "llama_7b"
+    c.model.vit = "eva_vit_g"
+    c.model.qformer = "blip2_qformer"
+    c.model.video_qformer = "video_qformer"
+    c.model.audio_qformer = "audio_qformer"
+    c.model.imagebind_audio = "imagebind_audio_huge"
+    c.model.imagebind_vision = "imagebind_vision_huge"
+    c.model.num_query_token = 32
+    c.model.num_video_query_token = 32
+    c.model.num_audio_query_token = 8
+    c.model.max_frame_pos = 32
+    c.model.fusion_head_layers = 2
+    c.model.equip_audio_branch = False
+    c.model.frozen_llama_proj = False
+    c.model.frozen_video_qformer = False
+    c.model.frozen_audio_qformer = True
+    c.model.max_txt_len = 32
+    c.model.end_sym = "###"
+    c.model.prompt_template = VICUNA_TEMPLATE
+    c.model.chat_format = "vicuna"
+    c.model.remat = False            # rematerialise tower blocks in the backward pass
+    c.model.dropout = 0.1
+
+    c.paths = ml_collections.ConfigDict()
+    c.paths.llama_model = ""         # HF LLaMA/Vicuna directory (weights + tokenizer)
+    c.paths.tokenizer = ""           # defaults to llama_model when empty
+    c.paths.blip2 = ""               # LAVIS EVA ViT-g + BLIP-2 Q-Former .pth
+    c.paths.imagebind = ""           # imagebind_huge.pth
+    c.paths.llama_proj_model = ""    # MiniGPT-4 checkpoint, initialises llama_proj (stage 1)
+    c.paths.ckpt = ""                # stage-1 vision-branch checkpoint (stage 2)
+    c.paths.ckpt_2 = ""              # stage-1 audio-branch checkpoint
+    c.paths.prompt_path = ""
+
+    c.data = ml_collections.ConfigDict()
+    # 'module:function' called with the config: a train iterator with get_state/set_state
+    # (a grain DatasetIterator), and a zero-argument-per-call eval iterator factory.
+    c.data.train_builder = "data_pipelines.loader:build_train_iter"
+    c.data.eval_builder = ""
+    c.data.datasets = ml_collections.ConfigDict()   # name -> sample ratio (-1: by dataset size)
+    c.data.num_frames = 8
+    c.data.image_size = 224
+    c.data.num_audio_clips = 8
+    c.data.shards = ""               # ArrayRecord shard glob
+    c.data.seq_len = 0               # padded text length (0: from max_txt_len)
+    c.data.num_query_placeholders = 32   # <ImageHere> tokens per visual input in the prompt
+
+    c.freeze = ml_collections.ConfigDict()
+    c.freeze.preset = "vision_branch"   # vllama_jax.train.partition.TRAINABLE_PRESETS
+    c.freeze.patterns = ()              # extra regexes over '/'-joined param paths
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr_sched = "linear_warmup_cosine_lr"
+    c.optim.init_lr = 1e-4
+    c.optim.min_lr = 8e-5
+    c.optim.warmup_lr = 1e-6
+    c.optim.warmup_steps = 2500
+    c.optim.iters_per_epoch = 2500
+    c.optim.max_epoch = 5
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 0.0     # 0: off (the reference does not clip)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.total_steps = 0          # 0: max_epoch * iters_per_epoch
+    c.train.batch_size = 256         # global
+    c.train.accum_steps = 1
+    c.train.seed = 42
+    c.train.log_every = 50
+    c.train.save_every = 1000
+    c.train.eval_every = 0
+    c.train.compute_dtype = "bfloat16"
+    c.train.frozen_dtype = "bfloat16"   # the reference kept the LLM in bf16
+    c.train.progress = True
+    c.train.tensorboard = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.save_frozen = False    # frozen towers come from paths.*; True for random-init runs
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)        # (data, fsdp, tensor): FSDP over all devices
+    return c
+
+
+def video_llama(branch: str, stage: int, backbone: str) -> ml_collections.ConfigDict:
+    """One reference stage: branch 'vision' | 'audio', stage 1 | 2, backbone 'vicuna7b' | 'llama2_7b'."""
+    if (branch, stage) not in _RUNS:
+        raise ValueError(f"unknown stage {branch!r} {stage!r}; known: {sorted(_RUNS)}")
+    if backbone not in _BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(_BACKBONES)}")
+    c = base_config()
+    run, bb = _RUNS[(branch, stage)], _BACKBONES[backbone]
+    for k in ("init_lr", "min_lr", "warmup_lr", "warmup_steps", "iters_per_epoch", "max_epoch"):
+        c.optim[k] = run[k]
+    c.train.batch_size = run["batch_per_gpu"] * REFERENCE_GPUS
+    c.model.llama = bb["llama"]
+    c.model.prompt_template = bb["template"]
+    c.model.end_sym = bb["end_sym"]
+    c.model.chat_format = bb["chat_format"]
+    c.model.max_txt_len = _MAX_TXT_LEN[(branch, stage)]
+    c.data.datasets = ml_collections.ConfigDict(
+        {k: -1 if v is None else v for k, v in _DATASETS[stage].items()})
+    audio = branch == "audio"
+    c.model.equip_audio_branch = audio
+    c.model.frozen_llama_proj = audio
+    c.model.frozen_video_qformer = audio
+    c.model.frozen_audio_qformer = not audio
+    # Audio-branch training feeds frames through ImageBind's vision tower into the audio
+    # Q-Former: the prompt carries num_audio_query_token (8) placeholders.
+    c.data.num_query_placeholders = 8 if audio else 32
+    c.freeze.preset = "audio_branch" if audio else "vision_branch"
+    c.paths.prompt_path = "prompts/alignment_image.txt" if stage == 2 else ""
+    return c
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a stage config to the towers' `tiny` presets and a few CPU steps."""
+    m = config.model
+    m.llama, m.vit, m.qformer = "tiny", "tiny", "tiny"
+    m.video_qformer, m.audio_qformer = "tiny_video", "tiny_audio"
+    m.imagebind_audio, m.imagebind_vision = "tiny", "tiny"
+    m.num_query_token, m.num_video_query_token, m.num_audio_query_token = 4, 4, 2
+    m.max_frame_pos = 4
+    m.max_txt_len = 16
+    config.data.num_frames = 2
+    config.data.image_size = 28
+    config.data.num_audio_clips = 2
+    config.data.num_query_placeholders = 2 if m.equip_audio_branch else 4
+    o = config.optim
+    o.warmup_steps, o.iters_per_epoch, o.max_epoch = 2, 5, 2
+    t = config.train
+    t.batch_size, t.log_every, t.save_every = 8, 2, 5
+    t.compute_dtype, t.frozen_dtype = "float32", ""
+    config.checkpoint.save_frozen = True
+    config.mesh.shape = (-1, 1, 1)
+    return config
