@@ -1,0 +1,347 @@
+"""Video-LLaMA: frozen BLIP-2 image encoder + Video Q-Former, frozen ImageBind + Audio Q-Former, frozen LLaMA.
+
+The composition follows DAMO-NLP-SG/Video-LLaMA `video_llama/models/video_llama.py`:
+
+  video:  frames [B,T,H,W,3] -> (EVA ViT -> ln_vision -> image Q-Former) per frame -> [B,T,32,768]
+          + video_frame_position_embedding[t] -> [B, T*32, 768] -> video Q-Former -> llama_proj
+  audio:  fbank [B,M,1,128,204] -> ImageBind audio (normalised x20) -> [B,M,1024]
+          + audio_position_embedding[m] -> audio Q-Former -> audio_llama_proj
+  audio branch trained on frames ("train_flag 1"): frames -> ImageBind vision (normalised) -> [B,T,1024]
+          + audio_position_embedding[t] -> audio Q-Former -> audio_llama_proj
+
+Soft tokens of the requested media (in the order asked, e.g. ('audio', 'video') as the reference
+demo concatenates them) replace, in order, the positions where `batch['media_mask']` is True, and the
+frozen LLaMA runs on the spliced embeddings. The loss is the causal-LM cross-entropy on `targets`
+(-100 = ignored), shifted as HF `LlamaForCausalLM` does.
+
+A `frame_mask [B,T]` masks padded frames out of the video (or audio-from-frames) Q-Former's
+cross-attention, so a 1-frame image padded to T frames gives exactly the reference's T=1 result.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vllama_jax.models.blip2 import Blip2ImageEncoder
+from vllama_jax.models.common import Dense, Preset, param
+from vllama_jax.models.imagebind import ImageBindAudio, ImageBindAudioConfig, ImageBindVision, ImageBindVisionConfig
+from vllama_jax.models.llama import Llama, LlamaConfig, LlamaOutput
+from vllama_jax.models.qformer import QFormer, QFormerConfig
+from vllama_jax.models.vit import EvaViTConfig
+
+IGNORE_INDEX = -100
+MEDIA = ("video", "audio", "audio_from_frames")
+
+# torch.nn.Linear / nn.Embedding defaults, which the reference's randomly initialised heads use.
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int):
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLlamaConfig(Preset):
+    llama: LlamaConfig
+    vit: EvaViTConfig
+    image_qformer: QFormerConfig
+    video_qformer: QFormerConfig
+    # The audio branch (None: not equipped, as the reference's `equip_audio_branch=False`).
+    audio_qformer: QFormerConfig | None = None
+    imagebind_audio: ImageBindAudioConfig | None = None
+    # Only needed to train the audio branch on frames (ImageBind's shared space).
+    imagebind_vision: ImageBindVisionConfig | None = None
+    max_frame_pos: int = 32
+    max_audio_pos: int = 8
+
+    def __post_init__(self):
+        if self.image_qformer.encoder_width != self.vit.width:
+            raise ValueError(f"VideoLlamaConfig: image_qformer.encoder_width {self.image_qformer.encoder_width} "
+                             f"!= vit.width {self.vit.width}")
+        if self.video_qformer.encoder_width != self.image_qformer.hidden_size:
+            raise ValueError(f"VideoLlamaConfig: video_qformer.encoder_width {self.video_qformer.encoder_width} "
+                             f"!= image_qformer.hidden_size {self.image_qformer.hidden_size}")
+        for name in ("imagebind_audio", "imagebind_vision"):
+            tower = getattr(self, name)
+            if tower is None:
+                continue
+            if self.audio_qformer is None:
+                raise ValueError(f"VideoLlamaConfig: {name} is set but audio_qformer is None")
+            if tower.out_embed_dim != self.audio_qformer.encoder_width:
+                raise ValueError(f"VideoLlamaConfig: {name}.out_embed_dim {tower.out_embed_dim} != "
+                                 f"audio_qformer.encoder_width {self.audio_qformer.encoder_width}")
+        if self.audio_qformer is not None and self.imagebind_audio is None and self.imagebind_vision is None:
+            raise ValueError("VideoLlamaConfig: audio_qformer needs imagebind_audio and/or imagebind_vision")
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.video_qformer.num_query_tokens
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return 0 if self.audio_qformer is None else self.audio_qformer.num_query_tokens
+
+    def num_media_tokens(self, media: Sequence[str]) -> int:
+        return sum(self.num_video_tokens if m == "video" else self.num_audio_tokens for m in media)
+
+    @classmethod
+    def presets(cls):
+        return PRESETS
+
+    def replace(self, **overrides) -> "VideoLlamaConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def with_dtypes(self, dtype: Any, frozen_param_dtype: Any | None = None) -> "VideoLlamaConfig":
+        """Compute dtype everywhere; optionally store the frozen towers' params in another dtype."""
+        def towers(cfg, frozen):
+            if cfg is None:
+                return None
+            kw = {"dtype": dtype}
+            if frozen and frozen_param_dtype is not None:
+                kw["param_dtype"] = frozen_param_dtype
+            return dataclasses.replace(cfg, **kw)
+        return dataclasses.replace(
+            self, llama=towers(self.llama, True), vit=towers(self.vit, True),
+            image_qformer=towers(self.image_qformer, True), video_qformer=towers(self.video_qformer, False),
+            audio_qformer=towers(self.audio_qformer, False), imagebind_audio=towers(self.imagebind_audio, True),
+            imagebind_vision=towers(self.imagebind_vision, True))
+
+
+def _full(llama: str) -> VideoLlamaConfig:
+    return VideoLlamaConfig(
+        llama=LlamaConfig.preset(llama), vit=EvaViTConfig.preset("eva_vit_g"),
+        image_qformer=QFormerConfig.preset("blip2_qformer"), video_qformer=QFormerConfig.preset("video_qformer"),
+        audio_qformer=QFormerConfig.preset("audio_qformer"),
+        imagebind_audio=ImageBindAudioConfig.preset("imagebind_audio_huge"),
+        imagebind_vision=ImageBindVisionConfig.preset("imagebind_vision_huge"))
+
+
+def _tiny() -> VideoLlamaConfig:
+    image_qformer = QFormerConfig.preset("tiny", num_layers=2)
+    return VideoLlamaConfig(
+        llama=LlamaConfig.preset("tiny"), vit=EvaViTConfig.preset("tiny"), image_qformer=image_qformer,
+        video_qformer=QFormerConfig.preset("tiny_video", encoder_width=image_qformer.hidden_size),
+        audio_qformer=QFormerConfig.preset("tiny_audio", encoder_width=24),
+        imagebind_audio=ImageBindAudioConfig.preset("tiny"),
+        imagebind_vision=ImageBindVisionConfig.preset("tiny", image_size=28))
+
+
+PRESETS = {
+    "vicuna7b": _full("llama_7b"),
+    "llama2_7b": _full("llama2_7b"),
+    "llama2_13b": _full("llama2_13b"),
+    "tiny": _tiny(),
+}
+
+
+def dummy_batch(config: VideoLlamaConfig, batch_size: int = 1, num_frames: int = 1,
+                num_clips: int = 1, media: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """Zeros of the right shapes for `init` / `eval_shape` (all media by default)."""
+    if media is None:
+        media = ("video",) + (("audio",) if config.imagebind_audio is not None else ()) + (
+            ("audio_from_frames",) if config.imagebind_vision is not None else ())
+    k = config.num_media_tokens(media)
+    length = k + 2
+    size = config.vit.img_size
+    batch = {
+        "frames": jnp.zeros((batch_size, num_frames, size, size, 3), jnp.float32),
+        "frame_mask": jnp.ones((batch_size, num_frames), bool),
+        "input_ids": jnp.ones((batch_size, length), jnp.int32),
+        "attention_mask": jnp.ones((batch_size, length), jnp.int32),
+        "targets": jnp.full((batch_size, length), IGNORE_INDEX, jnp.int32),
+        "media_mask": jnp.zeros((batch_size, length), bool).at[:, 1:1 + k].set(True),
+    }
+    if config.imagebind_audio is not None:
+        a = config.imagebind_audio
+        batch["audio"] = jnp.zeros((batch_size, num_clips, *a.input_shape), jnp.float32)
+    return batch
+
+
+def init_params(config: VideoLlamaConfig, rng: jax.Array) -> dict[str, Any]:
+    """Random, unboxed params of every branch of `config` (traceable, for `jax.jit`/`eval_shape`)."""
+    return nn.meta.unbox(abstract_or_init(config, rng))
+
+
+def abstract_or_init(config: VideoLlamaConfig, rng: jax.Array) -> dict[str, Any]:
+    """Boxed variables (with logical axes); under `jax.eval_shape` this costs nothing."""
+    return VideoLlama(config).init({"params": rng}, dummy_batch(config), method=VideoLlama.init_all)
+
+
+def splice_media(embeds: jax.Array, soft: jax.Array, media_mask: jax.Array) -> jax.Array:
+    """Puts `soft [B,K,D]` into `embeds [B,L,D]` at the True positions of `media_mask [B,L]`, in order.
+
+    Every row must have exactly K True positions (the loader guarantees it; `check_media_mask`
+    verifies it on host arrays).
+    """
+    idx = jnp.clip(jnp.cumsum(media_mask.astype(jnp.int32), axis=1) - 1, 0, soft.shape[1] - 1)
+    gathered = jnp.take_along_axis(soft, idx[..., None], axis=1)
+    return jnp.where(media_mask[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def check_media_mask(media_mask: Any, num_tokens: int) -> None:
+    """Host-side check that each row has exactly `num_tokens` media positions (skipped when traced)."""
+    if isinstance(media_mask, jax.core.Tracer):
+        return
+    counts = np.asarray(media_mask).sum(axis=1)
+    bad = np.nonzero(counts != num_tokens)[0]
+    if bad.size:
+        raise ValueError(f"media_mask: rows {bad[:8].tolist()} have {counts[bad[:8]].tolist()} media positions, "
+                         f"expected {num_tokens} (one per soft token of the requested media)")
+
+
+def causal_lm_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """HF-style shifted cross-entropy: position i predicts `targets[:, i+1]`; returns (mean, count)."""
+    logits, labels = logits[:, :-1], targets[:, 1:]
+    valid = labels != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+    count = jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(count, 1), count
+
+
+class VideoLlama(nn.Module):
+    """The composite model; see the module docstring. Param subtrees:
+
+    `image_encoder` {visual_encoder, ln_vision, qformer} (frozen), `video_frame_position_embedding`,
+    `video_qformer`, `llama_proj`, `audio_encoder` (ImageBind audio, frozen), `audio_vision_encoder`
+    (ImageBind vision, frozen), `audio_position_embedding`, `audio_qformer`, `audio_llama_proj`,
+    `llama` (frozen).
+    """
+    config: VideoLlamaConfig
+
+    def setup(self):
+        c = self.config
+        d = c.llama.hidden_size
+        self.image_encoder = Blip2ImageEncoder(c.vit, c.image_qformer)
+        hv = c.video_qformer
+        self.video_frame_position_embedding = param(
+            self, "video_frame_position_embedding", nn.initializers.normal(1.0),
+            (c.max_frame_pos, hv.encoder_width), ("frames", "embed"), hv.param_dtype)
+        self.video_qformer = QFormer(hv)
+        self.llama_proj = Dense(d, ("encoder_embed", "embed"), dtype=c.llama.dtype, param_dtype=hv.param_dtype,
+                                kernel_init=torch_linear_kernel_init,
+                                bias_init=torch_linear_bias_init(hv.hidden_size))
+        if c.audio_qformer is not None:
+            ha = c.audio_qformer
+            if c.imagebind_audio is not None:
+                self.audio_encoder = ImageBindAudio(c.imagebind_audio)
+            if c.imagebind_vision is not None:
+                self.audio_vision_encoder = ImageBindVision(c.imagebind_vision)
+            self.audio_position_embedding = param(
+                self, "audio_position_embedding", nn.initializers.normal(1.0),
+                (c.max_audio_pos, ha.encoder_width), ("frames", "embed"), ha.param_dtype)
+            self.audio_qformer = QFormer(ha)
+            self.audio_llama_proj = Dense(d, ("encoder_embed", "embed"), dtype=c.llama.dtype,
+                                          param_dtype=ha.param_dtype, kernel_init=torch_linear_kernel_init,
+                                          bias_init=torch_linear_bias_init(ha.hidden_size))
+        self.llama = Llama(c.llama)
+
+    # ------------------------------------------------------------------ encoders -> soft tokens
+    def encode_video(self, frames: jax.Array, frame_mask: jax.Array | None = None,
+                     deterministic: bool = True) -> jax.Array:
+        """`frames [B,T,H,W,3]` (CLIP-normalised) -> `[B, num_video_tokens, d_llm]`."""
+        b, t = self._check_frames(frames)
+        # The frozen BLIP-2 encoder always runs in eval mode (the reference's `disabled_train`).
+        q = self.image_encoder(frames.reshape(b * t, *frames.shape[2:]), deterministic=True)
+        q = q.reshape(b, t, q.shape[1], q.shape[2])
+        q = q + self.video_frame_position_embedding[:t].astype(q.dtype)[None, :, None, :]
+        mask = None if frame_mask is None else jnp.repeat(self._check_mask(frame_mask, b, t), q.shape[2], axis=1)
+        v = self.video_qformer(q.reshape(b, t * q.shape[2], q.shape[3]), mask, deterministic=deterministic)
+        return self.llama_proj(v)
+
+    def encode_audio(self, audio: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`audio [B,M,1,mel,frames]` fbank clips -> `[B, num_audio_tokens, d_llm]`."""
+        self._require_audio("audio_encoder", "imagebind_audio")
+        if audio.ndim != 5:
+            raise ValueError(f"audio must be [batch, clips, 1, mel, frames], got shape {tuple(audio.shape)}")
+        b, m = audio.shape[:2]
+        emb = self.audio_encoder(audio.reshape(b * m, *audio.shape[2:]), deterministic=True)
+        return self._audio_tokens(emb.reshape(b, m, -1), None, deterministic)
+
+    def encode_audio_from_frames(self, frames: jax.Array, frame_mask: jax.Array | None = None,
+                                 deterministic: bool = True) -> jax.Array:
+        """Audio-branch training input: frames through ImageBind vision -> audio Q-Former tokens."""
+        self._require_audio("audio_vision_encoder", "imagebind_vision")
+        b, t = self._check_frames(frames)
+        emb = self.audio_vision_encoder(frames.reshape(b * t, *frames.shape[2:]), deterministic=True)
+        mask = None if frame_mask is None else self._check_mask(frame_mask, b, t)
+        return self._audio_tokens(emb.reshape(b, t, -1), mask, deterministic)
+
+    def _audio_tokens(self, emb: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        m = emb.shape[1]
+        if m > self.config.max_audio_pos:
+            raise ValueError(f"{m} audio clips/frames exceed max_audio_pos={self.config.max_audio_pos}")
+        emb = emb + self.audio_position_embedding[:m].astype(emb.dtype)[None]
+        return self.audio_llama_proj(self.audio_qformer(emb, mask, deterministic=deterministic))
+
+    def encode_media(self, batch: Mapping[str, jax.Array], media: Sequence[str],
+                     deterministic: bool = True) -> jax.Array:
+        """Soft tokens of each requested medium, concatenated in the order given: `[B, K, d_llm]`."""
+        parts = []
+        for m in media:
+            if m == "video":
+                parts.append(self.encode_video(batch["frames"], batch.get("frame_mask"), deterministic))
+            elif m == "audio":
+                parts.append(self.encode_audio(batch["audio"], deterministic))
+            elif m == "audio_from_frames":
+                parts.append(self.encode_audio_from_frames(batch["frames"], batch.get("frame_mask"),
+                                                           deterministic))
+            else:
+                raise ValueError(f"unknown medium {m!r}; expected one of {MEDIA}")
+        return jnp.concatenate(parts, axis=1)
+
+    # ------------------------------------------------------------------ LLM
+    def embed_inputs(self, batch: Mapping[str, jax.Array], media: Sequence[str],
+                     deterministic: bool = True) -> jax.Array:
+        """LLaMA input embeddings with the media soft tokens spliced in: `[B, L, d_llm]`."""
+        media_mask = batch["media_mask"].astype(bool)
+        check_media_mask(media_mask, self.config.num_media_tokens(media))
+        ids = jnp.where(media_mask, 0, batch["input_ids"])
+        embeds = self.llama.embed(ids)
+        if not media:
+            return embeds
+        return splice_media(embeds, self.encode_media(batch, media, deterministic), media_mask)
+
+    def __call__(self, batch: Mapping[str, jax.Array], media: Sequence[str] = ("video",),
+                 deterministic: bool = True) -> LlamaOutput:
+        embeds = self.embed_inputs(batch, media, deterministic)
+        return self.llama(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+
+    def loss(self, batch: Mapping[str, jax.Array], media: Sequence[str] = ("video",),
+             deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits = self(batch, media, deterministic).logits
+        loss, count = causal_lm_loss(logits, batch["targets"])
+        return loss, {"num_tokens": count}
+
+    def available_media(self) -> tuple[str, ...]:
+        c = self.config
+        return ("video",) + (("audio",) if c.imagebind_audio is not None else ()) + (
+            ("audio_from_frames",) if c.imagebind_vision is not None else ())
+
+    def init_all(self, batch: Mapping[str, jax.Array]) -> LlamaOutput:
+        """Touches every branch so `init` creates all params (setup submodules are created lazily)."""
+        return self(batch, self.available_media(), deterministic=True)
+
+    # ------------------------------------------------------------------ checks
+    def _check_frames(self, frames: jax.Array) -> tuple[int, int]:
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [batch, time, height, width, 3], got shape {tuple(frames.shape)}")
+        if frames.shape[1] > self.config.max_frame_pos:
+            raise ValueError(f"{frames.shape[1]} frames exceed max_frame_pos={self.config.max_frame_pos}")
+        return frames.shape[0], frames.shape[1]
+
+    @staticmethod
+    def _check_mask(mask: jax.Array, b: int, t: int) -> jax.Array:
+        if tuple(mask.shape) != (b, t):
+            raise ValueError(f"frame_mask must be [batch, time] = {(b, t)}, got {tuple(mask.shape)}")
+        return mask.astype(bool)
+
+    def _require_audio(self, attr: str, field: str) -> None:
+        if self.config.audio_qformer is None or getattr(self.config, field) is None:
+            raise ValueError(f"this VideoLlamaConfig has no {field}: the audio branch needs it for {attr}")
