@@ -279,3 +279,14 @@ def read_records(paths: Sequence[str]) -> Iterator[bytes]:
         finally:
             reader.close()
         yield from records_of_shard
+
+
+def read_record(path: str, index: int) -> bytes:
+    """One raw record of a shard file by position."""
+    reader = ArrayRecordReader(os.fspath(path))
+    try:
+        if not 0 <= index < reader.num_records():
+            raise IndexError(f"{path}: record {index} out of range [0, {reader.num_records()})")
+        return reader.read([index])[0]
+    finally:
+        reader.close()

@@ -13,19 +13,21 @@ Splits (written through the same shard writer as real data):
   caption_train / caption_test    kind='caption': "a red circle moving left while a low tone beeps slowly"
   instruct_train / instruct_test  kind='conversation': one question per attribute, shuffled,
                                   answered with the attribute's word ("What colour is the object?" -> "red")
+The writer's workers render each clip's mp4 (kept under media_dir) and decode it like real data for
+the caption records; the instruct records reuse those records' frames and fbank (same clip, new
+text), which halves the decoding (the Kaldi fbank dominates it).
 Attribute labels are in each record's meta. Test clips use a different random stream than
 train clips (same balanced design).
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from data_pipelines import records
-from data_pipelines.adapters.common import MediaOptions, item
+from data_pipelines import records, shards
+from data_pipelines.adapters.common import MediaOptions, build_example, item
 from data_pipelines.media import write_mp4
 
 NAME = "vllama_demo"
@@ -49,7 +51,6 @@ SIZE, NUM_FRAMES, FPS, SAMPLE_RATE = 64, 16, 4, 16000
 SECONDS = NUM_FRAMES / FPS
 SPLIT_SEEDS = {"train": 0, "test": 1}
 MEDIA_OPTIONS = MediaOptions(num_frames=NUM_FRAMES, short_side=None)
-MANIFEST = "manifest.json"
 
 
 def caption(attrs: Dict[str, str]) -> str:
@@ -121,57 +122,74 @@ def _clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
 
 
-def generate_media(out_dir: str, num_train: int = 256, num_test: int = 64, seed: int = 0) -> Dict[str, List[Dict]]:
-    """Writes `{out_dir}/{split}/{i:05d}.mp4` and `{split}.json` (attributes); reuses a matching run.
+def clip_items(media_dir: str, split: str, num: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """Caption items of one split; their mp4s (`{media_dir}/seed{seed}/{split}/{i:05d}.mp4`) are
+    rendered by `build_clip_example` in the writer's workers if not there yet."""
+    if num < 1:
+        raise ValueError(f"num_{split} must be >= 1, got {num}")
+    attrs = balanced_attributes(num, np.random.default_rng([seed, SPLIT_SEEDS[split]]))
+    return [dict(item(id=f"{NAME}/{split}/{i:05d}/caption", media="video", kind="caption",
+                      path=os.path.join(media_dir, f"seed{seed}", split, f"{i:05d}.mp4"),
+                      caption=caption(a), meta=dict(a, split=split)),
+                 render={"seed": seed, "split": split, "index": i})
+            for i, a in enumerate(attrs)]
 
-    Returns {split: [attribute dict + "path"]}.
+
+def render_clip(clip_item: Dict[str, Any]) -> str:
+    """Writes the item's mp4 unless present (atomically, so a crash leaves no half file)."""
+    path = clip_item["path"]
+    if not os.path.exists(path):
+        attrs = {a: clip_item["meta"][a] for a in ATTRIBUTES}
+        r = clip_item["render"]
+        rng = _clip_rng(r["seed"], r["split"], r["index"])
+        tmp = f"{path}.tmp-{os.getpid()}.mp4"
+        write_mp4(tmp, render_frames(attrs, rng), FPS, render_audio(attrs, rng), SAMPLE_RATE)
+        os.replace(tmp, path)
+    return path
+
+
+def build_clip_example(clip_item: Dict[str, Any], options: MediaOptions = MEDIA_OPTIONS) -> Dict[str, Any]:
+    """Renders the clip's mp4 if needed, then decodes it like any real video (adapters.common)."""
+    render_clip(clip_item)
+    return build_example(clip_item, options)
+
+
+def instruct_items(caption_items: List[Dict[str, Any]], caption_result, seed: int = 0) -> List[Dict[str, Any]]:
+    """Conversation items reusing the media of the written caption records (no second decode)."""
+    skipped = {s["id"] for s in caption_result.skipped}
+    kept = [c for c in caption_items if c["id"] not in skipped]
+    sources = [(path, k) for path, n in zip(caption_result.shard_files, caption_result.shard_lengths)
+               for k in range(n)]
+    if len(sources) != len(kept):
+        raise ValueError(f"{len(kept)} caption items kept but {len(sources)} caption records written")
+    return [{"id": c["id"].replace("/caption", "/instruct"), "source": src, "seed": seed}
+            for c, src in zip(kept, sources)]
+
+
+def retext_example(instruct_item: Dict[str, Any]) -> Dict[str, Any]:
+    """The caption record at item["source"] turned into the clip's question-answer conversation."""
+    path, index = instruct_item["source"]
+    example = records.decode_example(shards.read_record(path, index))
+    attrs = {a: example["meta"][a] for a in ATTRIBUTES}
+    split, clip = example["meta"]["split"], int(example["id"].split("/")[-2])
+    rng = np.random.default_rng([instruct_item["seed"], SPLIT_SEEDS[split], clip, 1])
+    return dict(example, id=example["id"].replace("/caption", "/instruct"), kind="conversation",
+                caption="", conversations=conversation(attrs, rng))
+
+
+def write_splits(media_dir: str, out_dir: str, num_train: int = 256, num_test: int = 64, seed: int = 0,
+                 limit: Optional[int] = None, **write_kwargs) -> List["shards.SplitResult"]:
+    """Renders, decodes and writes caption_{train,test}, then derives instruct_{train,test} from them.
+
+    write_kwargs go to `shards.write_shards` (examples_per_shard, num_workers, progress).
     """
-    params = {"num_train": num_train, "num_test": num_test, "seed": seed, "format": 1}
-    manifest = os.path.join(out_dir, MANIFEST)
-    clips = {}
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f) == params:
-                for split in SPLIT_SEEDS:
-                    with open(os.path.join(out_dir, f"{split}.json")) as g:
-                        clips[split] = json.load(g)
-                clips = {s: [dict(c, path=os.path.join(out_dir, c["file"])) for c in cs] for s, cs in clips.items()}
-                if all(os.path.exists(c["path"]) for cs in clips.values() for c in cs):
-                    return clips
-    os.makedirs(out_dir, exist_ok=True)
+    results = []
     for split, num in (("train", num_train), ("test", num_test)):
-        if num < 1:
-            raise ValueError(f"num_{split} must be >= 1, got {num}")
-        attrs = balanced_attributes(num, np.random.default_rng([seed, SPLIT_SEEDS[split]]))
-        clips[split] = []
-        for i, a in enumerate(attrs):
-            rng = _clip_rng(seed, split, i)
-            file = f"{split}/{i:05d}.mp4"
-            write_mp4(os.path.join(out_dir, file), render_frames(a, rng), FPS, render_audio(a, rng), SAMPLE_RATE)
-            clips[split].append(dict(a, file=file))
-        with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-            json.dump(clips[split], f, indent=0)
-        clips[split] = [dict(c, path=os.path.join(out_dir, c["file"])) for c in clips[split]]
-    with open(manifest, "w") as f:
-        json.dump(params, f)
-    return clips
-
-
-def splits(source_dir: str, num_train: int = 256, num_test: int = 64, seed: int = 0) -> Dict[str, List[Dict[str, Any]]]:
-    """Generates (or reuses) the media in source_dir and returns the writer items of the 4 splits."""
-    clips = generate_media(source_dir, num_train, num_test, seed)
-    out: Dict[str, List[Dict[str, Any]]] = {}
-    for split, split_clips in clips.items():
-        captions, instructs = [], []
-        for i, c in enumerate(split_clips):
-            attrs = {a: c[a] for a in ATTRIBUTES}
-            meta = dict(attrs, split=split)
-            base = f"{NAME}/{split}/{i:05d}"
-            captions.append(item(id=f"{base}/caption", media="video", path=c["path"], kind="caption",
-                                 caption=caption(attrs), meta=meta))
-            turns = conversation(attrs, np.random.default_rng([seed, SPLIT_SEEDS[split], i, 1]))
-            instructs.append(item(id=f"{base}/instruct", media="video", path=c["path"],
-                                  kind="conversation", conversations=turns, meta=meta))
-        out[f"caption_{split}"] = captions
-        out[f"instruct_{split}"] = instructs
-    return out
+        items = clip_items(media_dir, split, num, seed)[:limit]
+        os.makedirs(os.path.join(media_dir, f"seed{seed}", split), exist_ok=True)
+        captions = shards.write_shards(items, out_dir, decode_fn=build_clip_example, dataset_name=NAME,
+                                       split=f"caption_{split}", **write_kwargs)
+        instructs = shards.write_shards(instruct_items(items, captions, seed), out_dir, decode_fn=retext_example, dataset_name=NAME,
+                                        split=f"instruct_{split}", **dict(write_kwargs, num_workers=0))
+        results += [captions, instructs]
+    return results

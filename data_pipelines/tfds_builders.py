@@ -69,7 +69,7 @@ class ShardedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                               disable_shuffling=True)
 
     def _split_items(self, source_dir: str) -> Dict[str, List[Dict[str, Any]]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must list its items")
 
     def _split_generators(self, dl_manager):
         raise NotImplementedError("this builder writes its shards itself; see _download_and_prepare")
@@ -84,16 +84,21 @@ class ShardedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                     f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         return os.fspath(source)
 
-    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
-        items = self._split_items(self._source(dl_manager))
-        limit = getattr(download_config, "max_examples_per_split", None)
-        if limit:
-            items = {split: split_items[:limit] for split, split_items in items.items()}
+    def _write_splits(self, source_dir: str, limit: Optional[int]) -> List[shards.SplitResult]:
+        """Writes every split into the work dir (resumable); subclasses may write differently."""
+        items = self._split_items(source_dir)
         decode_fn = functools.partial(build_example, options=self._options)
-        results = [shards.write_shards(split_items, self.work_dir, decode_fn=decode_fn, dataset_name=self.name,
-                                       split=split, examples_per_shard=self._examples_per_shard,
-                                       num_workers=self._num_workers, progress=self._progress)
-                   for split, split_items in items.items()]
+        return [shards.write_shards(split_items[:limit], self.work_dir, decode_fn=decode_fn,
+                                    dataset_name=self.name, split=split, **self._write_kwargs())
+                for split, split_items in items.items()]
+
+    def _write_kwargs(self) -> Dict[str, Any]:
+        return dict(examples_per_shard=self._examples_per_shard, num_workers=self._num_workers,
+                    progress=self._progress)
+
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        limit = getattr(download_config, "max_examples_per_split", None) or None
+        results = self._write_splits(self._source(dl_manager), limit)
         self.info.set_splits(tfds.core.SplitDict([self._install(r) for r in results]))
         if not self._keep_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -165,8 +170,9 @@ class VllamaDemo(ShardedBuilder):
     def _source(self, dl_manager) -> str:
         return self._source_dir or os.path.join(os.path.dirname(self.work_dir), "media")
 
-    def _split_items(self, source_dir):
-        return synthetic.splits(source_dir, **self._source_kwargs)
+    def _write_splits(self, source_dir, limit):
+        return synthetic.write_splits(source_dir, self.work_dir, limit=limit, **self._source_kwargs,
+                                      **self._write_kwargs())
 
 
 BUILDERS = {b.name: b for b in (Webvid2m, Cc595k, CcSbuAlign, LlavaInstruct150k, VideochatInstruct11k, VllamaDemo)}

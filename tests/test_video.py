@@ -1,0 +1,213 @@
+"""Video decoding (sampling by time, VFR, rotation, short clips, broken files) and pixel transforms."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import video as V
+from data_pipelines.media import write_image, write_mp4
+
+
+def numbered_frames(num, h=32, w=48):
+    """Frame k is flat grey level 8*k, so the decoded level tells which source frame it was."""
+    frames = np.zeros((num, h, w, 3), np.uint8)
+    for k in range(num):
+        frames[k] = 8 * k
+    return frames
+
+
+def frame_ids(frames):
+    return np.round(frames[:, :, :, 0].mean(axis=(1, 2)) / 8).astype(int)
+
+
+@pytest.mark.parametrize("vlen,n", [(30, 8), (8, 8), (100, 8), (17, 5), (9, 4)])
+def test_uniform_indices_match_reference(vlen, n):
+    reference = np.arange(0, vlen, vlen / n).astype(int)  # video_llama load_video, sampling="uniform"
+    np.testing.assert_array_equal(V.sample_indices(vlen, n, "uniform"), reference)
+
+
+def test_headtail_indices_like_reference():
+    rng = np.random.default_rng(0)
+    draws = [V.sample_indices(40, 8, "headtail", rng) for _ in range(200)]
+    for idx in draws:
+        head, tail = idx[:4], idx[4:]
+        assert np.all(head < 20) and np.all(tail >= 20) and np.all(tail < 40)
+        assert len(set(head)) == 4 and len(set(tail)) == 4 and np.all(np.diff(idx) > 0)
+    # Random, not fixed: many distinct draws, every frame reachable.
+    assert len({tuple(d) for d in draws}) > 150
+    assert set(np.concatenate(draws)) == set(range(40))
+    again = np.random.default_rng(0)
+    np.testing.assert_array_equal(V.sample_indices(40, 8, "headtail", again), draws[0])
+
+
+def test_uniform_pool_subsampling_is_source_uniform():
+    # The writer stores a uniform pool of 16; uniform 8 of it = uniform 8 of the source.
+    for vlen in (16, 31, 64, 301):
+        pool = V.sample_indices(vlen, 16, "uniform")
+        np.testing.assert_array_equal(pool[V.sample_indices(16, 8, "uniform")], V.sample_indices(vlen, 8, "uniform"))
+
+
+def test_decode_constant_rate_picks_reference_frames(tmp_path):
+    path = write_mp4(str(tmp_path / "c.mp4"), numbered_frames(30), fps=10)
+    decoded = V.decode_video(path, 8)
+    expected = np.arange(0, 30, 30 / 8).astype(int)
+    np.testing.assert_array_equal(decoded.indices, expected)
+    np.testing.assert_array_equal(frame_ids(decoded.frames), expected)
+    np.testing.assert_allclose(decoded.times, expected / 10, atol=1e-6)
+    assert decoded.num_source_frames == 30 and decoded.duration_s == pytest.approx(3.0)
+    assert decoded.frames.shape == (8, 32, 48, 3) and not decoded.has_audio
+
+    decoded = V.decode_video(path, 8, "headtail", np.random.default_rng(1))
+    np.testing.assert_array_equal(frame_ids(decoded.frames), decoded.indices)
+    assert np.all(decoded.indices[:4] < 15) and np.all(decoded.indices[4:] >= 15)
+
+
+def test_decode_variable_frame_rate_samples_by_time(tmp_path):
+    times = np.array([0.0, 0.1, 0.2, 0.3, 1.0, 2.0, 2.1, 2.2, 2.3, 3.9])
+    path = write_mp4(str(tmp_path / "vfr.mp4"), numbered_frames(10), fps=10, timestamps=times)
+    decoded = V.decode_video(path, 8)
+    # duration = 3.9 + median gap 0.1 = 4.0; targets 0, .5, 1, ..., 3.5 -> frame on screen then.
+    expected = np.array([0, 3, 4, 4, 5, 8, 8, 8])
+    assert decoded.duration_s == pytest.approx(4.0)
+    np.testing.assert_array_equal(decoded.indices, expected)
+    np.testing.assert_array_equal(frame_ids(decoded.frames), expected)
+    np.testing.assert_allclose(decoded.times, times[expected], atol=1e-3)
+    # Index-based sampling (the reference) would have taken frames 0,1,2,3,5,6,7,8: bunched in time.
+    assert not np.array_equal(expected, V.sample_indices(10, 8))
+
+
+@pytest.mark.parametrize("rotation,shape,corner", [
+    (0, (32, 64), (0, 0)), (90, (64, 32), (1, 0)), (180, (32, 64), (1, 1)), (270, (64, 32), (0, 1)),
+    (-90, (64, 32), (0, 1))])
+def test_decode_applies_display_rotation(tmp_path, rotation, shape, corner):
+    frames = np.zeros((2, 32, 64, 3), np.uint8)
+    frames[:, :6, :6] = 255  # marker in the stored top-left corner
+    path = write_mp4(str(tmp_path / "r.mp4"), frames, fps=10, rotation=rotation)
+    decoded = V.decode_video(path, 2)
+    assert decoded.frames.shape[1:3] == shape
+    assert decoded.rotation == rotation % 360
+    ys, xs = np.nonzero(decoded.frames[0, :, :, 0] > 128)
+    # Counter-clockwise display turn: 90 puts the top-left marker bottom-left, and so on.
+    assert (ys.mean() > shape[0] / 2, xs.mean() > shape[1] / 2) == tuple(bool(c) for c in corner)
+
+
+def test_decode_short_video_repeats_frames(tmp_path):
+    path = write_mp4(str(tmp_path / "short.mp4"), numbered_frames(3), fps=10)
+    decoded = V.decode_video(path, 8)
+    np.testing.assert_array_equal(frame_ids(decoded.frames), [0, 0, 0, 1, 1, 1, 2, 2])
+    one = V.decode_video(write_mp4(str(tmp_path / "one.mp4"), numbered_frames(1), fps=10), 8)
+    assert one.frames.shape[0] == 8 and np.all(frame_ids(one.frames) == 0)
+    headtail = V.decode_video(path, 8, "headtail", np.random.default_rng(0))
+    assert headtail.frames.shape[0] == 8
+
+
+def test_decode_short_side_resize(tmp_path):
+    path = write_mp4(str(tmp_path / "c.mp4"), numbered_frames(4, 32, 48), fps=10)
+    assert V.decode_video(path, 2, short_side=64).frames.shape == (2, 64, 96, 3)
+
+
+def test_broken_files_raise_video_decode_error(tmp_path):
+    missing = str(tmp_path / "missing.mp4")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    cases = {missing: "missing", str(empty): "empty", str(junk): "undecodable"}
+    for path, category in cases.items():
+        with pytest.raises(V.VideoDecodeError) as err:
+            V.decode_video(path)
+        assert path in str(err.value) and err.value.category == category
+        assert isinstance(err.value, ValueError)
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    import av
+
+    path = str(tmp_path / "audio.m4a")
+    with av.open(path, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with pytest.raises(V.VideoDecodeError, match="no video stream"):
+        V.decode_video(path)
+
+
+def test_load_image_and_errors(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    png = write_image(str(tmp_path / "a.png"), image)
+    np.testing.assert_array_equal(V.load_image(png), image)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    for path, category in ((str(bad), "undecodable"), (str(tmp_path / "none.jpg"), "missing")):
+        with pytest.raises(V.ImageDecodeError) as err:
+            V.load_image(path)
+        assert path in str(err.value) and err.value.category == category
+
+
+def test_normalize_is_clip_mean_std():
+    px = np.array([[0, 128, 255]], np.uint8).reshape(1, 1, 1, 3)
+    expected = (np.array([0, 128, 255]) / 255.0 - V.CLIP_MEAN) / V.CLIP_STD
+    np.testing.assert_allclose(V.normalize(px)[0, 0, 0], expected, atol=1e-6)
+
+
+def test_eval_transform_is_pil_bicubic_squash():
+    frames = np.random.default_rng(0).integers(0, 255, (2, 60, 100, 3), dtype=np.uint8)
+    out = V.eval_transform(frames)
+    assert out.shape == (2, 224, 224, 3) and out.dtype == np.float32
+    ref = np.asarray(Image.fromarray(frames[1]).resize((224, 224), Image.BICUBIC))
+    np.testing.assert_allclose(out[1], V.normalize(ref[None])[0], atol=1e-6)
+
+
+def test_random_resized_crop_params_ranges():
+    rng = np.random.default_rng(0)
+    for h, w in ((224, 224), (256, 455), (300, 120)):
+        for _ in range(300):
+            top, left, ch, cw = V.random_resized_crop_params(h, w, rng)
+            assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+            if (ch, cw) != (h, w) and not (ch == h or cw == w):
+                area = ch * cw / (h * w)
+                assert 0.5 - 0.02 <= area <= 1.0 + 1e-9
+                assert 3 / 4 - 0.05 <= cw / ch <= 4 / 3 + 0.05
+
+
+def test_train_transform_one_crop_per_clip_and_full_crop_equals_eval():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (1, 64, 96, 3), dtype=np.uint8)
+    clip = np.concatenate([frame, frame])
+    out = V.train_transform(clip, np.random.default_rng(3))
+    np.testing.assert_array_equal(out[0], out[1])  # same crop for every frame of a clip
+    assert out.shape == (2, 224, 224, 3)
+    full = V.train_transform(clip, rng, scale=(1.0, 1.0), ratio=(1.0, 1.0), squash=True)
+    np.testing.assert_allclose(full, V.eval_transform(clip), atol=1e-5)
+    # Images crop the unsquashed frame: a full-area crop of a 64x64 image is the whole image.
+    square = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
+    img = V.train_transform(square, rng, scale=(1.0, 1.0), ratio=(1.0, 1.0), squash=False)
+    np.testing.assert_allclose(img, V.eval_transform(square), atol=1e-5)
+
+
+def test_train_transform_crop_is_a_zoom(tmp_path):
+    # Left half black, right half white: crops must still show one edge, scaled up, not resampled noise.
+    frame = np.zeros((1, 128, 128, 3), np.uint8)
+    frame[:, :, 64:] = 255
+    rng = np.random.default_rng(0)
+    outs = np.stack([V.train_transform(frame, rng, size=64)[0] for _ in range(20)])
+    first_col, last_col = outs[:, :, 0].mean(axis=(1, 2)), outs[:, :, -1].mean(axis=(1, 2))
+    assert np.all(last_col >= first_col)
+    assert not np.allclose(outs[0], outs[1])  # different random crops
+
+
+def test_load_video_and_image_clip(tmp_path):
+    path = write_mp4(str(tmp_path / "c.mp4"), numbered_frames(20), fps=10)
+    assert V.load_video(path).shape == (8, 224, 224, 3)
+    assert V.load_video(path, 4, train=True, rng=np.random.default_rng(0)).shape == (4, 224, 224, 3)
+    img = write_image(str(tmp_path / "a.jpg"), np.full((40, 50, 3), 99, np.uint8))
+    assert V.load_image_clip(img, train=True, rng=np.random.default_rng(0)).shape == (1, 224, 224, 3)
+    with pytest.raises(ValueError, match="rng"):
+        V.load_video(path, train=True)
+    assert os.path.exists(path)
