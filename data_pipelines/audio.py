@@ -24,6 +24,9 @@ Deliberate choices and known differences from the PyTorch original:
   clip boundary, because Kaldi removes each frame's DC offset anyway).
 - A clip shorter than one 25 ms window makes torchaudio assert; here it yields zero frames,
   i.e. all padding.
+- With 128 bins at 16 kHz and a 512-point FFT the 4th mel filter contains no FFT bin, so that
+  row is always log(eps) (Kaldi itself refuses this setting; torchaudio, and so ImageBind,
+  accept it). Reproduced as is.
 """
 from __future__ import annotations
 
@@ -287,7 +290,8 @@ def clip_timepoints(duration_s, num_clips: int, clip_seconds=2.0) -> list[tuple[
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     clip = Fraction(clip_seconds)
-    max_start = Fraction(max(Fraction(duration_s) - clip, 0))
+    # float duration - Fraction is float arithmetic (rounded) in pytorchvideo too; keep it so
+    max_start = Fraction(max(duration_s - clip, 0))
     step = max_start / num_clips
     return [(step * i, step * i + clip) for i in range(num_clips)]
 

@@ -227,7 +227,7 @@ def test_mel_banks_match_knf():
 
 # ----------------------------------------------------------------------------- sampling & clips
 
-@pytest.mark.parametrize("duration", [10.0, 7.77, 3.3, 2.0, 1.2, 0.5])
+@pytest.mark.parametrize("duration", [100.01, 33.3331, 10.0, 7.77, 3.3, 2.0, 1.2, 0.5])
 @pytest.mark.parametrize("num_clips", [1, 3, 8])
 def test_clip_timepoints_follow_pytorchvideo(duration, num_clips):
     sampler = ConstantClipsPerVideoSampler(2, num_clips)
