@@ -16,9 +16,14 @@ The result is a regular TFDS dataset: `tfds.data_source(name, data_dir=...)` /
 that into the example dict), and the files are plain ArrayRecord for grain. This needs no
 TensorFlow: TFDS stores tf.train.Example protos through its own protobuf copies.
 
-`tfds build --imports data_pipelines.tfds_builders <name> --manual_dir <source files>` works too
-(`--max_examples_per_split` is honoured). Builder options not expressible on that command
-line (paths, workers, frames kept) are constructor arguments.
+The command line is `vllama-prepare-data` (data_pipelines/cli.py). TFDS's own `tfds build`
+entry point cannot start without TensorFlow in tfds 4.9.10 (its `convert_format` module uses
+`tf.train` at import time), but its build command runs these builders fine when invoked directly:
+  python -c "import simple_parsing; from tensorflow_datasets.scripts.cli import build;
+             simple_parsing.parse(build.Args, args=['cc_sbu_align', '--imports',
+             'data_pipelines.tfds_builders', '--manual_dir', SRC, '--data_dir', OUT]).execute()"
+(`--max_examples_per_split` is honoured). Options with no TFDS flag (paths, workers, frames
+kept) are constructor arguments.
 """
 from __future__ import annotations
 

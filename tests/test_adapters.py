@@ -173,3 +173,26 @@ def test_missing_annotation_files_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         cc595k.splits(str(tmp_path))
     assert os.path.exists(tmp_path / "chat.json")
+
+
+def test_cli_builds_an_adapter_dataset(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    from data_pipelines import cli
+
+    src = tmp_path / "cc_sbu_align"
+    for i in range(3):
+        write_image(str(src / "image" / f"{i}.jpg"), image(10 + i))
+    (src / "filter_cap.json").write_text(json.dumps({"annotations": [
+        {"image_id": str(i), "caption": f"caption {i}"} for i in range(4)]}))
+    assert cli.main(["cc_sbu_align", "--source", str(src), "--data-dir", str(tmp_path / "out"), "--workers", "0",
+                     "--short-side", "24", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"):])
+    assert summary["splits"]["train"]["num_written"] == 3 and summary["splits"]["train"]["num_skipped"] == 1
+    ds = tfds.data_source("cc_sbu_align", split="train", data_dir=str(tmp_path / "out"))
+    examples = [records.decode_example(ds[i]["record"]) for i in range(len(ds))]
+    assert [e["caption"] for e in examples] == ["caption 0", "caption 1", "caption 2"]
+    assert min(records.decode_frames(examples[0]).shape[1:3]) == 24
+    report = json.load(open(os.path.join(tmp_path / "out", "cc_sbu_align", "1.0.0", "cc_sbu_align-train.report.json")))
+    assert report["skipped_by_category"] == {"missing": 1}

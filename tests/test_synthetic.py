@@ -140,3 +140,19 @@ def test_a_few_hundred_clips_in_under_a_minute(tmp_path):
     print(f"320 clips, 640 records: {elapsed:.1f}s wall, {cpu:.1f} CPU-s (load average {os.getloadavg()[0]:.1f})")
     # The CI machine is shared; CPU time over 2 cores is what an idle 2-core machine takes.
     assert cpu / 2 < 60
+
+
+def test_cli_demo(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    from data_pipelines import cli
+
+    assert cli.main(["demo", "--data-dir", str(tmp_path), "--num-train", "4", "--num-test", "4", "--workers", "0",
+                     "--no-progress"]) == 0
+    for split in ("caption_train", "instruct_train", "caption_test", "instruct_test"):
+        ds = tfds.data_source("vllama_demo", split=split, data_dir=str(tmp_path))
+        assert len(ds) == 4
+    example = records.decode_example(ds[0]["record"])
+    assert example["id"] == "vllama_demo/test/00000/instruct" and example["audio_present"]
+    assert os.path.exists(tmp_path / "vllama_demo" / "media" / "seed0" / "test" / "00000.mp4")
+    assert not os.path.exists(tmp_path / "vllama_demo" / "work-1.0.0")
