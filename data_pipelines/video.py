@@ -153,9 +153,11 @@ def _packet_pts(path: str, container, stream) -> List[int]:
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue  # the demuxer's end-of-stream flush packet
-            if packet.pts is None:
+            # Some containers (AVI, raw streams) only carry decode times; without b-frames they agree.
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None:
                 raise VideoDecodeError(path, "video packets without timestamps")
-            pts.append(int(packet.pts))
+            pts.append(int(stamp))
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"demuxing failed ({type(e).__name__}: {e})") from e
     if not pts:
