@@ -32,7 +32,8 @@ def noise(seconds=2.0, amp=0.1, seed=0):
 
 def chirp(seconds=2.0):
     t = _t(seconds)
-    return (0.3 * np.sin(2 * np.pi * (200 * t + 1500 * t ** 2)) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    swept = np.sin(2 * np.pi * (200 * t + 1500 * t ** 2))
+    return (0.3 * swept * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
 def speech_like(seconds=2.0, seed=1):
