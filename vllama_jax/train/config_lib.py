@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.task = ml_collections.ConfigDict()
     # 'module:function' called with the whole config, returning a vllama_jax.train.task.Task.
-    c.task.builder = "vllama_jax.models.video_llama:build_task"
+    c.task.builder = "vllama_jax.train.video_llama_task:build_task"
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "video_llama"

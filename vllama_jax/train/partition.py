@@ -24,17 +24,15 @@ Params = Any
 # Module names of the Video-LLaMA composite (vllama_jax.models.video_llama) that train in each
 # stage; mirrors `frozen_video_Qformer` / `frozen_llama_proj` / `frozen_audio_Qformer` of the
 # reference configs. The audio branch trains its Q-Former, query tokens, position embedding
-# and its own projection; the vision branch trains the same four on the video side.
+# and its own projection; the vision branch trains the same on the video side.
 _VISION = (
-    r"video_qformer/.*",
-    r"video_query_tokens(/.*)?",
-    r"frame_position_embedding/.*",
+    r"video_qformer/.*",            # includes its query_tokens
+    r"video_frame_position_embedding",
     r"llama_proj/.*",
 )
 _AUDIO = (
     r"audio_qformer/.*",
-    r"audio_query_tokens(/.*)?",
-    r"audio_position_embedding/.*",
+    r"audio_position_embedding",
     r"audio_llama_proj/.*",
 )
 TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {

@@ -1,0 +1,39 @@
+"""The Video-LLaMA task built from the stage configs: right towers, right media, right trainable split."""
+import jax
+import numpy as np
+import pytest
+
+from vllama_jax.train import config_lib, partition
+from vllama_jax.train.task import build_task
+from vllama_jax.train.video_llama_task import train_media
+
+
+def _tiny(branch, stage=1):
+    return config_lib.tiny(config_lib.video_llama(branch, stage, "vicuna7b"))
+
+
+@pytest.mark.parametrize("branch,media,trained", [
+    ("vision", ("video",), {"video_qformer", "video_frame_position_embedding", "llama_proj"}),
+    ("audio", ("audio_from_frames",), {"audio_qformer", "audio_position_embedding", "audio_llama_proj"}),
+])
+def test_stage_configs_train_only_their_branch(branch, media, trained):
+    config = _tiny(branch)
+    task = build_task(config)
+    assert task.media == media
+    abstract = task.abstract_params()
+    patterns = partition.resolve_patterns(config.freeze.preset, config.freeze.patterns)
+    trainable, frozen = partition.split(abstract, patterns)
+    assert set(trainable) == trained
+    assert {"llama", "image_encoder"} <= set(frozen)
+    assert ("audio_encoder" in frozen) == (branch == "audio")
+    # The reference's query-token counts come through the config.
+    q = abstract["video_qformer"]["query_tokens"]
+    assert q.value.shape[1] == config.model.num_video_query_token
+
+
+def test_training_both_qformers_at_once_is_refused():
+    config = _tiny("vision")
+    config.model.equip_audio_branch = True
+    config.model.frozen_audio_qformer = False
+    with pytest.raises(ValueError, match="train_flag 2"):
+        train_media(config)
