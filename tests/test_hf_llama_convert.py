@@ -249,3 +249,42 @@ def test_export_rejects_wrong_params(reference_params, tmp_path):
     with pytest.raises(CheckpointError, match="params lack layers_0/mlp/up_proj/kernel"):
         save_hf(bad, config, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+# VmHWM, not ru_maxrss: the latter survives fork+exec and would report the pytest parent's peak.
+_PEAK_RSS_SCRIPT = """
+import re, sys
+from vllama_jax.convert.hf_llama import load_hf
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+base = hwm()
+_, params = load_hf(sys.argv[1], dtype=None if sys.argv[2] == "none" else sys.argv[2], progress=False)
+print(hwm() - base)
+"""
+
+
+@pytest.mark.slow
+def test_loading_streams_tensor_by_tensor(tmp_path):
+    """A ~0.9 GB float32 checkpoint loads with peak RSS growth of the output plus one tensor, not 2x."""
+    import subprocess
+    import sys
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=12,
+                         num_heads=16, num_kv_heads=16, head_dim=64)
+    gen = np.random.default_rng(0)
+    params = {}
+    for spec in key_map(config).values():
+        shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+        node = params
+        for p in spec.path[:-1]:
+            node = node.setdefault(p, {})
+        node[spec.path[-1]] = gen.standard_normal(shape, dtype=np.float32)
+    size = sum(x.nbytes for x in jax.tree.leaves(params))
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    save_hf(params, config, tmp_path / "ckpt", max_shard_size="300MB", progress=False)
+    del params
+    for dtype, out_bytes in (("none", size), ("bfloat16", size // 2)):
+        grown = int(subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(tmp_path / "ckpt"), dtype],
+                                   check=True, capture_output=True, text=True).stdout.split()[-1])
+        print(f"dtype={dtype}: output {out_bytes / 1e9:.2f} GB, peak RSS growth {grown / 1e9:.2f} GB")
+        # the output plus about one tensor in flight (its mapped file pages and its copy)
+        assert grown < out_bytes + 2 * largest

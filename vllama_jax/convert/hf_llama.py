@@ -539,7 +539,7 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         for key, shape, dt in shard:
             s = spec[key]
             array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
-            f.write(np.ascontiguousarray(array.T if s.transpose else array).tobytes())
+            f.write(np.ascontiguousarray(array.T if s.transpose else array).reshape(-1).view(np.uint8).data)
             bar.update(1)
 
 
