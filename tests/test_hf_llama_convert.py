@@ -58,7 +58,8 @@ def test_loaded_values_are_the_torch_tensors(hf_gqa, reference_params):
     config, params = reference_params
     sd = _state_dict_numpy(hf_gqa)
     layer = params["layers_1"]
-    np.testing.assert_array_equal(layer["self_attn"]["k_proj"]["kernel"], sd["model.layers.1.self_attn.k_proj.weight"].T)
+    np.testing.assert_array_equal(layer["self_attn"]["k_proj"]["kernel"],
+                                  sd["model.layers.1.self_attn.k_proj.weight"].T)
     np.testing.assert_array_equal(layer["mlp"]["down_proj"]["kernel"], sd["model.layers.1.mlp.down_proj.weight"].T)
     np.testing.assert_array_equal(layer["input_layernorm"]["scale"], sd["model.layers.1.input_layernorm.weight"])
     np.testing.assert_array_equal(params["embed_tokens"]["embedding"], sd["model.embed_tokens.weight"])
