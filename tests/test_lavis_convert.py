@@ -152,6 +152,10 @@ def test_missing_wrong_shape_and_unexpected_keys_are_named(tmp_path):
     with pytest.raises(lavis.CheckpointError, match=re.escape(
             "'visual_encoder.blocks.0.attn.qkv.weight' has shape (192, 32), expected (192, 64)")):
         lavis.blip2_image_encoder_params_from_state_dict(bad, VIT, QF)
+    odd_grid = {**sd, "visual_encoder.pos_embed": np.zeros((1, 7, 64), np.float32)}
+    with pytest.raises(lavis.CheckpointError, match=re.escape("'visual_encoder.pos_embed' has shape (1, 7, 64), "
+                                                              "expected (1, 5, 64) or another square")):
+        lavis.blip2_image_encoder_params_from_state_dict(odd_grid, VIT, QF)
     extra = {**sd, "visual_encoder.blocks.0.attn.k_bias": np.zeros(64, np.float32),
              "Qformer.bert.encoder.layer.1.crossattention.self.query.weight": np.zeros((32, 32), np.float32),
              "mystery": np.zeros(1, np.float32)}

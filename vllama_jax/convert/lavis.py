@@ -281,7 +281,11 @@ def eva_vit_params_from_state_dict(sd: StateDict, config: EvaViTConfig, prefix: 
     want = (1, config.num_patches + 1, config.width)
     if pos_key in sd and np.shape(sd[pos_key]) != want and np.shape(sd[pos_key])[-1:] == want[-1:]:
         found = np.shape(sd[pos_key])
-        pos = interpolate_pos_embed(np.asarray(sd[pos_key], np.float32), (config.grid_size,) * 2)
+        try:
+            pos = interpolate_pos_embed(np.asarray(sd[pos_key], np.float32), (config.grid_size,) * 2)
+        except ValueError as e:
+            raise CheckpointError(f"EVA ViT: checkpoint key {pos_key!r} has shape {found}, expected {want} "
+                                  f"or another square patch grid") from e
         sd = {**sd, pos_key: pos}
         notes = (f"{pos_key}: resampled {found} -> {want} (bicubic, as LAVIS interpolate_pos_embed)",)
     params, report = _import(sd, eva_vit_entries(config, prefix), lambda k: k.startswith(prefix),
