@@ -235,11 +235,11 @@ class Block(nn.Module):
 
 class Trunk(nn.Module):
     """ImageBind `SimpleTransformer`: optional pre-transformer LN, then the blocks."""
-    cfg: Any  # ImageBindAudioConfig | ImageBindVisionConfig
+    config: Any  # ImageBindAudioConfig | ImageBindVisionConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        cfg = self.cfg
+        cfg = self.config
         if cfg.pre_transformer_ln:
             x = LayerNorm(cfg.ln_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="pre_norm")(x)
         for i, rate in enumerate(drop_path_rates(cfg.drop_path, cfg.num_blocks)):
@@ -290,11 +290,11 @@ class ImageBindAudio(nn.Module):
     The output is L2-normalised and scaled by min(exp(log_logit_scale), max_logit_scale) = 20.
     `return_pooled=True` returns `(cls feature after head LN [N, embed_dim], embedding)`.
     """
-    cfg: ImageBindAudioConfig
+    config: ImageBindAudioConfig
 
     @nn.compact
     def __call__(self, fbank: jax.Array, deterministic: bool = True, return_pooled: bool = False):
-        cfg = self.cfg
+        cfg = self.config
         if fbank.ndim != 4 or tuple(fbank.shape[1:]) != cfg.input_shape:
             raise ValueError(f"ImageBindAudio: fbank must be [N, {', '.join(map(str, cfg.input_shape))}] "
                              f"(clips, channel, mel bins, frames), got {tuple(fbank.shape)}")
@@ -321,11 +321,11 @@ class ImageBindVision(nn.Module):
     A single image is repeated to `num_frames` frames before the temporal-kernel Conv3d, as
     ImageBind's PadIm2Video(pad_type='repeat'). No logit scaling for vision.
     """
-    cfg: ImageBindVisionConfig
+    config: ImageBindVisionConfig
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True, return_pooled: bool = False):
-        cfg = self.cfg
+        cfg = self.config
         size = (cfg.image_size, cfg.image_size, cfg.in_channels)
         if images.ndim == 4 and tuple(images.shape[1:]) == size:
             images = jnp.repeat(images[:, None], cfg.num_frames, axis=1)
