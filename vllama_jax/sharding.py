@@ -122,7 +122,11 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def with_rules(fn):
-    """Runs `fn` with the project's logical rules active (for `nn.with_logical_constraint`)."""
+    """Runs `fn` with the project's logical rules active (for `nn.with_logical_constraint`).
+
+    Activation constraints only bind when a mesh is in context too: call the (jitted) result
+    inside `with jax.set_mesh(mesh):`, as `vllama_jax.train.step` does.
+    """
     def wrapped(*args, **kwargs):
         with nn.logical_axis_rules(LOGICAL_RULES):
             return fn(*args, **kwargs)
