@@ -115,3 +115,33 @@ def test_grad_clip_clips_by_global_norm():
     no_clip = optimizer.adamw(1e-3, params, grad_clip_norm=0.0)
     _, state = jax.jit(no_clip.update)(grads, no_clip.init(params), params)
     assert_close(state[0].mu["a"], np.full((2, 2), 0.3), atol=1e-7, what="unclipped first moment")
+
+
+def _reference_lrs(kind, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch):
+    """The reference schedulers transcribed as plain Python, driven the way base_task drives
+    them: `step(cur_epoch, cur_step)` before every iteration of every epoch."""
+    def warm(step):
+        return min(init_lr, warmup_lr + (init_lr - warmup_lr) * step / max(warmup_steps, 1))
+
+    def cos(x, total):
+        return (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * x / total)) + min_lr
+
+    out = []
+    for epoch in range(max_epoch):
+        for i in range(iters_per_epoch):
+            if kind == "lavis":
+                out.append(warm(i) if epoch == 0 else cos(epoch, max_epoch))
+            else:
+                total = epoch * iters_per_epoch + i
+                out.append(warm(i) if total < warmup_steps else cos(total, max_epoch * iters_per_epoch))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("kind,fn", [("lavis", schedules.lavis_warmup_cosine),
+                                     ("video_llama", schedules.per_step_warmup_cosine)])
+def test_schedules_match_reference_over_a_whole_stage1_run(kind, fn):
+    kw = dict(init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=2500, iters_per_epoch=2500,
+              max_epoch=5)   # visionbranch_stage1_pretrain.yaml
+    expected = _reference_lrs(kind, **kw)
+    got = np.asarray(jax.jit(jax.vmap(fn(**kw)))(jnp.arange(len(expected))))
+    np.testing.assert_allclose(got, expected, rtol=2e-6)

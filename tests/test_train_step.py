@@ -147,11 +147,23 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     ckpt.close()
 
 
+class _PretrainedToy(toy.ToyTask):
+    """A toy whose tower 'loads pretrained weights' (halves its init) and counts the loads."""
+    loads = []
+
+    def load_pretrained(self, params):
+        self.loads.append(1)
+        return {**params, "tower": jax.tree.map(lambda x: x * 0.5, params["tower"])}
+
+
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
-    """SIGTERM -> save at the next step boundary, return; a rerun resumes there (the data too).
+    """SIGTERM -> save at the next step boundary, return; a rerun resumes there (the data too)
+    with the frozen params from the one-time frozen/ checkpoint, not from the pretrained hook.
     Bitwise equality of resumed and uninterrupted runs is checked in test_checkpoint.py."""
     config = toy_config_dict(total_steps=10, log_every=4, save_every=100, eval_every=0)
-    task = toy.build_task(config)
+    config.checkpoint.save_frozen = True
+    task = _PretrainedToy(toy.ToyConfig.preset("tiny"), seq_len=8)
+    _PretrainedToy.loads.clear()
     base = toy_batches(10)
     seen = []
 
@@ -167,7 +179,27 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert first.preempted and first.step == 6 and seen == list(range(6))
     assert Checkpointer(str(tmp_path)).latest_step() == 6
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop put it back
+    assert len(_PretrainedToy.loads) == 1 and os.path.isdir(tmp_path / "frozen")
+    halved = jax.tree.map(lambda x: np.asarray(x) * 0.5, jax.jit(task.init_params)(jax.random.split(
+        jax.random.PRNGKey(config.train.seed))[0])["tower"])
+    assert trees_equal(first.frozen["tower"], halved)
     seen.clear()
     resumed = loop.train(config, task, SigtermAt(lambda i: base[i]), workdir=str(tmp_path))
     assert not resumed.preempted and resumed.step == 10 and seen == [6, 7, 8, 9]
     assert Checkpointer(str(tmp_path)).latest_step() == 10
+    assert len(_PretrainedToy.loads) == 1     # frozen weights came from frozen/
+    assert trees_equal(resumed.frozen, first.frozen)
+
+
+def test_remat_gives_the_same_gradients():
+    batch = toy_batches(1)[0]
+    grads = {}
+    for remat in (False, True):
+        task = toy_task(dropout=0.0, remat=remat)
+        state, frozen, _, _, _ = setup_state(task, patterns=(".*",))
+        fn = lambda p: task.loss_fn(p, batch, jax.random.PRNGKey(0), True)[0]  # noqa: E731
+        grads[remat] = jax.jit(jax.grad(fn))(state.params)
+        if remat:
+            assert "remat" in str(jax.make_jaxpr(jax.grad(fn))(state.params))
+    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        assert_close(a, b, atol=1e-6, what="remat grads")

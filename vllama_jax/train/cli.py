@@ -17,23 +17,29 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-_FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "config file (python, defines get_config)",
-                                flag_values=_FLAGS, lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs", flag_values=_FLAGS)
-flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() (multi-host)",
-                  flag_values=_FLAGS)
+def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+    # config_flags finds `--config.x=y` overrides in the argv it is defined with, so each parse
+    # gets its own FlagValues bound to its argv (and tests can parse several command lines).
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file (python, defines get_config)",
+                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs", flag_values=fv)
+    flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() (multi-host)",
+                      flag_values=fv)
+    return fv
 
 
 def parse(argv: Sequence[str]):
     """(config, workdir, distributed) from argv (argv[0] is the program name)."""
-    _FLAGS.unparse_flags()
-    _FLAGS(list(argv))
-    if _FLAGS.config is None:
+    fv = _flag_values(argv)
+    fv(list(argv))
+    if fv["config"].value is None:
         raise app.UsageError("--config is required (e.g. --config configs/stage1_vicuna7b.py)")
-    if not _FLAGS.workdir:
+    if not fv.workdir:
         raise app.UsageError("--workdir is required")
-    return _FLAGS.config, _FLAGS.workdir, _FLAGS.jax_distributed
+    config = fv.config
+    config.keys()  # a config file that failed to load raises its OSError here, not later
+    return config, fv.workdir, fv.jax_distributed
 
 
 def run(config, workdir: str):
@@ -55,10 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     try:
         config, workdir, distributed = parse(argv)
-    except (flags.Error, app.UsageError) as e:
+    except (flags.Error, app.UsageError, OSError) as e:
         print(f"vllama-train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every file operation at INFO
     import jax
     if distributed:
         jax.distributed.initialize()

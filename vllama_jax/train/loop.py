@@ -116,10 +116,11 @@ def _setup(config, task: Task, mesh) -> _Setup:
                   S.abstract_state(b_train, tx, state_sh), abstract_frozen)
 
 
-def _fresh_params(config, task: Task, boxed_full_sh, rng):
-    params = jax.jit(task.init_params, out_shardings=boxed_full_sh)(rng)
+def _fresh_params(task: Task, full_sh, rng):
+    """Random init born sharded, then the task's pretrained weights if it loads any."""
+    params = jax.jit(task.init_params, out_shardings=full_sh)(rng)
     if callable(getattr(task, "load_pretrained", None)):
-        params = jax.device_put(task.load_pretrained(params), boxed_full_sh)
+        params = jax.device_put(task.load_pretrained(params), full_sh)
     return params
 
 
@@ -133,7 +134,7 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
         frozen = ckpt.restore_frozen(su.abstract_frozen)
     if latest is None or frozen is None:
         full_sh = sharding.param_shardings(task.abstract_params(), su.mesh)
-        params = _fresh_params(config, task, full_sh, init_rng)
+        params = _fresh_params(task, full_sh, init_rng)
         trainable, frozen = partition.split(params, su.paths)
         frozen = jax.jit(lambda f: partition.cast_floating(f, _dtype(config.train.get("frozen_dtype"))),
                          out_shardings=su.frozen_sh)(frozen)
@@ -177,8 +178,9 @@ def _chain(first, rest):
     yield from rest
 
 
-def _batch_size(batch) -> int:
-    return int(np.shape(jax.tree.leaves(batch)[0])[0])
+def _global_batch_size(host_batch) -> int:
+    # Each process passes its own rows.
+    return int(np.shape(jax.tree.leaves(host_batch)[0])[0]) * jax.process_count()
 
 
 def _agree(flag: bool) -> bool:
@@ -193,7 +195,7 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     """Runs (or resumes) training to `total_steps(config)`; see the module doc for the contract."""
     check_task(task)
     t = config.train
-    mesh = mesh or sharding.make_mesh(tuple(config.mesh.shape))
+    mesh = sharding.make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
     compute_dtype = _dtype(t.get("compute_dtype"))
     n_steps = total_steps(config)
     log_every, save_every = int(t.log_every), int(t.save_every)
@@ -207,6 +209,7 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     try:
         state, frozen, step = _initial_state(config, task, su, ckpt, train_iter, logger)
         logger.bar.n = step
+        logger.bar.refresh()
         run = _Run(config, task, su, ckpt, logger, train_iter, eval_iter_fn, compute_dtype)
         return run.loop(state, frozen, step, n_steps, log_every, save_every, eval_every)
     finally:
@@ -293,7 +296,7 @@ class _Run:
                 state, m = self.jitted(state, frozen, sharding.shard_batch(batch, self.su.mesh))
                 step += 1
                 self.pending.append(m)
-                self.examples_in_window += _batch_size(batch)
+                self.examples_in_window += _global_batch_size(batch)
                 self.logger.advance()
                 at_log = step % log_every == 0 or step == n_steps
                 if at_log:
