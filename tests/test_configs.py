@@ -1,5 +1,4 @@
 """Config files: reference hyper-parameters, tower preset names, command-line overrides."""
-import importlib
 import os
 
 import pytest

@@ -4,6 +4,7 @@ import glob
 import os
 import signal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,10 @@ import pytest
 
 from conftest import assert_close
 from train_utils import (CountingIterator, setup_state, toy_batches, toy_config_dict, toy_task,
-                         to_numpy, trees_equal)
+                         trees_equal)
 from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer
-from vllama_jax.train import loop, partition, toy
+from vllama_jax.train import loop, optimizer, partition, schedules, toy
 from vllama_jax.train import step as S
 
 
@@ -139,7 +140,6 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     ckpt = Checkpointer(str(tmp_path))
     assert ckpt.latest_step() == 6            # the step-8 save never happened
     b_train, _ = partition.split(task.abstract_params(), partition.resolve_patterns("toy_head"))
-    from vllama_jax.train import optimizer, schedules
     tx = optimizer.make_optimizer(config.optim, schedules.make_schedule(config.optim), b_train)
     restored = ckpt.restore(S.abstract_state(b_train, tx))
     assert int(restored.step) == 6
@@ -191,15 +191,12 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert trees_equal(resumed.frozen, first.frozen)
 
 
-def test_remat_gives_the_same_gradients():
+def test_remat_config_rematerialises_the_tower():
     batch = toy_batches(1)[0]
-    grads = {}
+    jaxprs = {}
     for remat in (False, True):
         task = toy_task(dropout=0.0, remat=remat)
-        state, frozen, _, _, _ = setup_state(task, patterns=(".*",))
+        params = nn.meta.unbox(task.abstract_params())   # tracing needs shapes only
         fn = lambda p: task.loss_fn(p, batch, jax.random.PRNGKey(0), True)[0]  # noqa: E731
-        grads[remat] = jax.jit(jax.grad(fn))(state.params)
-        if remat:
-            assert "remat" in str(jax.make_jaxpr(jax.grad(fn))(state.params))
-    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
-        assert_close(a, b, atol=1e-6, what="remat grads")
+        jaxprs[remat] = str(jax.make_jaxpr(jax.grad(fn))(params))
+    assert "remat" in jaxprs[True] and "remat" not in jaxprs[False]

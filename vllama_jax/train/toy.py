@@ -143,15 +143,34 @@ def _example(index: int, seed: int, seq_len: int, vocab: int) -> dict:
 
 
 def toy_dataset(*, batch_size: int, seq_len: int, vocab: int, seed: int = 0,
-                num_examples: int = 4096, repeat: bool = True, delay_s: float = 0.0):
-    """A grain IterDataset of toy batches; `delay_s` per batch slows it down for preemption tests."""
+                num_examples: int = 4096, repeat: bool = True):
+    """A grain IterDataset of toy batches."""
     ds = grain.MapDataset.range(num_examples).shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
     ds = ds.map(lambda i: _example(i, seed, seq_len, vocab)).batch(batch_size, drop_remainder=True)
-    if delay_s > 0:
-        ds = ds.map(lambda b: (time.sleep(delay_s), b)[1])
     return ds.to_iter_dataset()
+
+
+class SlowIterator:
+    """Sleeps `delay_s` in every `next()` (in the caller's thread, so grain's prefetching cannot
+    hide it): keeps a toy run alive long enough to be killed or preempted in tests."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        time.sleep(self.delay_s)
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
 
 
 def build_task(config) -> ToyTask:
@@ -165,8 +184,10 @@ def build_task(config) -> ToyTask:
 def build_train_iter(config):
     d, t = config.data, config.train
     vocab = ToyConfig.preset(config.model.preset).vocab
-    return iter(toy_dataset(batch_size=int(t.batch_size), seq_len=int(d.seq_len), vocab=vocab,
-                            seed=int(t.seed), delay_s=float(d.get("delay_s", 0.0))))
+    it = iter(toy_dataset(batch_size=int(t.batch_size), seq_len=int(d.seq_len), vocab=vocab,
+                          seed=int(t.seed)))
+    delay = float(d.get("delay_s", 0.0))
+    return SlowIterator(it, delay) if delay > 0 else it
 
 
 def build_eval_iter(config):
