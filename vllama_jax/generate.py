@@ -1,0 +1,396 @@
+"""Batched text generation over the LLaMA KV cache, one `jax.jit` with fixed shapes.
+
+    prompt [B, L] (ids, or inputs_embeds with soft tokens already spliced; left- or right-padded)
+      -> prefill: one forward writes all L slots of the cache; the logits of each row's last
+         real token pick its first new token
+      -> decode: `jax.lax.while_loop` feeds one token per step until every row is done or
+         `max_new_tokens` are out
+
+Both paddings work because the cache masks pad slots and a token's RoPE position counts only the
+real tokens before it (see `models/llama.py`); a right-padded row simply has masked slots between
+its prompt and its first new token.
+
+Token choice follows HF `generate` (beam-free): repetition penalty (HF semantics: for tokens seen
+in the prompt ids or already generated, positive logits are divided by the penalty and negative
+ones multiplied), then temperature, top-k, top-p, then a categorical sample; greedy is the argmax
+after the penalty. A row stops on an eos id or when its generated text ends a stop string; from
+then on it emits `pad_token_id` and its count stops.
+
+Stop strings are matched on device with per-token tables (`StopTables`), no host round trip:
+for each stop string s, a row keeps the set of lengths r (0 < r < len(s)) for which its text so
+far ends with s[:r]. A token with text t stops the row if t contains s, or if t starts with
+s[r:] for a pending r; its own suffixes start new pending lengths, and a token that is entirely
+an inner piece s[r:r+len(t)] extends r. So "###" is found whether the model writes "###", "##"+"#"
+or "#"+"#"+"#". Token texts come from the tokenizer as it decodes them mid-text (`token_texts`).
+Matching covers the generated text only (not the prompt), like the reference's stopping criterion.
+
+Sharded: pass `mesh`; params keep the shardings they were placed with
+(`sharding.param_shardings`), the cache is constrained to `llama.cache_shardings` and the model's
+activation constraints bind through `sharding.LOGICAL_RULES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vllama_jax import sharding
+from vllama_jax.models.llama import Llama, LlamaConfig, cache_shardings, init_cache
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
+FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_EOS: "eos", FINISH_STOP: "stop_string"}
+# Stands in for token texts that are unknown or not valid text on their own, so they match nothing.
+_OPAQUE = "\ufffd"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens and when to stop. Hashable: it is a static argument of the jit.
+
+    top_k=0 and top_p=1.0 switch those filters off (HF's `generate` defaults top_k to 50 when
+    sampling; set it explicitly to match). eos_token_ids stop a row on that token; stop_strings
+    stop it when its generated text ends one of them (needs the tokenizer's token texts).
+    """
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        ids = self.eos_token_ids
+        ids = () if ids is None else (ids,) if isinstance(ids, (int, np.integer)) else ids
+        object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
+        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
+        object.__setattr__(self, "stop_strings", tuple(stops or ()))
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"GenerationConfig.temperature must be > 0, got {self.temperature}")
+        if int(self.top_k) < 0:
+            raise ValueError(f"GenerationConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"GenerationConfig.stop_strings must be non-empty strings, got {self.stop_strings!r}")
+
+    def replace(self, **overrides) -> "GenerationConfig":
+        return dataclasses.replace(self, **overrides)
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+    tokens: jax.Array         # [B, max_new_tokens] int32; pad_token_id after a row stopped
+    num_tokens: jax.Array     # [B] int32 generated tokens, the eos / stop-string token included
+    finish_reason: jax.Array  # [B] int32: FINISH_LENGTH, FINISH_EOS or FINISH_STOP
+
+    def rows(self) -> list[list[int]]:
+        """Each row's generated ids (host lists), cut at its count."""
+        tokens, num = np.asarray(self.tokens), np.asarray(self.num_tokens)
+        return [tokens[i, :num[i]].tolist() for i in range(tokens.shape[0])]
+
+
+# ----------------------------------------------------------------------------------- stop strings
+
+@flax.struct.dataclass
+class StopTables:
+    """Per-token match tables of S stop strings over a V-token vocab (R = longest stop string - 1).
+
+    contains [S, V]     the token's text contains the whole stop string
+    finishes [S, V, R]  the text starts with s[r:] (index r-1): completes a match pending at r
+    starts   [S, V, R]  the text ends with s[:r]: leaves a match pending at r
+    inner    [S, V, R]  the text equals s[r:r+len] with r+len < len(s): moves pending r to r+len
+    length   [V]        the text's length (0: the token leaves pending matches as they are)
+    """
+    contains: jax.Array
+    finishes: jax.Array
+    starts: jax.Array
+    inner: jax.Array
+    length: jax.Array
+
+
+def token_texts(tokenizer, vocab_size: int | None = None, prefix: str = "abc") -> list[str]:
+    """The text each token id adds when it follows other text (HF's StopStringCriteria trick:
+    decode `prefix` + the token and drop the prefix, so "▁x" reads " x" and byte pieces read as
+    their character). Ids past the tokenizer, and pieces that are no text alone, read as U+FFFD."""
+    n = len(tokenizer) if vocab_size is None else int(vocab_size)
+    base = tokenizer.convert_ids_to_tokens(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    head = tokenizer.convert_tokens_to_string(base)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
+    texts = []
+    for piece in pieces:
+        if piece is None:
+            texts.append(_OPAQUE)
+            continue
+        full = tokenizer.convert_tokens_to_string(base + [piece])
+        texts.append(full[len(head):] if full.startswith(head) else _OPAQUE)
+    return texts + [_OPAQUE] * (n - len(texts))
+
+
+def make_stop_tables(stop_strings: Sequence[str], texts: Sequence[str]) -> StopTables:
+    """`StopTables` for `stop_strings` over a vocab whose token `i` reads `texts[i]`."""
+    if not stop_strings:
+        raise ValueError("make_stop_tables needs at least one stop string")
+    v = len(texts)
+    r_max = max(1, max(len(s) for s in stop_strings) - 1)
+    contains = np.zeros((len(stop_strings), v), bool)
+    finishes, starts, inner = (np.zeros((len(stop_strings), v, r_max), bool) for _ in range(3))
+    length = np.asarray([len(t) for t in texts], np.int32)
+    for k, s in enumerate(stop_strings):
+        for i, t in enumerate(texts):
+            if not t:
+                continue
+            contains[k, i] = s in t
+            for r in range(1, len(s)):
+                finishes[k, i, r - 1] = t.startswith(s[r:])
+                starts[k, i, r - 1] = len(t) >= r and t.endswith(s[:r])
+                inner[k, i, r - 1] = r + len(t) < len(s) and s[r:r + len(t)] == t
+    return StopTables(*(jnp.asarray(a) for a in (contains, finishes, starts, inner, length)))
+
+
+def stop_step(tables: StopTables, pending: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token per row: (stops [B] bool, new pending [B, S, R] bool)."""
+    def row(p, tok):
+        n = tables.length[tok]
+        hit = tables.contains[:, tok] | jnp.any(p & tables.finishes[:, tok], axis=-1)
+        carried = p & tables.inner[:, tok]
+        src = jnp.arange(p.shape[-1]) - n
+        shifted = jnp.where(src >= 0, jnp.take_along_axis(carried, jnp.maximum(src, 0)[None].repeat(p.shape[0], 0),
+                                                         axis=-1), False)
+        new = jnp.where(n == 0, p, tables.starts[:, tok] | shifted)
+        return jnp.any(hit), new
+    return jax.vmap(row)(pending, tokens)
+
+
+def stop_tables_for(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> StopTables:
+    return make_stop_tables(stop_strings, token_texts(tokenizer, vocab_size))
+
+
+# ------------------------------------------------------------------------------------ logits
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF `RepetitionPenaltyLogitsProcessor` on `logits [B, V]` for the tokens marked in `seen [B, V]`."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """HF `TopKLogitsWarper`: everything below the k-th largest logit becomes -inf (ties kept);
+    k <= 0 keeps everything. `k` may be traced."""
+    return _top_k_sorted(logits, jnp.sort(logits, axis=-1), k)[0]
+
+
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """HF `TopPLogitsWarper`: drop the least likely tokens whose total probability is <= 1 - p,
+    always keeping the most likely one (equal logits at the cut are kept together)."""
+    return _top_p_sorted(logits, jnp.sort(logits, axis=-1), p)
+
+
+def _top_k_sorted(logits, ascending, k):
+    v = logits.shape[-1]
+    k = jnp.clip(jnp.where(k > 0, k, v), 1, v)
+    kth = jax.lax.dynamic_index_in_dim(ascending, v - k, axis=-1, keepdims=True)
+    return jnp.where(logits < kth, -jnp.inf, logits), jnp.where(ascending < kth, -jnp.inf, ascending)
+
+
+def _top_p_sorted(logits, ascending, p):
+    cum = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    drop = (cum <= 1.0 - p).at[..., -1].set(False)
+    threshold = jnp.min(jnp.where(drop, jnp.inf, ascending), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+@flax.struct.dataclass
+class _Knobs:
+    """The sampling numbers, traced so a new temperature / top-k / top-p / penalty reuses the program."""
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    eos: jax.Array    # [E] int32 (-1 when none)
+    pad: jax.Array
+
+    @classmethod
+    def of(cls, gen: GenerationConfig) -> "_Knobs":
+        return cls(jnp.float32(gen.temperature), jnp.int32(gen.top_k), jnp.float32(gen.top_p),
+                   jnp.float32(gen.repetition_penalty), jnp.asarray(gen.eos_token_ids or (-1,), jnp.int32),
+                   jnp.int32(gen.pad_token_id))
+
+
+def select_tokens(logits: jax.Array, seen: jax.Array | None, gen: GenerationConfig, key: jax.Array,
+                  knobs: _Knobs | None = None) -> jax.Array:
+    """Next token per row from `logits [B, V]` (penalty, then greedy or temperature/top-k/top-p sampling)."""
+    knobs = _Knobs.of(gen) if knobs is None else knobs
+    logits = logits.astype(jnp.float32)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, knobs.repetition_penalty)
+    if not gen.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / knobs.temperature
+    ascending = jnp.sort(logits, axis=-1)
+    logits, ascending = _top_k_sorted(logits, ascending, knobs.top_k)
+    logits = _top_p_sorted(logits, ascending, knobs.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------ generation
+
+def generate(params: Any, config: LlamaConfig, gen: GenerationConfig, *, input_ids: Any = None,
+             inputs_embeds: Any = None, attention_mask: Any = None, rng: jax.Array | None = None,
+             stop_tables: StopTables | None = None, mesh: jax.sharding.Mesh | None = None) -> GenerationOutput:
+    """Generates up to `gen.max_new_tokens` tokens after each prompt row.
+
+    params: the LLaMA params (`{'embed_tokens': ..., 'layers_0': ...}`, not wrapped in 'params').
+    input_ids [B, L] int or inputs_embeds [B, L, hidden] (exactly one); attention_mask [B, L] in
+    {0, 1} (default all ones), each row with at least one real token; padding on either side.
+    rng: a PRNG key for sampling (default key 0). stop_tables: required when gen.stop_strings is
+    set (`stop_tables_for(tokenizer, gen.stop_strings, config.vocab_size)`). mesh: run sharded.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("generate needs exactly one of input_ids [B, L] or inputs_embeds [B, L, hidden]")
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None and (np.ndim(input_ids) != 2 or not jnp.issubdtype(jnp.asarray(input_ids).dtype, jnp.integer)):
+        raise ValueError(f"input_ids must be integer [batch, length], got {jnp.asarray(input_ids).dtype} "
+                         f"{np.shape(input_ids)}")
+    if inputs_embeds is not None and (np.ndim(inputs_embeds) != 3 or np.shape(inputs_embeds)[-1] != config.hidden_size):
+        raise ValueError(f"inputs_embeds must be [batch, length, {config.hidden_size}], got {np.shape(inputs_embeds)}")
+    b, length = np.shape(prompt)[:2]
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, length), jnp.int32)
+    if tuple(np.shape(attention_mask)) != (b, length):
+        raise ValueError(f"attention_mask must be [batch, length] = {(b, length)}, got {tuple(np.shape(attention_mask))}")
+    if not isinstance(attention_mask, jax.core.Tracer):
+        empty = np.flatnonzero(np.asarray(attention_mask).sum(axis=1) == 0)
+        if empty.size:
+            raise ValueError(f"attention_mask rows {empty[:8].tolist()} have no real token; every prompt "
+                             "row needs at least one")
+    if gen.stop_strings and stop_tables is None:
+        raise ValueError(f"stop_strings {gen.stop_strings!r} need stop_tables "
+                         "(generate.stop_tables_for(tokenizer, stop_strings, vocab_size))")
+    if stop_tables is not None and stop_tables.length.shape[0] != config.vocab_size:
+        raise ValueError(f"stop_tables cover {stop_tables.length.shape[0]} tokens, the model has "
+                         f"{config.vocab_size}")
+    rng = jax.random.key(0) if rng is None else rng
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
+    args = (params, input_ids, inputs_embeds, jnp.asarray(attention_mask, jnp.int32), rng,
+            stop_tables if gen.stop_strings else None, _Knobs.of(gen))
+    # Only what changes the program is static; the numbers travel in `_Knobs`.
+    static = GenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
+                              repetition_penalty=1.0 if gen.repetition_penalty == 1.0 else 2.0,
+                              eos_token_ids=(0,) * max(len(gen.eos_token_ids), 1))
+    if mesh is None:
+        return _generate(*args, config=config, gen=static, mesh=None)
+    with jax.set_mesh(mesh):
+        return _generate(*args, config=config, gen=static, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "gen", "mesh"))
+def _generate(params, input_ids, inputs_embeds, attention_mask, rng, tables, knobs, *, config, gen, mesh):
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        return _generate_traced(params, input_ids, inputs_embeds, attention_mask, rng, tables, knobs, config,
+                                gen, mesh)
+
+
+def _generate_traced(params, input_ids, inputs_embeds, attention_mask, rng, tables, knobs, config, gen, mesh):
+    model = Llama(config)
+    variables = {"params": params}
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    b, length = prompt.shape[:2]
+    n_new = gen.max_new_tokens
+    # The last new token is never fed back, so prompt + n_new - 1 slots suffice; one spare keeps n_new=1 legal.
+    cache = init_cache(config, b, length + n_new)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+
+    out = model.apply(variables, input_ids, attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+                      return_hidden=True, return_logits=False)
+    last = length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
+    hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)
+    logits = model.apply(variables, hidden, method=Llama.head)[:, 0]
+
+    use_seen = gen.repetition_penalty != 1.0
+    seen = None
+    if use_seen:
+        seen = jnp.zeros((b, config.vocab_size), bool)
+        if input_ids is not None:
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], input_ids.shape)
+            ids = jnp.clip(input_ids, 0, config.vocab_size - 1)
+            seen = jnp.zeros((b, config.vocab_size), jnp.int32).at[rows, ids].max(attention_mask) > 0
+    n_stop = 0 if tables is None else tables.contains.shape[0]
+    pending = jnp.zeros((b, max(n_stop, 1), 1 if tables is None else tables.finishes.shape[-1]), bool)
+
+    def advance(state, logits):
+        t, tokens, done, num, reason, seen, pending, cache = state
+        tok = select_tokens(logits, seen, gen, jax.random.fold_in(rng, t), knobs)
+        is_eos = jnp.any(tok[:, None] == knobs.eos[None, :], axis=-1)
+        if tables is not None:
+            hit, pending = stop_step(tables, pending, tok)
+        else:
+            hit = jnp.zeros_like(done)
+        newly = ~done & (is_eos | hit)
+        out_tok = jnp.where(done, knobs.pad, tok)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, out_tok[:, None], t, axis=1)
+        num = jnp.where(done, num, t + 1)
+        reason = jnp.where(newly, jnp.where(is_eos, FINISH_EOS, FINISH_STOP), reason)
+        if use_seen:
+            seen = seen.at[jnp.arange(b), tok].set(True)
+        return (t + 1, tokens, done | newly, num, reason, seen, pending, cache), out_tok
+
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = (jnp.int32(0), jnp.full((b, n_new), knobs.pad, jnp.int32), jnp.zeros((b,), bool),
+             zeros, zeros, seen, pending, out.cache)
+    state, last_tok = advance(state, logits)
+
+    def cond(carry):
+        state, _ = carry
+        return (state[0] < n_new) & ~jnp.all(state[2])
+
+    def body(carry):
+        state, tok = carry
+        t, tokens, done, num, reason, seen, pending, cache = state
+        step = model.apply(variables, tok[:, None], (~done).astype(jnp.int32)[:, None], cache=cache)
+        state = (t, tokens, done, num, reason, seen, pending, step.cache)
+        return advance(state, step.logits[:, 0])
+
+    state, _ = jax.lax.while_loop(cond, body, (state, last_tok))
+    _, tokens, _, num, reason, _, _, _ = state
+    return GenerationOutput(tokens=tokens, num_tokens=num, finish_reason=reason)
+
+
+# ------------------------------------------------------------------------------------ host helpers
+
+def pad_prompts(rows: Sequence[np.ndarray], *, multiple: int = 1, side: str = "left",
+                pad_value: float | int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks variable-length prompts (ids [L] or embeds [L, D]) into `[B, L_max]` + a {0,1} mask.
+
+    `multiple` rounds L_max up (so a chat's growing prompt reuses one compiled program per bucket).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not rows:
+        raise ValueError("pad_prompts needs at least one prompt")
+    rows = [np.asarray(r) for r in rows]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("pad_prompts: every prompt needs at least one token")
+    length = max(len(r) for r in rows)
+    length = -(-length // multiple) * multiple
+    out = np.full((len(rows), length) + rows[0].shape[1:], pad_value, rows[0].dtype)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        out[i, sl] = r
+        mask[i, sl] = 1
+    return out, mask
