@@ -32,9 +32,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -42,8 +40,9 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from vllama_jax.convert.common import (CheckpointError, atomic_dir, flatten, get_path as _get,
+                                       progress_bar, set_path as _set, tensor_to_numpy, torch_load)
 from vllama_jax.models.llama import LlamaConfig, RopeScaling
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,6 @@ _ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": n
 _ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
 _TORCH_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
                       np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float64): "float64"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file does not hold what a LLaMA of the given config needs."""
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -236,28 +231,10 @@ class _SafetensorsFile:
 
 
 def _torch_load(path: Path) -> dict:
-    import torch  # optional dependency, only for .bin checkpoints
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise CheckpointError(f"{path}: cannot load as a PyTorch state dict: {e}") from None
-        # Pre-1.6 (non-zip) files cannot be memory-mapped.
-        warnings.warn(f"{path} is not memory-mappable; loading it fully into RAM")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors surface with many types
-        raise CheckpointError(f"{path}: cannot load as a PyTorch state dict: {e}") from None
+    state = torch_load(path)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     return state
-
-
-def _torch_to_numpy(t) -> np.ndarray:
-    import torch
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(jnp.bfloat16)
-    return t.numpy()
 
 
 class _Checkpoint:
@@ -311,7 +288,7 @@ class _Checkpoint:
                 state = _torch_load(path)
                 for k in list(state):
                     if k in keys:
-                        yield k, _torch_to_numpy(state.pop(k))
+                        yield k, tensor_to_numpy(state.pop(k))
                 del state
 
 
@@ -341,7 +318,7 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     put = _placer(shardings)
     params: dict = {}
-    bar = tqdm(total=len(expected), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
+    bar = progress_bar(len(expected), f"loading {directory.name}", progress)
     for key, array in ckpt.tensors(set(expected)):
         spec = expected[key]
         src = array.T if spec.transpose else array
@@ -397,21 +374,6 @@ def _placer(shardings) -> Callable[[tuple[str, ...], np.ndarray], Any]:
     return put
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-    node = tree
-    for p in path:
-        if not isinstance(node, Mapping) or p not in node:
-            raise KeyError(f"params have no {'/'.join(path)}")
-        node = node[p]
-    return node
-
-
 # ------------------------------------------------------------------------------------------ export
 
 def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *, dtype: Any = None,
@@ -434,11 +396,8 @@ def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *,
     plan = _plan_tensors(params, spec, config, dtype)
     shards = _split_shards(plan, _parse_size(max_shard_size))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise survive the rename
-    try:
-        bar = tqdm(total=len(plan), desc=f"saving {out_dir.name}", unit="tensor", disable=not progress)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        bar = progress_bar(len(plan), f"saving {out_dir.name}", progress)
         names = ([SAFE_SINGLE] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
@@ -453,17 +412,13 @@ def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *,
         stored = {dt for _, _, dt in plan}
         (tmp / CONFIG_NAME).write_text(json.dumps(
             config_to_hf(config, stored.pop() if len(stored) == 1 else None), indent=2))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def _plan_tensors(params, spec: dict[str, KeySpec], config: LlamaConfig,
                   dtype) -> list[tuple[str, tuple, np.dtype]]:
     """(HF key, HF shape, stored dtype) for every tensor, after checking the params tree."""
-    flat = _flatten(params)
+    flat = flatten(params)
     expected = {s.path for s in spec.values()}
     extra = sorted("/".join(p) for p in flat if p not in expected)
     if extra:
@@ -481,16 +436,6 @@ def _plan_tensors(params, spec: dict[str, KeySpec], config: LlamaConfig,
             raise CheckpointError(f"cannot store {'/'.join(s.path)} as {dt} (float16/32/64 or bfloat16)")
         plan.append((key, s.hf_shape, dt))
     return plan
-
-
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 def _nbytes(shape, dt: np.dtype) -> int:
@@ -542,12 +487,3 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
             f.write(np.ascontiguousarray(array.T if s.transpose else array).reshape(-1).view(np.uint8).data)
             bar.update(1)
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)

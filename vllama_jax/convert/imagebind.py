@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from vllama_jax.convert.common import (CheckpointError, Entry, conv_kernel_entry, copy_entry, export_entries,
+                                       expected_keys, import_entries, norm_entries, read_state_dict,
+                                       save_state_dict, transposed_entry)
 from vllama_jax.models.imagebind import ImageBindAudioConfig, ImageBindVisionConfig
 
 log = logging.getLogger(__name__)
@@ -43,19 +45,12 @@ Params = dict[str, Any]
 MODALITY_GROUPS = ("modality_preprocessors", "modality_trunks", "modality_heads",
                    "modality_postprocessors")
 
+# One error type for every converter; the old name stays importable.
+ImageBindCheckpointError = CheckpointError
 
-class ImageBindCheckpointError(ValueError):
-    """An ImageBind checkpoint does not fit the configured tower, or cannot be read."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """One torch tensor <-> one or more Flax arrays."""
-    key: str
-    torch_shape: tuple[int, ...]
-    paths: tuple[tuple[str, ...], ...]
-    to_flax: Callable[[np.ndarray], tuple[np.ndarray, ...]]
-    to_torch: Callable[..., np.ndarray]
+__all__ = ["ImageBindCheckpointError", "ImageBindWeights", "audio_entries", "vision_entries", "expected_keys",
+           "audio_params_from_state_dict", "vision_params_from_state_dict", "audio_state_dict_from_params",
+           "vision_state_dict_from_params", "read_state_dict", "import_imagebind", "save_imagebind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,29 +61,8 @@ class ImageBindWeights:
     ignored: tuple[str, ...]
 
 
-def _same(key, shape, path) -> _Entry:
-    return _Entry(key, tuple(shape), (path,), lambda a: (a,), lambda a: a)
-
-
-def _linear_kernel(key, n_out, n_in, path) -> _Entry:
-    return _Entry(key, (n_out, n_in), (path,), lambda a: (a.T,), lambda a: a.T)
-
-
-def _layer_norm(prefix, d, path) -> list[_Entry]:
-    return [_same(prefix + "weight", (d,), path + ("scale",)), _same(prefix + "bias", (d,), path + ("bias",))]
-
-
-def _conv_kernel(key, torch_shape, path) -> _Entry:
-    """torch [out, in, *window] <-> Flax [*window, in, out]."""
-    nd = len(torch_shape)
-    fwd = tuple(range(2, nd)) + (1, 0)
-    inv = tuple(int(i) for i in np.argsort(fwd))
-    return _Entry(key, tuple(torch_shape), (path,), lambda a: (a.transpose(fwd),),
-                  lambda a: a.transpose(inv))
-
-
 def _attention_entries(prefix: str, path: tuple[str, ...], d: int, heads: int,
-                       bias_kv: bool) -> list[_Entry]:
+                       bias_kv: bool) -> list[Entry]:
     dh = d // heads
     names = ("query", "key", "value")
 
@@ -99,75 +73,71 @@ def _attention_entries(prefix: str, path: tuple[str, ...], d: int, heads: int,
         return np.concatenate([k.reshape(d, d).T for k in ks], axis=0)
 
     entries = [
-        _Entry(prefix + "in_proj_weight", (3 * d, d), tuple(path + (n, "kernel") for n in names),
+        Entry(prefix + "in_proj_weight", (3 * d, d), tuple(path + (n, "kernel") for n in names),
                split_weight, join_weight),
-        _Entry(prefix + "in_proj_bias", (3 * d,), tuple(path + (n, "bias") for n in names),
+        Entry(prefix + "in_proj_bias", (3 * d,), tuple(path + (n, "bias") for n in names),
                lambda b: tuple(p.reshape(heads, dh) for p in np.split(b, 3)),
                lambda *bs: np.concatenate([b.reshape(d) for b in bs])),
-        _Entry(prefix + "out_proj.weight", (d, d), (path + ("out_kernel",),),
+        Entry(prefix + "out_proj.weight", (d, d), (path + ("out_kernel",),),
                lambda w: (w.T.reshape(heads, dh, d),), lambda k: k.reshape(d, d).T),
-        _same(prefix + "out_proj.bias", (d,), path + ("out_bias",)),
+        copy_entry(prefix + "out_proj.bias", (d,), path + ("out_bias",)),
     ]
     if bias_kv:
         for n in ("bias_k", "bias_v"):
-            entries.append(_Entry(prefix + n, (1, 1, d), (path + (n,),),
+            entries.append(Entry(prefix + n, (1, 1, d), (path + (n,),),
                                   lambda b: (b.reshape(heads, dh),), lambda b: b.reshape(1, 1, d)))
     return entries
 
 
-def _trunk_entries(cfg, modality: str) -> list[_Entry]:
+def _trunk_entries(cfg, modality: str) -> list[Entry]:
     d, root = cfg.embed_dim, f"modality_trunks.{modality}."
     entries = []
     if cfg.pre_transformer_ln:
-        entries += _layer_norm(root + "pre_transformer_layer.0.", d, ("trunk", "pre_norm"))
+        entries += norm_entries(root + "pre_transformer_layer.0", ("trunk", "pre_norm"), d)
     hidden = cfg.mlp_ratio * d
     for i in range(cfg.num_blocks):
         p, path = f"{root}blocks.{i}.", ("trunk", f"block_{i}")
-        entries += _layer_norm(p + "norm_1.", d, path + ("norm_1",))
-        entries += _layer_norm(p + "norm_2.", d, path + ("norm_2",))
+        entries += norm_entries(p + "norm_1", path + ("norm_1",), d)
+        entries += norm_entries(p + "norm_2", path + ("norm_2",), d)
         entries += _attention_entries(p + "attn.", path + ("attn",), d, cfg.num_heads, cfg.add_bias_kv)
         entries += [
-            _linear_kernel(p + "mlp.fc1.weight", hidden, d, path + ("mlp", "fc1", "kernel")),
-            _same(p + "mlp.fc1.bias", (hidden,), path + ("mlp", "fc1", "bias")),
-            _linear_kernel(p + "mlp.fc2.weight", d, hidden, path + ("mlp", "fc2", "kernel")),
-            _same(p + "mlp.fc2.bias", (d,), path + ("mlp", "fc2", "bias")),
+            transposed_entry(p + "mlp.fc1.weight", (hidden, d), path + ("mlp", "fc1", "kernel")),
+            copy_entry(p + "mlp.fc1.bias", (hidden,), path + ("mlp", "fc1", "bias")),
+            transposed_entry(p + "mlp.fc2.weight", (d, hidden), path + ("mlp", "fc2", "kernel")),
+            copy_entry(p + "mlp.fc2.bias", (d,), path + ("mlp", "fc2", "bias")),
         ]
     return entries
 
 
-def _common_entries(cfg, modality: str) -> list[_Entry]:
+def _common_entries(cfg, modality: str) -> list[Entry]:
     d, pre = cfg.embed_dim, f"modality_preprocessors.{modality}."
     head = f"modality_heads.{modality}."
     return [
-        _same(pre + "cls_token", (1, 1, d), ("cls_token",)),
-        _same(pre + "pos_embedding_helper.pos_embed", (1, cfg.num_tokens, d), ("pos_embed",)),
+        copy_entry(pre + "cls_token", (1, 1, d), ("cls_token",)),
+        copy_entry(pre + "pos_embedding_helper.pos_embed", (1, cfg.num_tokens, d), ("pos_embed",)),
         *_trunk_entries(cfg, modality),
-        *_layer_norm(head + "0.", d, ("head_norm",)),
-        _linear_kernel(head + "2.weight", cfg.out_embed_dim, d, ("head", "kernel")),
+        *norm_entries(head + "0", ("head_norm",), d),
+        transposed_entry(head + "2.weight", (cfg.out_embed_dim, d), ("head", "kernel")),
     ]
 
 
-def audio_entries(cfg: ImageBindAudioConfig) -> list[_Entry]:
+def audio_entries(cfg: ImageBindAudioConfig) -> list[Entry]:
     pre, k, d = "modality_preprocessors.audio.", cfg.kernel_size, cfg.embed_dim
     return [
-        _conv_kernel(pre + "rgbt_stem.proj.weight", (d, 1, k, k), ("stem_kernel",)),
-        *_layer_norm(pre + "rgbt_stem.norm_layer.", d, ("stem_norm",)),
+        conv_kernel_entry(pre + "rgbt_stem.proj.weight", (d, 1, k, k), ("stem_kernel",)),
+        *norm_entries(pre + "rgbt_stem.norm_layer", ("stem_norm",), d),
         *_common_entries(cfg, "audio"),
-        _same("modality_postprocessors.audio.1.log_logit_scale", (), ("log_logit_scale",)),
+        copy_entry("modality_postprocessors.audio.1.log_logit_scale", (), ("log_logit_scale",)),
     ]
 
 
-def vision_entries(cfg: ImageBindVisionConfig) -> list[_Entry]:
+def vision_entries(cfg: ImageBindVisionConfig) -> list[Entry]:
     pre, p, d = "modality_preprocessors.vision.", cfg.patch_size, cfg.embed_dim
     return [
-        _conv_kernel(pre + "rgbt_stem.proj.1.weight", (d, cfg.in_channels, cfg.num_frames, p, p),
-                     ("stem_kernel",)),
+        conv_kernel_entry(pre + "rgbt_stem.proj.1.weight", (d, cfg.in_channels, cfg.num_frames, p, p),
+                          ("stem_kernel",)),
         *_common_entries(cfg, "vision"),
     ]
-
-
-def expected_keys(entries: list[_Entry]) -> dict[str, tuple[int, ...]]:
-    return {e.key: e.torch_shape for e in entries}
 
 
 # ----------------------------------------------------------------------------- generic import/export
@@ -177,59 +147,21 @@ def _modality_of(key: str) -> str | None:
     return rest.partition(".")[0] if group in MODALITY_GROUPS else None
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-    node = tree
-    for i, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            raise ImageBindCheckpointError(f"params have no entry {'/'.join(path[:i + 1])}")
-        node = node[name]
-    return np.asarray(node)
-
-
-def _cast(a: np.ndarray, dtype) -> np.ndarray:
-    return a if dtype is None else np.asarray(a, dtype)
-
-
-def _import(sd: StateDict, entries: list[_Entry], modality: str, what: str, dtype) -> Params:
+def _import(sd: StateDict, entries: list[Entry], modality: str, what: str, dtype) -> Params:
+    """Like `import_entries`, and a key of this modality that no entry reads is an error too
+    (an ImageBind file holds exactly one tower per modality, so a surplus key means a config mismatch)."""
     expected = expected_keys(entries)
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        shown = ", ".join(f"{k} {expected[k]}" for k in missing[:5])
-        raise ImageBindCheckpointError(
-            f"{what}: checkpoint lacks {len(missing)} expected key(s): {shown}"
-            + (" ..." if len(missing) > 5 else ""))
     surplus = sorted(k for k in sd if _modality_of(k) == modality and k not in expected)
-    if surplus:
+    if surplus and all(k in sd for k in expected):
         raise ImageBindCheckpointError(
             f"{what}: checkpoint has {modality} key(s) the config does not expect (does the config "
             f"match the checkpoint, e.g. num_blocks?): {', '.join(surplus[:5])}"
             + (" ..." if len(surplus) > 5 else ""))
-    params: Params = {}
-    for e in entries:
-        a = np.asarray(sd[e.key])
-        if tuple(a.shape) != e.torch_shape:
-            raise ImageBindCheckpointError(
-                f"{what}: {e.key} has shape {tuple(a.shape)}, the config expects {e.torch_shape}")
-        for path, value in zip(e.paths, e.to_flax(a)):
-            _set(params, path, _cast(np.array(value, order="C"), dtype))
-    return params
+    return import_entries(sd, entries, what, dtype)
 
 
-def _export(params: Params, entries: list[_Entry], dtype) -> dict[str, np.ndarray]:
-    out = {}
-    for e in entries:
-        arr = np.array(e.to_torch(*[_get(params, p) for p in e.paths]), order="C")
-        if tuple(arr.shape) != e.torch_shape:
-            raise ImageBindCheckpointError(
-                f"params for {e.key} give shape {tuple(arr.shape)}, expected {e.torch_shape}")
-        out[e.key] = _cast(arr, dtype)
-    return out
+def _export(params: Params, entries: list[Entry], dtype) -> dict[str, np.ndarray]:
+    return export_entries(params, entries, dtype)
 
 
 def audio_params_from_state_dict(sd: StateDict, cfg: ImageBindAudioConfig, dtype=None) -> Params:
@@ -251,39 +183,6 @@ def vision_state_dict_from_params(params: Params, cfg: ImageBindVisionConfig, dt
 
 
 # ----------------------------------------------------------------------------- files
-
-def _tensor_to_numpy(t) -> np.ndarray:
-    import torch  # noqa: PLC0415
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; keep the bits
-        import ml_dtypes  # noqa: PLC0415
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def read_state_dict(path) -> dict[str, np.ndarray]:
-    """`torch.load(path, weights_only=True)` as numpy arrays (torch is imported only here)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ImageBindCheckpointError(f"ImageBind checkpoint {path!r} does not exist")
-    import torch  # noqa: PLC0415
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a broken file
-        raise ImageBindCheckpointError(
-            f"cannot read {path!r} as a PyTorch state dict (torch.load weights_only=True): {e}") from e
-    if isinstance(obj, Mapping) and set(obj) == {"model"}:
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise ImageBindCheckpointError(f"{path!r} holds a {type(obj).__name__}, expected a state dict "
-                                       "(str -> tensor) of ImageBindModel")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ImageBindCheckpointError(f"{path!r}: entries {bad[:5]} are not tensors")
-    return {k: _tensor_to_numpy(v) for k, v in obj.items()}
-
 
 def import_imagebind(src, audio_cfg: ImageBindAudioConfig | None = None,
                      vision_cfg: ImageBindVisionConfig | None = None,
@@ -315,8 +214,6 @@ def save_imagebind(path, audio: Params | None = None, vision: Params | None = No
                    audio_cfg: ImageBindAudioConfig | None = None,
                    vision_cfg: ImageBindVisionConfig | None = None) -> dict[str, np.ndarray]:
     """Writes the given towers back as an ImageBind-keyed state dict with `torch.save`."""
-    import torch  # noqa: PLC0415
-
     sd: dict[str, np.ndarray] = {}
     if audio is not None:
         sd.update(audio_state_dict_from_params(
@@ -324,14 +221,5 @@ def save_imagebind(path, audio: Params | None = None, vision: Params | None = No
     if vision is not None:
         sd.update(vision_state_dict_from_params(
             vision, vision_cfg or ImageBindVisionConfig.preset("imagebind_vision_huge")))
-    torch.save({k: _numpy_to_tensor(v) for k, v in sd.items()}, os.fspath(path))
+    save_state_dict(path, sd)
     return sd
-
-
-def _numpy_to_tensor(a: np.ndarray):
-    import torch  # noqa: PLC0415
-
-    a = np.array(a)
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)

@@ -52,111 +52,57 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, copy_entry,
+                                       export_entries, expected_keys, ignore_rules, import_entries,
+                                       linear_entries, norm_entries, np_dtype, read_state_dict, sort_rest)
 from vllama_jax.models.qformer import QFormerConfig
 from vllama_jax.models.vit import EvaViTConfig, interpolate_pos_embed
 
 StateDict = Mapping[str, np.ndarray]
 Params = dict[str, Any]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the configured model (missing keys, wrong shapes, unreadable file)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ConversionReport:
-    """What an import did with every checkpoint key it looked at."""
-    loaded: tuple[str, ...] = ()
-    ignored: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
-    unmatched: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    def merge(self, *others: "ConversionReport") -> "ConversionReport":
-        out = self
-        for o in others:
-            out = ConversionReport(out.loaded + o.loaded, {**out.ignored, **o.ignored},
-                                   out.unmatched + o.unmatched, out.notes + o.notes)
-        return out
-
-    def summary(self) -> str:
-        lines = [f"loaded {len(self.loaded)} keys, ignored {len(self.ignored)}, unmatched {len(self.unmatched)}"]
-        reasons: dict[str, int] = {}
-        for why in self.ignored.values():
-            reasons[why] = reasons.get(why, 0) + 1
-        lines += [f"  ignored ({n}): {why}" for why, n in sorted(reasons.items())]
-        lines += [f"  unmatched: {k}" for k in self.unmatched]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+__all__ = ["CheckpointError", "ConversionReport", "expected_keys", "read_state_dict", "eva_vit_entries",
+           "qformer_entries", "eva_vit_params_from_state_dict", "eva_vit_state_dict_from_params",
+           "qformer_params_from_state_dict", "qformer_state_dict_from_params",
+           "blip2_image_encoder_params_from_state_dict", "blip2_image_encoder_state_dict_from_params",
+           "load_eva_vit", "load_qformer", "load_blip2_image_encoder"]
 
 
 # --- the key map ------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    key: str                          # full torch key
-    shape: tuple[int, ...]            # torch shape
-    paths: tuple[tuple[str, ...], ...]  # Flax paths it feeds
-    kind: str = "copy"                # copy | linear | patch | qkv
+def _patch_entry(key: str, d: int, c: int, p: int, path) -> Entry:
+    """Conv patch embedding `[D, C, p, p]` <-> a Dense kernel `[p*p*C, D]` with rows ordered (y, x, c)."""
+    return Entry(key, (d, c, p, p), (path,),
+                 lambda a: (a.transpose(2, 3, 1, 0).reshape(p * p * c, d),),
+                 lambda k: k.reshape(p, p, c, d).transpose(3, 2, 0, 1))
 
 
-def _linear(key, path, n_in, n_out, bias=True):
-    out = [_Entry(f"{key}.weight", (n_out, n_in), (path + ("kernel",),), "linear")]
-    if bias:
-        out.append(_Entry(f"{key}.bias", (n_out,), (path + ("bias",),)))
-    return out
+def _qkv_entry(key: str, d: int, paths) -> Entry:
+    """A fused `qkv.weight [3D, D]` <-> three Dense kernels `[D, D]`."""
+    return Entry(key, (3 * d, d), paths,
+                 lambda a: tuple(part.T for part in np.split(a, 3, axis=0)),
+                 lambda *ks: np.concatenate([k.T for k in ks], axis=0))
 
 
-def _norm(key, path, d):
-    return [_Entry(f"{key}.weight", (d,), (path + ("scale",),)), _Entry(f"{key}.bias", (d,), (path + ("bias",),))]
-
-
-def _to_flax(e: _Entry, a: np.ndarray) -> tuple[np.ndarray, ...]:
-    if e.kind == "copy":
-        return (a,)
-    if e.kind == "linear":
-        return (np.ascontiguousarray(a.T),)
-    if e.kind == "patch":
-        d, c, p, _ = a.shape
-        return (np.ascontiguousarray(a.transpose(2, 3, 1, 0)).reshape(p * p * c, d),)
-    if e.kind == "qkv":
-        return tuple(np.ascontiguousarray(part.T) for part in np.split(a, 3, axis=0))
-    raise AssertionError(e.kind)
-
-
-def _from_flax(e: _Entry, arrays: list[np.ndarray]) -> np.ndarray:
-    if e.kind == "copy":
-        return arrays[0]
-    if e.kind == "linear":
-        return np.ascontiguousarray(arrays[0].T)
-    if e.kind == "patch":
-        d, c, p, _ = e.shape
-        return np.ascontiguousarray(arrays[0].reshape(p, p, c, d).transpose(3, 2, 0, 1))
-    if e.kind == "qkv":
-        return np.concatenate([a.T for a in arrays], axis=0)
-    raise AssertionError(e.kind)
-
-
-def eva_vit_entries(config: EvaViTConfig, prefix: str = "") -> list[_Entry]:
+def eva_vit_entries(config: EvaViTConfig, prefix: str = "") -> list[Entry]:
     d, p = config.width, config.patch_size
     out = [
-        _Entry(f"{prefix}cls_token", (1, 1, d), (("cls_token",),)),
-        _Entry(f"{prefix}pos_embed", (1, config.num_patches + 1, d), (("pos_embed",),)),
-        _Entry(f"{prefix}patch_embed.proj.weight", (d, config.in_channels, p, p), (("patch_embed", "kernel"),),
-               "patch"),
-        _Entry(f"{prefix}patch_embed.proj.bias", (d,), (("patch_embed", "bias"),)),
+        copy_entry(f"{prefix}cls_token", (1, 1, d), ("cls_token",)),
+        copy_entry(f"{prefix}pos_embed", (1, config.num_patches + 1, d), ("pos_embed",)),
+        _patch_entry(f"{prefix}patch_embed.proj.weight", d, config.in_channels, p, ("patch_embed", "kernel")),
+        copy_entry(f"{prefix}patch_embed.proj.bias", (d,), ("patch_embed", "bias")),
     ]
     for i in range(config.depth):
         k, b = f"{prefix}blocks.{i}.", (f"blocks_{i}",)
         attn = b + ("attn",)
-        out += _norm(k + "norm1", b + ("norm1",), d)
-        out.append(_Entry(k + "attn.qkv.weight", (3 * d, d),
-                          tuple(attn + (n, "kernel") for n in ("query", "key", "value")), "qkv"))
-        out.append(_Entry(k + "attn.q_bias", (d,), (attn + ("query", "bias"),)))
-        out.append(_Entry(k + "attn.v_bias", (d,), (attn + ("value", "bias"),)))
-        out += _linear(k + "attn.proj", attn + ("proj",), d, d)
-        out += _norm(k + "norm2", b + ("norm2",), d)
-        out += _linear(k + "mlp.fc1", b + ("fc1",), d, config.mlp_dim)
-        out += _linear(k + "mlp.fc2", b + ("fc2",), config.mlp_dim, d)
+        out += norm_entries(k + "norm1", b + ("norm1",), d)
+        out.append(_qkv_entry(k + "attn.qkv.weight", d, tuple(attn + (n, "kernel") for n in ("query", "key", "value"))))
+        out.append(copy_entry(k + "attn.q_bias", (d,), attn + ("query", "bias")))
+        out.append(copy_entry(k + "attn.v_bias", (d,), attn + ("value", "bias")))
+        out += linear_entries(k + "attn.proj", attn + ("proj",), d, d)
+        out += norm_entries(k + "norm2", b + ("norm2",), d)
+        out += linear_entries(k + "mlp.fc1", b + ("fc1",), d, config.mlp_dim)
+        out += linear_entries(k + "mlp.fc2", b + ("fc2",), config.mlp_dim, d)
     return out
 
 
@@ -174,96 +120,47 @@ def _eva_vit_ignored(config: EvaViTConfig, prefix: str):
 
 
 def qformer_entries(config: QFormerConfig, prefix: str = "Qformer.bert.",
-                    query_key: str = "query_tokens") -> list[_Entry]:
+                    query_key: str = "query_tokens") -> list[Entry]:
     h, w = config.hidden_size, config.encoder_width
-    out = [_Entry(query_key, (1, config.num_query_tokens, h), (("query_tokens",),))]
-    out += _norm(f"{prefix}embeddings.LayerNorm", ("embed_norm",), h)
+    out = [copy_entry(query_key, (1, config.num_query_tokens, h), ("query_tokens",))]
+    out += norm_entries(f"{prefix}embeddings.LayerNorm", ("embed_norm",), h)
     for i in range(config.num_layers):
         k, b = f"{prefix}encoder.layer.{i}.", (f"layer_{i}",)
         blocks = [("attention", h)] + ([("crossattention", w)] if config.has_cross_attention(i) else [])
         for name, kv_in in blocks:
-            out += _linear(f"{k}{name}.self.query", b + (name, "query"), h, h)
-            out += _linear(f"{k}{name}.self.key", b + (name, "key"), kv_in, h)
-            out += _linear(f"{k}{name}.self.value", b + (name, "value"), kv_in, h)
-            out += _linear(f"{k}{name}.output.dense", b + (name, "output"), h, h)
-            out += _norm(f"{k}{name}.output.LayerNorm", b + (name, "norm"), h)
-        out += _linear(f"{k}intermediate_query.dense", b + ("ffn", "intermediate"), h, config.intermediate_size)
-        out += _linear(f"{k}output_query.dense", b + ("ffn", "output"), config.intermediate_size, h)
-        out += _norm(f"{k}output_query.LayerNorm", b + ("ffn", "norm"), h)
+            out += linear_entries(f"{k}{name}.self.query", b + (name, "query"), h, h)
+            out += linear_entries(f"{k}{name}.self.key", b + (name, "key"), kv_in, h)
+            out += linear_entries(f"{k}{name}.self.value", b + (name, "value"), kv_in, h)
+            out += linear_entries(f"{k}{name}.output.dense", b + (name, "output"), h, h)
+            out += norm_entries(f"{k}{name}.output.LayerNorm", b + (name, "norm"), h)
+        out += linear_entries(f"{k}intermediate_query.dense", b + ("ffn", "intermediate"), h,
+                              config.intermediate_size)
+        out += linear_entries(f"{k}output_query.dense", b + ("ffn", "output"), config.intermediate_size, h)
+        out += norm_entries(f"{k}output_query.LayerNorm", b + ("ffn", "norm"), h)
     return out
 
 
-def _qformer_ignored(prefix: str):
-    rules = [
-        (r"embeddings\.(word_embeddings\.|position_embeddings\.|position_ids$)",
-         "Q-Former text embeddings (queries only, no position embeddings)"),
-        (r"encoder\.layer\.\d+\.(intermediate|output)\.", "Q-Former text FFN (queries use the *_query FFN)"),
-        (r"pooler\.", "BERT pooler (unused)"),
-    ]
-    rules = [(re.compile(re.escape(prefix) + r), why) for r, why in rules]
-    return lambda key: next((why for r, why in rules if r.match(key)), None)
+QFORMER_IGNORED = (
+    (r"embeddings\.(word_embeddings\.|position_embeddings\.|position_ids$)",
+     "Q-Former text embeddings (queries only, no position embeddings)"),
+    (r"encoder\.layer\.\d+\.(intermediate|output)\.", "Q-Former text FFN (queries use the *_query FFN)"),
+    (r"pooler\.", "BERT pooler (unused)"),
+)
+
+
+def qformer_ignored(prefix: str):
+    """`why_ignored(key)` for the text-side keys of a LAVIS Q-Former under `prefix`."""
+    return ignore_rules(QFORMER_IGNORED, prefix)
 
 
 _BLIP2_IGNORED = re.compile(
     r"(Qformer\.cls\.|text_proj\.|vision_proj\.|itm_head\.|temp$|(t5|opt|llm)_proj\.|(t5|opt|llm)_model\.)")
 
 
-def expected_keys(entries: list[_Entry]) -> dict[str, tuple[int, ...]]:
-    """Torch key -> torch shape of a key map (for checks and docs)."""
-    return {e.key: e.shape for e in entries}
-
-
-# --- generic import / export -------------------------------------------------------------------------
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-    node = tree
-    for name in path:
-        if not isinstance(node, Mapping) or name not in node:
-            raise CheckpointError(f"params: missing {'/'.join(path)}")
-        node = node[name]
-    return np.asarray(node)
-
-
-def _import(sd: StateDict, entries: list[_Entry], in_scope, why_ignored, dtype, what: str):
-    missing = [e.key for e in entries if e.key not in sd]
-    if missing:
-        raise CheckpointError(f"{what}: checkpoint is missing {len(missing)} key(s): {', '.join(missing)}")
-    params: Params = {}
-    for e in entries:
-        a = np.asarray(sd[e.key])
-        if a.shape != e.shape:
-            raise CheckpointError(f"{what}: checkpoint key {e.key!r} has shape {a.shape}, expected {e.shape}")
-        for path, part in zip(e.paths, _to_flax(e, a)):
-            _set(params, path, part.astype(dtype, copy=False) if dtype is not None else part)
-    used = {e.key for e in entries}
-    ignored, unmatched = {}, []
-    for key in sd:
-        if key in used or not in_scope(key):
-            continue
-        why = why_ignored(key)
-        if why is None:
-            unmatched.append(key)
-        else:
-            ignored[key] = why
-    return params, ConversionReport(tuple(e.key for e in entries), ignored, tuple(unmatched))
-
-
-def _export(params: Params, entries: list[_Entry], dtype) -> dict[str, np.ndarray]:
-    out = {}
-    for e in entries:
-        a = _from_flax(e, [_get(params, p) for p in e.paths])
-        out[e.key] = a.astype(dtype, copy=False) if dtype is not None else a
-    return out
-
-
-def _np_dtype(dtype):
-    return None if dtype is None else np.dtype(dtype)
+def _import(sd: StateDict, entries: list[Entry], in_scope, why_ignored, dtype, what: str):
+    params = import_entries(sd, entries, what, dtype)
+    ignored, unmatched = sort_rest(sd, (e.key for e in entries), in_scope, why_ignored)
+    return params, ConversionReport(tuple(e.key for e in entries), ignored, unmatched)
 
 
 # --- public pure functions --------------------------------------------------------------------------
@@ -275,7 +172,7 @@ def eva_vit_params_from_state_dict(sd: StateDict, config: EvaViTConfig, prefix: 
     `dtype` defaults to `config.param_dtype`. A `pos_embed` for another (square) patch grid is
     resampled to the config grid and noted in the report.
     """
-    dtype = _np_dtype(config.param_dtype if dtype is None else dtype)
+    dtype = np_dtype(config.param_dtype if dtype is None else dtype)
     notes = ()
     pos_key = f"{prefix}pos_embed"
     want = (1, config.num_patches + 1, config.width)
@@ -296,7 +193,7 @@ def eva_vit_params_from_state_dict(sd: StateDict, config: EvaViTConfig, prefix: 
 def eva_vit_state_dict_from_params(params: Params, config: EvaViTConfig, prefix: str = "",
                                    dtype=None) -> dict[str, np.ndarray]:
     """Inverse of `eva_vit_params_from_state_dict`: LAVIS names and layouts (numpy arrays)."""
-    return _export(params, eva_vit_entries(config, prefix), _np_dtype(dtype))
+    return export_entries(params, eva_vit_entries(config, prefix), np_dtype(dtype))
 
 
 def qformer_params_from_state_dict(sd: StateDict, config: QFormerConfig, prefix: str = "Qformer.bert.",
@@ -307,19 +204,19 @@ def qformer_params_from_state_dict(sd: StateDict, config: QFormerConfig, prefix:
     Video-LLaMA: `prefix='video_Qformer.bert.', query_key='video_query_tokens'` (or `audio_`).
     `dtype` defaults to `config.param_dtype`.
     """
-    dtype = _np_dtype(config.param_dtype if dtype is None else dtype)
+    dtype = np_dtype(config.param_dtype if dtype is None else dtype)
     return _import(sd, qformer_entries(config, prefix, query_key), lambda k: k.startswith(prefix),
-                   _qformer_ignored(prefix), dtype, "Q-Former")
+                   qformer_ignored(prefix), dtype, "Q-Former")
 
 
 def qformer_state_dict_from_params(params: Params, config: QFormerConfig, prefix: str = "Qformer.bert.",
                                    query_key: str = "query_tokens", dtype=None) -> dict[str, np.ndarray]:
     """Inverse of `qformer_params_from_state_dict` (query-path keys only; no text-side weights)."""
-    return _export(params, qformer_entries(config, prefix, query_key), _np_dtype(dtype))
+    return export_entries(params, qformer_entries(config, prefix, query_key), np_dtype(dtype))
 
 
-def _ln_vision_entries(width: int, prefix: str = "ln_vision.") -> list[_Entry]:
-    return [_Entry(f"{prefix}weight", (width,), (("scale",),)), _Entry(f"{prefix}bias", (width,), (("bias",),))]
+def _ln_vision_entries(width: int, prefix: str = "ln_vision") -> list[Entry]:
+    return norm_entries(prefix, (), width)
 
 
 def blip2_image_encoder_params_from_state_dict(sd: StateDict, vit_config: EvaViTConfig,
@@ -331,7 +228,7 @@ def blip2_image_encoder_params_from_state_dict(sd: StateDict, vit_config: EvaViT
     """
     vit, r_vit = eva_vit_params_from_state_dict(sd, vit_config, "visual_encoder.", dtype)
     ln, r_ln = _import(sd, _ln_vision_entries(vit_config.width), lambda k: k.startswith("ln_vision."),
-                       lambda k: None, _np_dtype(vit_config.param_dtype if dtype is None else dtype), "ln_vision")
+                       lambda k: None, np_dtype(vit_config.param_dtype if dtype is None else dtype), "ln_vision")
     qf, r_qf = qformer_params_from_state_dict(sd, qformer_config, "Qformer.bert.", "query_tokens", dtype)
     report = r_vit.merge(r_ln, r_qf)
     seen = set(report.loaded) | set(report.ignored) | set(report.unmatched)
@@ -351,63 +248,24 @@ def blip2_image_encoder_state_dict_from_params(params: Params, vit_config: EvaVi
             raise CheckpointError(f"params: missing subtree {name!r} (have {sorted(params)})")
     return {
         **eva_vit_state_dict_from_params(params["visual_encoder"], vit_config, "visual_encoder.", dtype),
-        **_export(params["ln_vision"], _ln_vision_entries(vit_config.width), _np_dtype(dtype)),
+        **export_entries(params["ln_vision"], _ln_vision_entries(vit_config.width), np_dtype(dtype)),
         **qformer_state_dict_from_params(params["qformer"], qformer_config, "Qformer.bert.", "query_tokens", dtype),
     }
 
 
 # --- files -------------------------------------------------------------------------------------------
 
-def _tensor_to_numpy(t) -> np.ndarray:
-    import torch
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def read_state_dict(path) -> dict[str, np.ndarray]:
-    """A PyTorch `.pth` as `{key: numpy array}`; a `{"model": state_dict}` wrapper is unwrapped.
-
-    Loads with `weights_only=True` (no arbitrary unpickling); bf16 tensors stay bf16 (ml_dtypes).
-    """
-    import torch
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a broken or unsafe file
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
-        out[key] = _tensor_to_numpy(value)
-    return out
-
-
-def _check_strict(report: ConversionReport, strict: bool, path) -> ConversionReport:
-    if strict and report.unmatched:
-        raise CheckpointError(f"{path}: {len(report.unmatched)} unexpected key(s): {', '.join(report.unmatched)}")
-    return report
-
-
 def load_eva_vit(path, config: EvaViTConfig, prefix: str = "", strict: bool = False, dtype=None):
     """`eva_vit_g.pth` -> `(EvaViT params, report)`."""
     params, report = eva_vit_params_from_state_dict(read_state_dict(path), config, prefix, dtype)
-    return params, _check_strict(report, strict, path)
+    return params, check_strict(report, strict, path)
 
 
 def load_qformer(path, config: QFormerConfig, prefix: str = "Qformer.bert.", query_key: str = "query_tokens",
                  strict: bool = False, dtype=None):
     """One Q-Former out of a BLIP-2 or Video-LLaMA `.pth` -> `(QFormer params, report)`."""
     params, report = qformer_params_from_state_dict(read_state_dict(path), config, prefix, query_key, dtype)
-    return params, _check_strict(report, strict, path)
+    return params, check_strict(report, strict, path)
 
 
 def load_blip2_image_encoder(path, vit_config: EvaViTConfig, qformer_config: QFormerConfig,
@@ -415,4 +273,4 @@ def load_blip2_image_encoder(path, vit_config: EvaViTConfig, qformer_config: QFo
     """A BLIP-2 `.pth` -> `(Blip2ImageEncoder params, report)`."""
     params, report = blip2_image_encoder_params_from_state_dict(read_state_dict(path), vit_config,
                                                                 qformer_config, dtype)
-    return params, _check_strict(report, strict, path)
+    return params, check_strict(report, strict, path)
