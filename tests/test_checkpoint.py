@@ -92,12 +92,14 @@ def test_kill9_then_restart_equals_uninterrupted_run(tmp_path):
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run_dir, "--config.data.delay_s=0.25"), env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "first_run.log"
+    with open(log_path, "w") as log:   # a file, not a pipe nobody reads while it runs
+        proc = subprocess.Popen(_cli(run_dir, "--config.data.delay_s=0.25"), env=env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
         while not _complete_steps(run_dir):
-            assert proc.poll() is None, f"training exited early:\n{proc.stdout.read()}"
+            assert proc.poll() is None, f"training exited early:\n{log_path.read_text()}"
             assert time.time() < deadline, "no checkpoint written in time"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -111,8 +113,9 @@ def test_kill9_then_restart_equals_uninterrupted_run(tmp_path):
 
     restart = subprocess.run(_cli(run_dir), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert restart.returncode == 0, restart.stdout + restart.stderr
-    assert f"resumed from checkpoint step {max(killed_at)}" in restart.stderr
-    assert "finished at step 12" in restart.stderr
+    output = restart.stdout + restart.stderr
+    assert f"resumed from checkpoint step {max(killed_at)}" in output
+    assert "finished at step 12" in output
 
     # The same run without interruption, in this process.
     config = toy_config_dict(total_steps=12, save_every=3, log_every=3, eval_every=0)

@@ -74,7 +74,7 @@ class MetricsLogger:
     def __init__(self, logdir: str | None, *, total_steps: int, start_step: int = 0,
                  progress: bool = True, stream=None):
         self.enabled = jax.process_index() == 0
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stdout
         self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
                         disable=not (self.enabled and progress), file=self.stream)
         self.writer = None
