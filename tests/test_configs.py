@@ -87,8 +87,10 @@ def test_tiny_configs_are_small():
 
 def test_command_line_overrides():
     c = _load("stage1_vicuna7b", "--config.optim.init_lr=3e-4", "--config.mesh.shape=(2,2,2)",
-              "--config.freeze.preset=audio_branch", "--config.train.accum_steps=4")
+              "--config.freeze.preset=audio_branch", "--config.train.accum_steps=4",
+              "--config.data.dataset_shards.webvid=/data/webvid-*.array_record")
     assert c.optim.init_lr == 3e-4 and tuple(c.mesh.shape) == (2, 2, 2)
+    assert c.data.dataset_shards.webvid == "/data/webvid-*.array_record"
     assert c.freeze.preset == "audio_branch" and c.train.accum_steps == 4
     with pytest.raises(Exception, match="init_lrr"):
         _load("stage1_vicuna7b", "--config.optim.init_lrr=1")
@@ -102,3 +104,12 @@ def test_cli_reports_usage_errors(capsys):
     assert cli.main(["vllama-train", "--config", os.path.join(REPO, "configs", "nope.py"),
                      "--workdir", "/tmp/x"]) == 2
     assert "nope.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2", "stage2_llama2_7b", "audio_branch"])
+def test_data_loader_reads_the_configs(name):
+    loader = pytest.importorskip("data_pipelines.loader")
+    c = _load(name)
+    lc = loader.loader_config_from(c)
+    assert lc.num_frames == c.data.num_frames and lc.max_txt_len == c.model.max_txt_len
+    assert lc.num_media_tokens == c.data.num_query_placeholders

@@ -91,7 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_frames = 8
     c.data.image_size = 224
     c.data.num_audio_clips = 8
-    c.data.shards = ""               # ArrayRecord shard glob
+    c.data.shards = ""               # ArrayRecord shard glob; may contain '{name}' (a dataset name)
+    c.data.dataset_shards = ml_collections.ConfigDict()   # name -> glob, overrides `shards`
+    c.data.eval_shards = ""          # shards for data.eval_builder (data_pipelines.loader:build_eval_iter)
+    c.data.read_threads = 2
+    c.data.worker_count = 0          # grain worker processes (0: threads only)
     c.data.seq_len = 0               # padded text length (0: from max_txt_len)
     c.data.num_query_placeholders = 32   # <ImageHere> tokens per visual input in the prompt
 
@@ -155,6 +159,7 @@ def video_llama(branch: str, stage: int, backbone: str) -> ml_collections.Config
     c.model.max_txt_len = _MAX_TXT_LEN[(branch, stage)]
     c.data.datasets = ml_collections.ConfigDict(
         {k: -1 if v is None else v for k, v in _DATASETS[stage].items()})
+    c.data.dataset_shards = ml_collections.ConfigDict({k: "" for k in _DATASETS[stage]})
     audio = branch == "audio"
     c.model.equip_audio_branch = audio
     c.model.frozen_llama_proj = audio

@@ -21,19 +21,21 @@ from flax.core import FrozenDict
 
 Params = Any
 
-# Module names of the Video-LLaMA composite (vllama_jax.models.video_llama) that train in each
-# stage; mirrors `frozen_video_Qformer` / `frozen_llama_proj` / `frozen_audio_Qformer` of the
-# reference configs. The audio branch trains its Q-Former, query tokens, position embedding
-# and its own projection; the vision branch trains the same on the video side.
+# Param names of the Video-LLaMA composite (vllama_jax.models.video_llama.VideoLlama) that train
+# in each stage; mirrors `frozen_video_Qformer` / `frozen_llama_proj` / `frozen_audio_Qformer` of
+# the reference configs. Each branch trains its Q-Former (query tokens included), its position
+# embedding and its projection into the LLM. The optional `params/` prefix accepts a tree that
+# still carries Flax's collection name.
+_P = r"(params/)?"
 _VISION = (
-    r"video_qformer/.*",            # includes its query_tokens
-    r"video_frame_position_embedding",
-    r"llama_proj/.*",
+    _P + r"video_qformer/.*",
+    _P + r"video_frame_position_embedding",
+    _P + r"llama_proj/.*",
 )
 _AUDIO = (
-    r"audio_qformer/.*",
-    r"audio_position_embedding",
-    r"audio_llama_proj/.*",
+    _P + r"audio_qformer/.*",
+    _P + r"audio_position_embedding",
+    _P + r"audio_llama_proj/.*",
 )
 TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
     "stage1_vision": _VISION,
