@@ -100,8 +100,10 @@ class Entry:
     to_flax: Callable[[np.ndarray], tuple[np.ndarray, ...]] = _identity
     to_torch: Callable[..., np.ndarray] = lambda a: a
 
-    def with_prefix(self, prefix: Path_) -> "Entry":
-        return dataclasses.replace(self, paths=tuple(tuple(prefix) + p for p in self.paths))
+    def moved(self, key_prefix: str = "", path_prefix: Path_ = ()) -> "Entry":
+        """The same mapping for a tower nested in a bigger model: torch key and Flax paths prefixed."""
+        return dataclasses.replace(self, key=key_prefix + self.key,
+                                   paths=tuple(tuple(path_prefix) + p for p in self.paths))
 
 
 def copy_entry(key: str, shape, path: Path_) -> Entry:
@@ -136,9 +138,9 @@ def conv_kernel_entry(key: str, torch_shape, path: Path_) -> Entry:
                  lambda a: a.transpose(inv))
 
 
-def with_prefix(entries: Iterable[Entry], prefix: Path_) -> list[Entry]:
-    """The same entries with every Flax path moved under `prefix` (a tower inside a composite)."""
-    return [e.with_prefix(prefix) for e in entries]
+def moved(entries: Iterable[Entry], key_prefix: str = "", path_prefix: Path_ = ()) -> list[Entry]:
+    """`Entry.moved` over a list (a tower's key map inside a composite model)."""
+    return [e.moved(key_prefix, path_prefix) for e in entries]
 
 
 def expected_keys(entries: Iterable[Entry]) -> dict[str, tuple[int, ...]]:
@@ -277,7 +279,7 @@ def numpy_to_tensor(a) -> Any:
     return torch.from_numpy(a)
 
 
-_GLOBAL = re.compile(r"(unsupported GLOBAL [^\s]+[^\n]*)", re.IGNORECASE)
+_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
 
 
 def torch_load(path) -> Any:
@@ -304,7 +306,8 @@ def torch_load(path) -> Any:
         m = _GLOBAL.search(msg)
         if m:
             raise UnsafeCheckpointError(
-                f"{path}: refused: loading it needs arbitrary unpickling ({m.group(1).strip()}). Only "
+                f"{path}: refused: loading it needs arbitrary unpickling (the pickle asks for GLOBAL "
+                f"{m.group(1)}, which could run any code). Only "
                 "tensors, containers and plain numbers are accepted (torch.load weights_only=True). If you "
                 "trust the file, re-save its state dict in a separate environment with "
                 "`torch.save(torch.load(p, weights_only=False)['model'], out)`.") from None

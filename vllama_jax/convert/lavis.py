@@ -106,7 +106,8 @@ def eva_vit_entries(config: EvaViTConfig, prefix: str = "") -> list[Entry]:
     return out
 
 
-def _eva_vit_ignored(config: EvaViTConfig, prefix: str):
+def eva_vit_ignored(config: EvaViTConfig, prefix: str):
+    """`why_ignored(key)` for EVA keys LAVIS' ViT does not build (extra blocks, final norm, head)."""
     extra_block = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
 
     def why(key: str) -> str | None:
@@ -186,7 +187,7 @@ def eva_vit_params_from_state_dict(sd: StateDict, config: EvaViTConfig, prefix: 
         sd = {**sd, pos_key: pos}
         notes = (f"{pos_key}: resampled {found} -> {want} (bicubic, as LAVIS interpolate_pos_embed)",)
     params, report = _import(sd, eva_vit_entries(config, prefix), lambda k: k.startswith(prefix),
-                             _eva_vit_ignored(config, prefix), dtype, "EVA ViT")
+                             eva_vit_ignored(config, prefix), dtype, "EVA ViT")
     return params, dataclasses.replace(report, notes=notes)
 
 
