@@ -45,6 +45,8 @@ def test_meshes_agree_with_one_device():
         errs = jax.tree.leaves(jax.tree.map(
             lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), state.params, ref_state.params))
         assert max(errs) < 1e-5, f"params on mesh {shape} differ by {max(errs)}"
+        print(f"\nmesh {shape}: max |loss diff| {np.abs(np.subtract(losses, ref_losses)).max():.2e}, "
+              f"max |param diff| {max(errs):.2e}")
         if shape == (2, 2, 2):   # it really was sharded
             spec = state.params["head"]["Dense_0"]["kernel"].sharding.spec
             assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
