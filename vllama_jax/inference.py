@@ -9,6 +9,8 @@
     was saved, then the trained params of the newest (or given) step. Several workdirs may be
     given (e.g. the vision-branch run, then the audio-branch run, as the reference's `ckpt` and
     `ckpt_2`); each overlays only the params it trained.
+  * a params checkpoint directory written by `vllama-convert import` (the released Video-LLaMA
+    heads with the LLaMA, BLIP-2 and ImageBind towers); the model config is its manifest's.
   * a `.msgpack` of the full params tree (`save_params_msgpack`) together with a
     `VideoLlamaConfig` (or a preset name, a trainer config, a config file giving either); the tokenizer directory is given or sits next to the
     file as `tokenizer/`.
@@ -134,30 +136,30 @@ def load_train_config(config: Any):
     return module.get_config()
 
 
-def _restore_trained(workdir: str, step: int | None) -> tuple[dict, int]:
-    """The trained params of one step of a trainer workdir (host arrays) and that step."""
-    import orbax.checkpoint as ocp
+def _as_load_error(fn, *args, **kwargs):
+    from vllama_jax.convert.common import CheckpointError
 
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise LoadError(f"{workdir!r} is not a trainer workdir: no checkpoints/ directory in it")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise LoadError(f"no checkpoint{'' if step is None else f' for step {step}'} under {directory} "
-                            f"(steps there: {list(manager.all_steps())})")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return jax.tree.map(np.asarray, restored["state"]["params"]), int(step)
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointError as e:
+        raise LoadError(str(e)) from e
 
 
-def _restore_frozen(workdir: str) -> dict | None:
-    import orbax.checkpoint as ocp
+def _trained_params(workdir: str, step: int | None) -> tuple[dict, str]:
+    """Only the trained params of one step of a trainer workdir (host arrays) and the step dir."""
+    from vllama_jax.convert import params_checkpoint as pc
 
-    directory = os.path.join(os.path.abspath(workdir), "frozen")
-    if not os.path.isdir(directory):
+    state_dir = _as_load_error(pc.locate, workdir, step)[0][0]
+    return _as_load_error(pc.load_params, state_dir.parent), str(state_dir.parent)
+
+
+def _frozen_params(workdir: str) -> dict | None:
+    from vllama_jax.convert import params_checkpoint as pc
+
+    frozen = os.path.join(workdir, "frozen")
+    if not os.path.isdir(frozen):
         return None
-    with ocp.StandardCheckpointer() as ckptr:
-        return jax.tree.map(np.asarray, ckptr.restore(directory))
+    return _as_load_error(pc.load_params, frozen)
 
 
 def _overlay(base: dict, update: dict, where: str) -> dict:
@@ -174,11 +176,12 @@ def _overlay(base: dict, update: dict, where: str) -> dict:
 
 def _from_workdirs(workdirs: Sequence[str], train_config, step: int | None) -> tuple[VideoLlamaConfig, dict]:
     """Frozen params from the first workdir's `frozen/` (or, as the trainer makes them, the seed's
-    random init overwritten by the configured pretrained towers), then each workdir's trained params."""
+    random init overwritten by the configured pretrained towers), then each workdir's trained params
+    (only those: a later run's frozen copy of an earlier run's branch must not replace it)."""
     from vllama_jax.train.video_llama_task import build_task
 
     task = build_task(train_config)
-    params = _restore_frozen(workdirs[0])
+    params = _frozen_params(workdirs[0])
     if params is None:
         # The trainer's own init key (loop._initial_state), so random frozen towers come out the same.
         init_rng = jax.random.split(jax.random.PRNGKey(int(train_config.train.get("seed", 0))))[0]
@@ -189,11 +192,32 @@ def _from_workdirs(workdirs: Sequence[str], train_config, step: int | None) -> t
                         "towers are the trainer's random init for seed %s", workdirs[0],
                         train_config.train.get("seed", 0))
     for i, workdir in enumerate(workdirs):
-        trained, got = _restore_trained(workdir, step if i == 0 else None)
-        params = _overlay(params, trained, f"{workdir} step {got}")
-        log.info("loaded trained params of step %d from %s", got, workdir)
+        trained, where = _trained_params(workdir, step if i == 0 else None)
+        params = _overlay(params, trained, where)
+        log.info("loaded trained params from %s", where)
     check_params(params, task.config, ", ".join(workdirs))
     return task.config, params
+
+
+def _from_params_checkpoint(path: str, config: Any) -> tuple[VideoLlamaConfig, dict, dict]:
+    """A `vllama-convert import` directory: (config, params, manifest). Without `config` the model is
+    the manifest's preset / trainer config with its LLaMA config; an audio branch it does not hold is
+    dropped from the config (a vision-only import chats about frames)."""
+    from vllama_jax.convert import hf_llama, params_checkpoint as pc
+
+    meta = _as_load_error(pc.read_manifest, path)
+    if config is None:
+        config = meta.get("train_config") or meta.get("preset")
+        if not config:
+            raise LoadError(f"{path}: the manifest names no preset or trainer config; pass one")
+    vconfig = model_config_from(config)
+    if meta.get("llama_config"):
+        vconfig = dataclasses.replace(vconfig, llama=hf_llama.config_from_hf(meta["llama_config"]))
+    params = _as_load_error(pc.load_params, path)
+    if "audio_qformer" not in params and vconfig.audio_qformer is not None:
+        vconfig = dataclasses.replace(vconfig, audio_qformer=None, imagebind_audio=None, imagebind_vision=None)
+    check_params(params, vconfig, path)
+    return vconfig, params, meta
 
 
 def model_config_from(config: Any) -> VideoLlamaConfig:
@@ -216,6 +240,12 @@ def model_config_from(config: Any) -> VideoLlamaConfig:
 
 # ------------------------------------------------------------------------------------ entry point
 
+def _media_layout(config: VideoLlamaConfig) -> dict:
+    """The reference's inference layout (8 frames, 8 clips), within what the config can embed."""
+    return dict(num_frames=min(8, config.max_frame_pos), image_size=config.vit.img_size,
+                num_audio_clips=min(8, config.max_audio_pos))
+
+
 def _tokenizer(path: str | os.PathLike | None, fallback: str | None):
     from data_pipelines.tokenizer import TokenizerError, load_tokenizer
 
@@ -229,7 +259,7 @@ def _tokenizer(path: str | os.PathLike | None, fallback: str | None):
         raise LoadError(str(e)) from e
 
 
-def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: Any, *,
+def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: Any = None, *,
                        tokenizer: str | os.PathLike | None = None, step: int | None = None,
                        conv_style: str | None = None, mesh=None) -> InferenceModel:
     """A trained model ready for `Chat` / `evaluate`.
@@ -243,20 +273,27 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
     paths = [os.fspath(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [os.fspath(c) for c in checkpoint]
     if not paths:
         raise LoadError("no checkpoint given")
-    if paths[0].endswith(".msgpack"):
+    first = paths[0]
+    if first.endswith(".msgpack"):
         if len(paths) != 1:
             raise LoadError("give one .msgpack params file (several are only allowed for trainer workdirs)")
         vconfig = model_config_from(config)
-        params = load_params_msgpack(paths[0], vconfig)
-        side = os.path.join(os.path.dirname(os.path.abspath(paths[0])), "tokenizer")
-        tok = _tokenizer(tokenizer, side if os.path.isdir(side) else None)
-        model = InferenceModel(vconfig, params, tok, conv_style or "vicuna", image_size=vconfig.vit.img_size,
-                               num_frames=min(8, vconfig.max_frame_pos),
-                               num_audio_clips=min(8, vconfig.max_audio_pos))
+        params = load_params_msgpack(first, vconfig)
+        side = os.path.join(os.path.dirname(os.path.abspath(first)), "tokenizer")
+        model = InferenceModel(vconfig, params, _tokenizer(tokenizer, side if os.path.isdir(side) else None),
+                               conv_style or "vicuna", **_media_layout(vconfig))
+    elif os.path.isfile(os.path.join(first, "manifest.json")):
+        if len(paths) != 1:
+            raise LoadError("give one params checkpoint directory (several are only allowed for trainer workdirs)")
+        vconfig, params, meta = _from_params_checkpoint(first, config)
+        llama_source = (meta.get("subtrees") or {}).get("llama", {}).get("source")
+        style = conv_style or ("llama_v2" if "llama2" in str(meta.get("preset") or "") else "vicuna")
+        model = InferenceModel(vconfig, params, _tokenizer(tokenizer, llama_source), style, **_media_layout(vconfig))
     else:
         for p in paths:
-            if not os.path.isdir(p):
-                raise LoadError(f"checkpoint {p!r} is neither a .msgpack file nor a trainer workdir")
+            if not os.path.isdir(os.path.join(p, "checkpoints")):
+                raise LoadError(f"checkpoint {p!r} is neither a .msgpack file nor a trainer workdir (checkpoints/) "
+                                "nor a `vllama-convert import` params checkpoint (manifest.json)")
         tc = load_train_config(config)
         if isinstance(tc, VideoLlamaConfig) or not hasattr(tc, "model"):
             raise LoadError("a trainer workdir needs the trainer's config (configs/*.py or its ConfigDict)")

@@ -97,7 +97,8 @@ def locate(path, step: int | None = None) -> list[tuple[Path, tuple[str, ...]]]:
         if step is None:
             raise CheckpointNotFoundError(f"{ckpts}: no complete training step to read")
         if not (ckpts / str(step) / "state").is_dir():
-            raise CheckpointNotFoundError(f"{ckpts}: no step {step} (have {sorted(_steps(ckpts))})")
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {ckpts} "
+                                          f"(steps there: {sorted(_steps(ckpts))})")
         items = [(ckpts / str(step) / "state", ("params",))]
         if _is_orbax_item(path / "frozen"):
             items.append((path / "frozen", ()))

@@ -1,0 +1,202 @@
+"""`vllama-convert` end to end on tiny files: export -> import round trips, released-style and HF
+sources, trainer workdirs, and bad inputs that must leave the destination untouched."""
+import io
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import llama_reference
+import video_llama_reference as vref
+from vllama_jax.convert import cli, common, params_checkpoint
+from vllama_jax.convert import video_llama as vl
+from vllama_jax.models.video_llama import VideoLlamaConfig
+
+torch = vref.torch
+CFG = VideoLlamaConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return vref.random_params(CFG, seed=5)
+
+
+def _run(*argv):
+    out = io.StringIO()
+    rc = cli.main([*map(str, argv), "--no-progress"] if argv[0] != "inspect" else list(map(str, argv)), out=out)
+    return rc, out.getvalue()
+
+
+def _equal_trees(a, b):
+    fa, fb = common.flatten(a), common.flatten(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        x, y = np.asarray(fa[k]), np.asarray(fb[k])
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+
+
+def _no_leftovers(directory):
+    return [p.name for p in directory.iterdir() if p.name.startswith(".")]
+
+
+def test_console_script_is_registered(tmp_path):
+    # Asked from another directory: a stale vllama_jax.egg-info in the repo root must not answer.
+    code = ("import importlib.metadata as m; "
+            "print([e.value for e in m.entry_points(group='console_scripts', name='vllama-convert')])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['vllama_jax.convert.cli:main']", result
+
+
+def test_export_then_import_every_tower_bit_exact(tmp_path, params):
+    src = params_checkpoint.save_params(tmp_path / "src", params, {"preset": "tiny"})
+    files = {"video_llama": tmp_path / "video_llama.pth", "hf": tmp_path / "hf", "blip2": tmp_path / "blip2.pth",
+             "imagebind": tmp_path / "imagebind_huge.pth", "eva_vit": tmp_path / "eva_vit_g.pth"}
+    rc, out = _run("export", src, "--video-llama", files["video_llama"], "--hf", files["hf"],
+                   "--blip2", files["blip2"], "--imagebind", files["imagebind"], "--eva-vit", files["eva_vit"])
+    assert rc == 0, out
+    # Each tower file has its own original layout.
+    assert set(torch.load(files["blip2"], weights_only=True)) == {"model"}
+    assert "blocks.0.attn.qkv.weight" in torch.load(files["eva_vit"], weights_only=True)
+    assert "modality_trunks.audio.blocks.0.attn.bias_k" in torch.load(files["imagebind"], weights_only=True)
+
+    dest = tmp_path / "imported"
+    rc, out = _run("import", dest, "--preset", "tiny", "--llama", files["hf"], "--blip2", files["blip2"],
+                   "--imagebind", files["imagebind"], "--video-llama", files["video_llama"])
+    assert rc == 0, out
+    _equal_trees(params_checkpoint.load_params(dest), params)
+    meta = params_checkpoint.read_manifest(dest)
+    assert meta["preset"] == "tiny" and meta["llama_config"]["hidden_size"] == CFG.llama.hidden_size
+    assert meta["subtrees"]["video_qformer"] == {"source": str(files["video_llama"]), "kind": "video_llama"}
+    assert meta["subtrees"]["image_encoder/qformer"]["kind"] == "blip2"
+    assert meta["reports"][str(files["video_llama"])]["unmatched"] == []
+
+    # --update swaps one subtree in place; the rest stays.
+    rc, out = _run("import", dest, "--update", "--eva-vit", files["eva_vit"])
+    assert rc == 0, out
+    meta = params_checkpoint.read_manifest(dest)
+    assert meta["subtrees"]["image_encoder/visual_encoder"]["source"] == str(files["eva_vit"])
+    _equal_trees(params_checkpoint.load_params(dest), params)
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_import_released_checkpoints_and_hf_model(tmp_path):
+    video = vref.heads("video", CFG.video_qformer, CFG.max_frame_pos, CFG.llama.hidden_size, seed=6)
+    audio = vref.heads("audio", CFG.audio_qformer, CFG.max_audio_pos, CFG.llama.hidden_size, seed=7)
+    vpath, apath = tmp_path / "vision.pth", tmp_path / "audio.pth"
+    vref.released_checkpoint(vpath, [video], CFG, equip_audio=False)
+    vref.released_checkpoint(apath, [audio], CFG, equip_audio=True)
+    hf = llama_reference.hf_model(seed=3, kv_heads=2)
+    hf.save_pretrained(tmp_path / "vicuna")
+
+    dest = tmp_path / "ckpt"
+    rc, out = _run("import", dest, "--preset", "tiny", "--llama", tmp_path / "vicuna",
+                   "--video-llama", vpath, "--video-llama", apath, "--strict")
+    assert rc == 0, out
+    assert "ignored (2): RoPE inv_freq buffer" in out and "unmatched 0" in out
+    p = params_checkpoint.load_params(dest)
+    assert sorted(p) == ["audio_llama_proj", "audio_position_embedding", "audio_qformer", "llama", "llama_proj",
+                         "video_frame_position_embedding", "video_qformer"]
+    np.testing.assert_array_equal(p["video_qformer"]["query_tokens"], video.query_tokens.detach().numpy())
+    np.testing.assert_array_equal(p["audio_llama_proj"]["kernel"], audio.proj.weight.detach().numpy().T)
+    np.testing.assert_array_equal(p["llama"]["embed_tokens"]["embedding"],
+                                  hf.model.embed_tokens.weight.detach().numpy())
+    # Only the requested subtrees, placed like an abstract tree says (what the chat / trainer do).
+    abstract = {"llama_proj": {"kernel": jax_struct((32, 64), jnp.bfloat16), "bias": jax_struct((64,), jnp.bfloat16)}}
+    got = params_checkpoint.load_params(dest, abstract=abstract)
+    assert got["llama_proj"]["kernel"].dtype == jnp.bfloat16
+
+    rc, out = _run("inspect", vpath, "--preset", "tiny")
+    assert rc == 0 and "looks like: video_llama" in out
+    assert "components (tiny): llama_proj, video_frame_position_embedding, video_qformer" in out
+    rc, out = _run("inspect", dest)
+    assert rc == 0 and "video_qformer <- " in out
+
+
+def jax_struct(shape, dtype):
+    import jax
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def test_export_from_trainer_workdir(tmp_path, params):
+    from vllama_jax.checkpoint import Checkpointer
+    from vllama_jax.train.step import init_state
+
+    trainable = {k: params[k] for k in vl.BRANCHES["video"]}
+    tx = optax.adamw(1e-4)
+    with Checkpointer(str(tmp_path / "run"), async_save=False) as ckpt:
+        state = init_state(trainable, tx, jnp.zeros(2, jnp.uint32))
+        ckpt.save(state, wait=True)
+        later = init_state(jax.tree.map(jnp.asarray, trainable), tx, jnp.zeros(2, jnp.uint32))
+        later = later.replace(step=jnp.asarray(7, jnp.int32),
+                              params={**later.params, "llama_proj": {"kernel": later.params["llama_proj"]["kernel"] + 1,
+                                                                     "bias": later.params["llama_proj"]["bias"]}})
+        ckpt.save(later, wait=True)
+    out_pth = tmp_path / "heads.pth"
+    rc, out = _run("export", tmp_path / "run", "--preset", "tiny", "--video-llama", out_pth, "--branch", "video")
+    assert rc == 0, out
+    sd = torch.load(out_pth, weights_only=True)["model"]
+    np.testing.assert_array_equal(sd["llama_proj.weight"].numpy(), (params["llama_proj"]["kernel"] + 1).T)
+    rc, out = _run("export", tmp_path / "run", "--step", 0, "--preset", "tiny", "--video-llama", out_pth,
+                   "--overwrite", "--no-buffers")
+    assert rc == 0, out
+    sd = torch.load(out_pth, weights_only=True)["model"]
+    np.testing.assert_array_equal(sd["llama_proj.weight"].numpy(), params["llama_proj"]["kernel"].T)
+    assert "Qformer.bert.embeddings.position_ids" not in sd
+
+
+def test_bad_inputs_are_named_and_leave_nothing_behind(tmp_path, params, capsys):
+    heads = tmp_path / "heads.pth"
+    vl.save_video_llama(heads, params, CFG)
+    dest = tmp_path / "out"
+
+    def fails(*argv, match):
+        rc, _ = _run(*argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and match in err, err
+        assert not dest.exists() and _no_leftovers(tmp_path) == []
+
+    data = heads.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 3])
+    fails("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "truncated.pth",
+          match="truncated.pth: not a readable PyTorch weights file")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("arbitrary code ran",))
+
+    torch.save({"model": {}, "x": Payload()}, tmp_path / "evil.pth")
+    fails("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "evil.pth",
+          match="evil.pth: refused: loading it needs arbitrary unpickling")
+
+    other = {f"modality_trunks.audio.blocks.0.norm_1.{n}": np.ones(4, np.float32) for n in ("weight", "bias")}
+    common.save_state_dict(tmp_path / "imagebind_huge.pth", other)
+    fails("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "imagebind_huge.pth",
+          match="not a Video-LLaMA checkpoint for this config")
+
+    sd = vl.state_dict_from_params(params, CFG)
+    wide = {**sd, "audio_llama_proj.weight": np.zeros((128, 32), np.float32)}
+    common.save_state_dict(tmp_path / "wide.pth", wide, wrap=True)
+    fails("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "wide.pth",
+          match="'audio_llama_proj.weight' has shape (128, 32), expected (64, 32)")
+
+    common.save_state_dict(tmp_path / "extra.pth", {**sd, "mystery.weight": np.zeros(3, np.float32)}, wrap=True)
+    fails("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "extra.pth", "--strict",
+          match="1 unexpected key(s): mystery.weight")
+    fails("import", dest, "--preset", "tiny", match="nothing to import")
+
+    # Without --strict the same file imports and the stray key is reported.
+    rc, out = _run("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "extra.pth")
+    assert rc == 0 and "unmatched: mystery.weight" in out
+    before = sorted(p.name for p in dest.rglob("*"))
+    rc, _ = _run("import", dest, "--preset", "tiny", "--video-llama", heads)
+    assert rc == 2 and "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.rglob("*")) == before
+
+    # Export checks every requested output before writing any.
+    rc, _ = _run("export", dest, "--video-llama", tmp_path / "v.pth", "--hf", tmp_path / "hf")
+    assert rc == 2 and "--hf: " in capsys.readouterr().err
+    assert not (tmp_path / "v.pth").exists() and not (tmp_path / "hf").exists()

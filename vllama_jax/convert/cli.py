@@ -1,0 +1,470 @@
+"""`vllama-convert`: PyTorch / Hugging Face checkpoints <-> our orbax params checkpoints.
+
+  vllama-convert import OUT --preset vicuna7b --llama ckpt/vicuna-7b \\
+      --blip2 blip2_pretrained_flant5xxl.pth --imagebind imagebind_huge.pth \\
+      --video-llama finetune-vicuna7b-v2.pth --video-llama finetune_vicuna7b_audiobranch.pth
+  vllama-convert import OUT --update --video-llama new_heads.pth      # add/replace subtrees
+  vllama-convert export OUT_OR_WORKDIR --video-llama heads.pth --branch video --hf llama_hf/
+  vllama-convert inspect some_file.pth
+
+import reads any mix of: an HF LLaMA / Vicuna / Llama-2 / Llama-3 directory (`--llama`; its
+config.json decides the LLaMA config), LAVIS `eva_vit_g.pth` (`--eva-vit`), a BLIP-2 `.pth`
+(`--blip2`), `imagebind_huge.pth` (`--imagebind`) and released Video-LLaMA / MiniGPT-4 `.pth` files
+(`--video-llama`, repeatable), and writes one params checkpoint (`vllama_jax.convert.params_checkpoint`)
+in the `VideoLlama` params layout, with a manifest naming each subtree's source and every key the
+importers ignored or could not place. Unplaced keys are printed (an error with `--strict`).
+
+export reads a params checkpoint, a trainer workdir (latest or `--step`) or an orbax params
+directory, and writes any of: the Video-LLaMA `.pth` layout (`--video-llama`, what the reference's
+`ckpt` / `ckpt_2` options load), an HF LLaMA directory (`--hf`), a BLIP-2 `.pth` (`--blip2`),
+`eva_vit_g.pth` (`--eva-vit`) and `imagebind_huge.pth` (`--imagebind`).
+
+Files are read with `torch.load(weights_only=True)` or safetensors (nothing is unpickled blindly),
+tensor by tensor with a progress bar; every output is written to a temporary sibling and renamed
+into place, so a failure leaves the destination untouched. Exit status 0 on success, 2 on a bad
+input (the message names the file and the key).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from vllama_jax.convert import hf_llama, imagebind, lavis, params_checkpoint, video_llama
+from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, export_entries,
+                                       flatten, np_dtype, progress_bar, read_state_dict, save_state_dict,
+                                       set_path)
+from vllama_jax.models.video_llama import VideoLlamaConfig
+
+log = logging.getLogger("vllama-convert")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Standalone tower files in the composite's key map: (components, key prefix the file lacks, {"model": ...} wrapper).
+TOWER_FILES = {
+    "blip2": (("visual_encoder", "ln_vision", "image_qformer"), "", True),
+    "eva_vit": (("visual_encoder",), "visual_encoder.", False),
+    "imagebind": (("audio_encoder", "audio_vision_encoder"), "audio_encoder.", False),
+}
+
+
+class UsageError(ValueError):
+    """The command line asks for something impossible (no inputs, a missing subtree...)."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+class _Ticking(Mapping):
+    """A state dict that advances a progress bar once per distinct tensor a converter reads."""
+
+    def __init__(self, sd: Mapping[str, np.ndarray], bar):
+        self._sd, self._bar, self._seen = sd, bar, set()
+
+    def __getitem__(self, key):
+        value = self._sd[key]
+        if key not in self._seen:
+            self._seen.add(key)
+            self._bar.update(1)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+    def __contains__(self, key) -> bool:
+        return key in self._sd
+
+
+def _read(path, progress: bool, what: str):
+    sd = read_state_dict(path)
+    bar = progress_bar(len(sd), f"{what} {Path(path).name}", progress)
+    return _Ticking(sd, bar), bar
+
+
+def _load_train_config(path: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_vllama_convert_train_config", path)
+    if spec is None or not os.path.isfile(path):
+        raise UsageError(f"--train-config {path}: no such config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise UsageError(f"--train-config {path}: defines no get_config()")
+    return module.get_config()
+
+
+def _model_config(preset: str | None, llama_config=None, train_config: str | None = None) -> VideoLlamaConfig:
+    """The model from a trainer config file (as `vllama-train` builds it) or a VideoLlamaConfig preset;
+    an HF LLaMA config, when given, replaces the LLaMA part."""
+    if train_config:
+        from vllama_jax.train.video_llama_task import model_config
+        config = model_config(_load_train_config(train_config))
+    elif preset:
+        config = VideoLlamaConfig.preset(preset)
+    else:
+        raise UsageError(f"--preset (one of {sorted(VideoLlamaConfig.presets())}) or --train-config is required")
+    if llama_config is not None:
+        config = dataclasses.replace(config, llama=llama_config)
+    return config
+
+
+def _llama_config_from_manifest(meta: Mapping | None):
+    if meta and meta.get("llama_config"):
+        return hf_llama.config_from_hf(meta["llama_config"])
+    return None
+
+
+def _subtree_names(params: Mapping) -> list[str]:
+    """Component-level names ('image_encoder/qformer', 'llama', ...) present in a params tree."""
+    return [name for name, path in video_llama.PARAM_PATHS.items() if _has(params, path)]
+
+
+def _has(tree: Mapping, path) -> bool:
+    for name in path:
+        if not isinstance(tree, Mapping) or name not in tree:
+            return False
+        tree = tree[name]
+    return True
+
+
+def _put(params: dict, path: tuple[str, ...], value, source: str, sources: dict, out) -> None:
+    """Later sources replace earlier ones, as the reference's `ckpt_2` overrides its `ckpt`."""
+    where = "/".join(path)
+    if where in sources and sources[where]["source"] != source:
+        print(f"note: {where} from {source} replaces the one from {sources[where]['source']}", file=out)
+    set_path(params, path, value)
+
+
+def _print_report(source: str, report: ConversionReport, out) -> None:
+    print(f"{source}: {report.summary()}", file=out)
+
+
+# ------------------------------------------------------------------------------------------ import
+
+def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
+                    ) -> tuple[dict, dict, dict]:
+    """(params, sources: component -> {source, kind}, reports: source -> report json)."""
+    params: dict = {}
+    sources: dict = {}
+    reports: dict = {}
+
+    def record(component_paths, source, kind, report: ConversionReport | None):
+        for name in component_paths:
+            sources["/".join(video_llama.PARAM_PATHS[name])] = {"source": source, "kind": kind}
+        if report is not None:
+            reports[source] = report.to_json()
+            _print_report(source, report, out)
+            check_strict(report, args.strict, source)
+
+    if args.llama:
+        _, llama = hf_llama.load_hf(args.llama, config=config.llama, dtype=dtype, strict=args.strict,
+                                    progress=progress)
+        _put(params, ("llama",), llama, str(args.llama), sources, out)
+        record(["llama"], str(args.llama), "hf_llama", None)
+        print(f"{args.llama}: loaded {len(hf_llama.key_map(config.llama))} tensors", file=out)
+    if args.blip2:
+        sd, bar = _read(args.blip2, progress, "blip2")
+        enc, report = lavis.blip2_image_encoder_params_from_state_dict(sd, config.vit, config.image_qformer, dtype)
+        bar.close()
+        for name, key in (("visual_encoder", "visual_encoder"), ("ln_vision", "ln_vision"),
+                          ("image_qformer", "qformer")):
+            _put(params, video_llama.PARAM_PATHS[name], enc[key], str(args.blip2), sources, out)
+        record(["visual_encoder", "ln_vision", "image_qformer"], str(args.blip2), "blip2", report)
+    if args.eva_vit:
+        sd, bar = _read(args.eva_vit, progress, "eva_vit")
+        vit, report = lavis.eva_vit_params_from_state_dict(sd, config.vit, "", dtype)
+        bar.close()
+        _put(params, video_llama.PARAM_PATHS["visual_encoder"], vit, str(args.eva_vit), sources, out)
+        record(["visual_encoder"], str(args.eva_vit), "eva_vit", report)
+    if args.imagebind:
+        if config.imagebind_audio is None and config.imagebind_vision is None:
+            raise UsageError(f"--imagebind: preset {args.preset!r} has no audio branch")
+        sd, bar = _read(args.imagebind, progress, "imagebind")
+        modalities = tuple(m for m, c in (("audio", config.imagebind_audio), ("vision", config.imagebind_vision))
+                           if c is not None)
+        tower_dtype = dtype if dtype is not None else (config.imagebind_audio or config.imagebind_vision).param_dtype
+        weights = imagebind.import_imagebind(sd, config.imagebind_audio, config.imagebind_vision, modalities,
+                                             tower_dtype)
+        bar.close()
+        loaded = []
+        for name, tower in (("audio_encoder", weights.audio), ("audio_vision_encoder", weights.vision)):
+            if tower is not None:
+                _put(params, video_llama.PARAM_PATHS[name], tower, str(args.imagebind), sources, out)
+                loaded.append(name)
+        keys = [e.key for n in loaded for e in video_llama.component_entries(config, n)]
+        report = ConversionReport(tuple(k[len("audio_encoder."):] for k in keys),
+                                  {k: "ImageBind modality Video-LLaMA does not use" for k in weights.ignored})
+        record(loaded, str(args.imagebind), "imagebind", report)
+    for path in args.video_llama or ():
+        sd, bar = _read(path, progress, "video-llama")
+        try:
+            got, report = video_llama.params_from_state_dict(sd, config, None, dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        finally:
+            bar.close()
+        found = video_llama.components_in(sd, config)
+        for name in found:
+            _put(params, video_llama.PARAM_PATHS[name], _get(got, video_llama.PARAM_PATHS[name]), str(path),
+                 sources, out)
+        record(found, str(path), "video_llama", report)
+    return params, sources, reports
+
+
+def _get(tree: Mapping, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    """`base` with each component-level subtree of `update` replacing its counterpart."""
+    out = {k: v for k, v in base.items()}
+    for name in _subtree_names(update):
+        path = video_llama.PARAM_PATHS[name]
+        node = out
+        for p in path[:-1]:
+            node[p] = dict(node.get(p, {}))
+            node = node[p]
+        node[path[-1]] = _get(update, path)
+    return out
+
+
+def cmd_import(args, out=sys.stdout) -> int:
+    if not (args.llama or args.blip2 or args.eva_vit or args.imagebind or args.video_llama):
+        raise UsageError("nothing to import: give --llama, --blip2, --eva-vit, --imagebind and/or --video-llama")
+    dest = Path(args.out)
+    base, meta = {}, {}
+    if args.update:
+        meta = params_checkpoint.read_manifest(dest) or {}
+        if not meta:
+            raise UsageError(f"--update: {dest} is not a params checkpoint")
+        base = params_checkpoint.load_params(dest)
+    elif dest.exists() and not args.overwrite and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} exists and is not empty (pass --overwrite to replace it, or --update)")
+    llama_config = hf_llama.config_from_hf(args.llama) if args.llama else _llama_config_from_manifest(meta)
+    preset = args.preset or (None if args.train_config else meta.get("preset"))
+    train_config = args.train_config or (None if args.preset else meta.get("train_config"))
+    config = _model_config(preset, llama_config, train_config)
+    dtype = np_dtype(args.dtype)
+    params, sources, reports = _import_sources(args, config, dtype, not args.no_progress, out)
+    params = _merge(base, params)
+    manifest = {
+        "preset": preset, "train_config": os.path.abspath(train_config) if train_config else None,
+        "llama_config": hf_llama.config_to_hf(config.llama) if llama_config is not None else meta.get("llama_config"),
+        "subtrees": {**meta.get("subtrees", {}), **sources},
+        "reports": {**meta.get("reports", {}), **reports},
+    }
+    params_checkpoint.save_params(dest, params, manifest, overwrite=True)
+    print(f"wrote {dest}: {', '.join(_subtree_names(params))}", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export
+
+def _tower_entries(config: VideoLlamaConfig, fmt: str) -> tuple[list[Entry], bool]:
+    components, strip, wrap = TOWER_FILES[fmt]
+    entries = []
+    for name in components:
+        if name not in video_llama.available_components(config):
+            continue
+        for e in video_llama.component_entries(config, name):
+            entries.append(dataclasses.replace(e, key=e.key[len(strip):]))
+    return entries, wrap
+
+
+def _need(params: Mapping, components: Sequence[str], flag: str, where) -> None:
+    missing = [c for c in components if not _has(params, video_llama.PARAM_PATHS[c])]
+    if missing:
+        have = ", ".join(_subtree_names(params)) or "nothing"
+        raise UsageError(f"{flag}: {where} has no {', '.join('/'.join(video_llama.PARAM_PATHS[c]) for c in missing)} "
+                         f"(it holds: {have})")
+
+
+def _export_components(args, config: VideoLlamaConfig) -> tuple[str, ...] | None:
+    if args.components:
+        return tuple(c.strip() for c in args.components.split(",") if c.strip())
+    if args.branch == "all":
+        return None
+    return video_llama.BRANCHES[args.branch]
+
+
+def cmd_export(args, out=sys.stdout) -> int:
+    outputs = {"video_llama": args.video_llama, "hf": args.hf, "blip2": args.blip2, "eva_vit": args.eva_vit,
+               "imagebind": args.imagebind}
+    if not any(outputs.values()):
+        raise UsageError("nothing to export: give --video-llama, --hf, --blip2, --eva-vit and/or --imagebind")
+    for flag, dest in outputs.items():
+        if dest and Path(dest).exists() and not args.overwrite:
+            raise FileExistsError(f"{dest} exists (pass --overwrite to replace it)")
+    meta = (params_checkpoint.read_manifest(args.checkpoint) if Path(args.checkpoint).is_dir() else None) or {}
+    given = args.preset or args.train_config
+    config = _model_config(args.preset or (None if given else meta.get("preset")), _llama_config_from_manifest(meta),
+                           args.train_config or (None if given else meta.get("train_config")))
+    params = params_checkpoint.load_params(args.checkpoint, step=args.step)
+    progress = not args.no_progress
+    dtype = np_dtype(args.dtype)
+
+    # Check everything before writing anything.
+    components = None
+    if args.video_llama:
+        components = video_llama.export_components(params, config, _export_components(args, config))
+        _need(params, components, "--video-llama", args.checkpoint)
+    if args.hf:
+        _need(params, ["llama"], "--hf", args.checkpoint)
+    for fmt in ("blip2", "eva_vit", "imagebind"):
+        if outputs[fmt]:
+            names = [c for c in TOWER_FILES[fmt][0] if c in video_llama.available_components(config)]
+            if not names:
+                raise UsageError(f"--{fmt.replace('_', '-')}: preset has no {', '.join(TOWER_FILES[fmt][0])}")
+            _need(params, names, f"--{fmt.replace('_', '-')}", args.checkpoint)
+
+    if args.video_llama:
+        keys = sum(len(video_llama.component_entries(config, c)) for c in components)
+        bar = progress_bar(keys, f"video-llama {Path(args.video_llama).name}", progress)
+        sd = video_llama.save_video_llama(args.video_llama, params, config, components,
+                                          np.float32 if dtype is None else dtype, not args.no_buffers,
+                                          on_tensor=lambda k: bar.update(1))
+        bar.close()
+        print(f"wrote {args.video_llama}: {len(sd)} keys ({', '.join(components)}"
+              f"{' + buffers' if not args.no_buffers else ''})", file=out)
+    if args.hf:
+        llama = _get(params, video_llama.PARAM_PATHS["llama"])
+        hf_llama.save_hf(llama, config.llama, args.hf, dtype=dtype, overwrite=True, progress=progress)
+        print(f"wrote {args.hf} (HF LLaMA, {len(hf_llama.key_map(config.llama))} tensors)", file=out)
+    for fmt in ("blip2", "eva_vit", "imagebind"):
+        dest = outputs[fmt]
+        if not dest:
+            continue
+        entries, wrap = _tower_entries(config, fmt)
+        bar = progress_bar(len(entries), f"{fmt} {Path(dest).name}", progress)
+        sd = export_entries(params, entries, dtype, on_tensor=lambda k: bar.update(1))
+        bar.close()
+        save_state_dict(dest, sd, wrap=wrap, overwrite=True)
+        print(f"wrote {dest}: {len(sd)} keys ({fmt} layout)", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+def guess_kind(keys: Sequence[str]) -> str:
+    """What a state dict's keys look like: video_llama, blip2, eva_vit, imagebind, hf_llama or unknown."""
+    keys = list(keys)
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("video_Qformer.") or has("audio_Qformer.") or has("llama_proj.") or has("audio_llama_proj."):
+        return "video_llama"
+    if has("visual_encoder.") and has("Qformer.bert."):
+        return "blip2"
+    if has("modality_trunks.") or has("modality_preprocessors."):
+        return "imagebind"
+    if has("blocks.0.attn.qkv.weight") and has("patch_embed."):
+        return "eva_vit"
+    if has("model.layers.") or has("model.embed_tokens."):
+        return "hf_llama"
+    return "unknown"
+
+
+def cmd_inspect(args, out=sys.stdout) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        if (path / hf_llama.CONFIG_NAME).is_file():
+            c = hf_llama.config_from_hf(path)
+            print(f"{path}: HF LLaMA directory: vocab {c.vocab_size}, hidden {c.hidden_size}, "
+                  f"{c.num_layers} layers, {c.num_heads} heads ({c.num_kv_heads} kv)", file=out)
+            return 0
+        meta = params_checkpoint.read_manifest(path)
+        print(params_checkpoint.describe(path, args.step), file=out)
+        if meta:
+            for name, src in meta.get("subtrees", {}).items():
+                print(f"  {name} <- {src['source']} ({src['kind']})", file=out)
+        return 0
+    sd = read_state_dict(path)
+    kind = guess_kind(sd)
+    dtypes = sorted({str(v.dtype) for v in sd.values()})
+    print(f"{path}: {len(sd)} tensors ({'/'.join(dtypes)}), looks like: {kind}", file=out)
+    if kind == "video_llama" and args.preset:
+        config = _model_config(args.preset)
+        found = video_llama.components_in(sd, config)
+        print(f"  Video-LLaMA components ({args.preset}): {', '.join(found) or 'none'}", file=out)
+    for key in list(sd)[: args.keys]:
+        print(f"  {key} {tuple(sd[key].shape)} {sd[key].dtype}", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllama-convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="PyTorch / HF checkpoints -> one orbax params checkpoint")
+    imp.add_argument("out", help="params checkpoint directory to write")
+    imp.add_argument("--preset", help=f"VideoLlamaConfig preset ({', '.join(VideoLlamaConfig.presets())}); "
+                                      "with --update defaults to the checkpoint's")
+    imp.add_argument("--train-config", help="trainer config file (configs/*.py) to take the model from instead")
+    imp.add_argument("--llama", help="HF LLaMA/Vicuna/Llama-2/Llama-3 directory (its config.json is used)")
+    imp.add_argument("--blip2", help="LAVIS BLIP-2 .pth (EVA ViT + ln_vision + Q-Former)")
+    imp.add_argument("--eva-vit", help="LAVIS eva_vit_g.pth")
+    imp.add_argument("--imagebind", help="imagebind_huge.pth (audio and vision towers)")
+    imp.add_argument("--video-llama", action="append", help="Video-LLaMA / MiniGPT-4 .pth (repeatable)")
+    imp.add_argument("--dtype", choices=DTYPES, help="store every tensor in this dtype (default: the LLaMA "
+                                                     "keeps its stored dtype, the rest their config param dtype)")
+    imp.add_argument("--strict", action="store_true", help="unplaced checkpoint keys are an error")
+    imp.add_argument("--update", action="store_true", help="add/replace subtrees of an existing checkpoint")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    imp.add_argument("--no-progress", action="store_true")
+    imp.set_defaults(func=cmd_import)
+
+    exp = sub.add_parser("export", help="our checkpoint -> Video-LLaMA .pth / HF LLaMA / tower .pth files")
+    exp.add_argument("checkpoint", help="params checkpoint, trainer workdir or orbax params directory")
+    exp.add_argument("--step", type=int, help="training step of a trainer workdir (default: latest)")
+    exp.add_argument("--preset", help="VideoLlamaConfig preset (default: the params checkpoint's)")
+    exp.add_argument("--train-config", help="trainer config file (configs/*.py) to take the model from instead")
+    exp.add_argument("--video-llama", help="write the Video-LLaMA .pth layout here")
+    exp.add_argument("--branch", choices=("video", "audio", "all"), default="all",
+                     help="which trainable heads go into --video-llama (all: every one present)")
+    exp.add_argument("--components", help=f"explicit comma-separated components ({', '.join(video_llama.COMPONENTS)})")
+    exp.add_argument("--no-buffers", action="store_true", help="leave out the reference's buffers")
+    exp.add_argument("--hf", help="write the LLaMA as an HF directory here")
+    exp.add_argument("--blip2", help="write a BLIP-2 .pth here")
+    exp.add_argument("--eva-vit", help="write an eva_vit_g.pth here")
+    exp.add_argument("--imagebind", help="write an imagebind_huge.pth (audio + vision keys) here")
+    exp.add_argument("--dtype", choices=DTYPES, help="stored dtype (default: float32 for --video-llama, "
+                                                     "the params' own dtype otherwise)")
+    exp.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    exp.add_argument("--no-progress", action="store_true")
+    exp.set_defaults(func=cmd_export)
+
+    ins = sub.add_parser("inspect", help="what a .pth, HF directory or params checkpoint holds")
+    ins.add_argument("path")
+    ins.add_argument("--preset", help="also list the Video-LLaMA components found for this preset")
+    ins.add_argument("--step", type=int)
+    ins.add_argument("--keys", type=int, default=20, help="how many keys to list")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out=None) -> int:
+    """Console entry point (`vllama-convert = vllama_jax.convert.cli:main`)."""
+    out = sys.stdout if out is None else out
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args, out)
+    except (CheckpointError, UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"vllama-convert: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
