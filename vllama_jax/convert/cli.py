@@ -6,6 +6,7 @@
   vllama-convert import OUT --update --video-llama new_heads.pth      # add/replace subtrees
   vllama-convert export OUT_OR_WORKDIR --video-llama heads.pth --branch video --hf llama_hf/
   vllama-convert inspect some_file.pth
+  vllama-convert keys --out docs/CHECKPOINT_KEYS.md                       # the written key map
 
 import reads any mix of: an HF LLaMA / Vicuna / Llama-2 / Llama-3 directory (`--llama`; its
 config.json decides the LLaMA config), LAVIS `eva_vit_g.pth` (`--eva-vit`), a BLIP-2 `.pth`
@@ -46,13 +47,7 @@ from vllama_jax.models.video_llama import VideoLlamaConfig
 log = logging.getLogger("vllama-convert")
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-# Standalone tower files in the composite's key map: (components, key prefix the file lacks, {"model": ...} wrapper).
-TOWER_FILES = {
-    "blip2": (("visual_encoder", "ln_vision", "image_qformer"), "", True),
-    "eva_vit": (("visual_encoder",), "visual_encoder.", False),
-    "imagebind": (("audio_encoder", "audio_vision_encoder"), "audio_encoder.", False),
-}
+TOWER_FILES = video_llama.TOWER_FILES
 
 
 class UsageError(ValueError):
@@ -102,9 +97,9 @@ def _load_train_config(path: str):
     return module.get_config()
 
 
-def _model_config(preset: str | None, llama_config=None, train_config: str | None = None) -> VideoLlamaConfig:
+def _model_config(preset: str | None, hf_llama_config=None, train_config: str | None = None) -> VideoLlamaConfig:
     """The model from a trainer config file (as `vllama-train` builds it) or a VideoLlamaConfig preset;
-    an HF LLaMA config, when given, replaces the LLaMA part."""
+    an HF LLaMA config (directory or config.json dict), when given, sets the LLaMA architecture."""
     if train_config:
         from vllama_jax.train.video_llama_task import model_config
         config = model_config(_load_train_config(train_config))
@@ -112,15 +107,9 @@ def _model_config(preset: str | None, llama_config=None, train_config: str | Non
         config = VideoLlamaConfig.preset(preset)
     else:
         raise UsageError(f"--preset (one of {sorted(VideoLlamaConfig.presets())}) or --train-config is required")
-    if llama_config is not None:
-        config = dataclasses.replace(config, llama=llama_config)
+    if hf_llama_config is not None:
+        config = video_llama.with_hf_llama(config, hf_llama_config)
     return config
-
-
-def _llama_config_from_manifest(meta: Mapping | None):
-    if meta and meta.get("llama_config"):
-        return hf_llama.config_from_hf(meta["llama_config"])
-    return None
 
 
 def _subtree_names(params: Mapping) -> list[str]:
@@ -251,16 +240,16 @@ def cmd_import(args, out=sys.stdout) -> int:
         base = params_checkpoint.load_params(dest)
     elif dest.exists() and not args.overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"{dest} exists and is not empty (pass --overwrite to replace it, or --update)")
-    llama_config = hf_llama.config_from_hf(args.llama) if args.llama else _llama_config_from_manifest(meta)
+    hf_config = args.llama or meta.get("llama_config")
     preset = args.preset or (None if args.train_config else meta.get("preset"))
     train_config = args.train_config or (None if args.preset else meta.get("train_config"))
-    config = _model_config(preset, llama_config, train_config)
+    config = _model_config(preset, hf_config, train_config)
     dtype = np_dtype(args.dtype)
     params, sources, reports = _import_sources(args, config, dtype, not args.no_progress, out)
     params = _merge(base, params)
     manifest = {
         "preset": preset, "train_config": os.path.abspath(train_config) if train_config else None,
-        "llama_config": hf_llama.config_to_hf(config.llama) if llama_config is not None else meta.get("llama_config"),
+        "llama_config": hf_llama.config_to_hf(config.llama) if hf_config else None,
         "subtrees": {**meta.get("subtrees", {}), **sources},
         "reports": {**meta.get("reports", {}), **reports},
     }
@@ -308,25 +297,31 @@ def cmd_export(args, out=sys.stdout) -> int:
             raise FileExistsError(f"{dest} exists (pass --overwrite to replace it)")
     meta = (params_checkpoint.read_manifest(args.checkpoint) if Path(args.checkpoint).is_dir() else None) or {}
     given = args.preset or args.train_config
-    config = _model_config(args.preset or (None if given else meta.get("preset")), _llama_config_from_manifest(meta),
+    config = _model_config(args.preset or (None if given else meta.get("preset")), meta.get("llama_config"),
                            args.train_config or (None if given else meta.get("train_config")))
-    params = params_checkpoint.load_params(args.checkpoint, step=args.step)
+    # The stored shapes and dtypes only: each output's subtrees are read once they are all known.
+    held = params_checkpoint.params_metadata(args.checkpoint, step=args.step)
     progress = not args.no_progress
     dtype = np_dtype(args.dtype)
 
     # Check everything before writing anything.
-    components = None
+    params, wanted, components = held, set(), None
     if args.video_llama:
         components = video_llama.export_components(params, config, _export_components(args, config))
         _need(params, components, "--video-llama", args.checkpoint)
+        wanted |= set(components)
     if args.hf:
         _need(params, ["llama"], "--hf", args.checkpoint)
+        wanted.add("llama")
     for fmt in ("blip2", "eva_vit", "imagebind"):
         if outputs[fmt]:
             names = [c for c in TOWER_FILES[fmt][0] if c in video_llama.available_components(config)]
             if not names:
                 raise UsageError(f"--{fmt.replace('_', '-')}: preset has no {', '.join(TOWER_FILES[fmt][0])}")
             _need(params, names, f"--{fmt.replace('_', '-')}", args.checkpoint)
+            wanted |= set(names)
+    params = params_checkpoint.load_params(args.checkpoint, step=args.step,
+                                           subtrees={video_llama.PARAM_PATHS[c][0] for c in wanted})
 
     if args.video_llama:
         keys = sum(len(video_llama.component_entries(config, c)) for c in components)
@@ -400,6 +395,22 @@ def cmd_inspect(args, out=sys.stdout) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ keys
+
+def cmd_keys(args, out=sys.stdout) -> int:
+    from vllama_jax.convert import key_doc
+    from vllama_jax.convert.common import atomic_file
+
+    text = key_doc.markdown(args.preset)
+    if not args.out:
+        out.write(text)
+        return 0
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(text)
+    print(f"wrote {args.out}", file=out)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--step", type=int)
     ins.add_argument("--keys", type=int, default=20, help="how many keys to list")
     ins.set_defaults(func=cmd_inspect)
+
+    keys = sub.add_parser("keys", help="the written key map (original key <-> our param path) as markdown")
+    keys.add_argument("--preset", default="vicuna7b", help="whose shapes to list (default: vicuna7b)")
+    keys.add_argument("--out", help="write it here (docs/CHECKPOINT_KEYS.md) instead of stdout")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -43,7 +43,6 @@ order, so `VideoLLAMA(...).load_state_dict(ckpt["model"], strict=False)` reports
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -78,6 +77,15 @@ PARAM_PATHS = {
     "audio_llama_proj": ("audio_llama_proj",), "audio_position_embedding": ("audio_position_embedding",),
 }
 QUERY_TOKEN_KEYS = ("query_tokens", "video_query_tokens", "audio_query_tokens")
+# Standalone files of the frozen towers in this key map: (components, key prefix the file lacks,
+# whether the state dict sits under {"model": ...}).
+TOWER_FILES = {
+    "blip2": (("visual_encoder", "ln_vision", "image_qformer"), "", True),
+    "eva_vit": (("visual_encoder",), "visual_encoder.", False),
+    "imagebind": (("audio_encoder", "audio_vision_encoder"), "audio_encoder.", False),
+}
+# LlamaConfig fields that say how we run the model, not what the checkpoint holds.
+LLAMA_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers")
 
 # bert-base-uncased's max_position_embeddings: the size of every Q-Former's position_ids buffer.
 BERT_MAX_POSITIONS = 512
@@ -125,6 +133,13 @@ def available_components(config: VideoLlamaConfig) -> tuple[str, ...]:
     if config.imagebind_vision is None:
         have.discard("audio_vision_encoder")
     return tuple(c for c in COMPONENTS if c in have)
+
+
+def with_hf_llama(config: VideoLlamaConfig, hf) -> VideoLlamaConfig:
+    """`config` with the LLaMA architecture of an HF checkpoint (directory, config.json or its dict);
+    the runtime fields (dtype, remat, scan) stay `config`'s."""
+    runtime = {f: getattr(config.llama, f) for f in LLAMA_RUNTIME_FIELDS if hasattr(config.llama, f)}
+    return config.replace(llama=hf_llama.config_from_hf(hf, **runtime))
 
 
 def _llama_entries(config) -> list[Entry]:
@@ -368,40 +383,3 @@ def save_video_llama(path, params: Mapping, config: VideoLlamaConfig, components
                     extra={"optimizer": None, "config": reference_config(config, components), "scaler": None,
                            "epoch": 0})
     return sd
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyRow:
-    """One line of the written key map (docs/CHECKPOINT_KEYS.md)."""
-    component: str
-    key: str
-    shape: tuple[int, ...]
-    paths: tuple[str, ...]
-    layout: str
-
-
-def key_table(config: VideoLlamaConfig) -> list[KeyRow]:
-    """Every original key with its shape, our param path(s) and how the layout changes."""
-    rows = []
-    for name, entries in key_map(config).items():
-        for e in entries:
-            rows.append(KeyRow(name, e.key, e.shape, tuple("/".join(p) for p in e.paths), _layout(e)))
-    return rows
-
-
-def _layout(e: Entry) -> str:
-    probe = np.arange(int(np.prod(e.shape)) or 1, dtype=np.float32).reshape(e.shape)
-    parts = e.to_flax(probe)
-    if len(parts) > 1:
-        pieces = np.split(probe, len(parts), axis=0)
-        how = _one_layout(pieces[0], parts[0])
-        return f"split in {len(parts)} along dim 0, each {how}"
-    return _one_layout(probe, parts[0])
-
-
-def _one_layout(src: np.ndarray, out: np.ndarray) -> str:
-    if out.shape == src.shape and np.array_equal(out, src):
-        return "as is"
-    if out.ndim == 2 and src.ndim == 2 and np.array_equal(out, src.T):
-        return "transposed"
-    return f"-> {tuple(out.shape)}"
