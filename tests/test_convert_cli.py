@@ -1,5 +1,6 @@
 """`vllama-convert` end to end on tiny files: export -> import round trips, released-style and HF
-sources, trainer workdirs, and bad inputs that must leave the destination untouched."""
+sources, trainer workdirs, an import loaded by the chat, and bad inputs that must leave the destination
+untouched."""
 import io
 import subprocess
 import sys
@@ -12,17 +13,40 @@ import pytest
 
 import llama_reference
 import video_llama_reference as vref
-from vllama_jax.convert import cli, common, params_checkpoint
+from vllama_jax.convert import cli, common, hf_llama, params_checkpoint
 from vllama_jax.convert import video_llama as vl
+from vllama_jax.models.llama import LlamaConfig
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
 torch = vref.torch
-CFG = VideoLlamaConfig.preset("tiny")
+# The tiny preset with room in the LLaMA vocab for the demo tokenizer's ids (the chat needs one).
+CFG = VideoLlamaConfig.preset("tiny").replace(llama=LlamaConfig.preset("tiny", vocab_size=512))
 
 
 @pytest.fixture(scope="module")
 def params():
     return vref.random_params(CFG, seed=5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, params):
+    """Every original file of the tiny model, exported once from a params checkpoint: the Video-LLaMA
+    heads, an HF LLaMA directory (with a tokenizer, as a Vicuna directory has), BLIP-2,
+    imagebind_huge and eva_vit_g `.pth`s."""
+    from data_pipelines.tokenizer import build_demo_tokenizer
+
+    d = tmp_path_factory.mktemp("exported")
+    src = params_checkpoint.save_params(d / "src", params, {"preset": "tiny",
+                                                             "llama_config": hf_llama.config_to_hf(CFG.llama)})
+    files = {"video_llama": d / "video_llama.pth", "hf": d / "hf", "blip2": d / "blip2.pth",
+             "imagebind": d / "imagebind_huge.pth", "eva_vit": d / "eva_vit_g.pth"}
+    rc, out = _run("export", src, "--video-llama", files["video_llama"], "--hf", files["hf"],
+                   "--blip2", files["blip2"], "--imagebind", files["imagebind"], "--eva-vit", files["eva_vit"])
+    assert rc == 0, out
+    assert _no_leftovers(d) == []
+    build_demo_tokenizer(["###Human: <Video></Video> What is in the image? ###Assistant: a red square"] * 5,
+                         files["hf"], vocab_size=400)
+    return files
 
 
 def _run(*argv):
@@ -51,13 +75,8 @@ def test_console_script_is_registered(tmp_path):
     assert result.stdout.strip() == "['vllama_jax.convert.cli:main']", result
 
 
-def test_export_then_import_every_tower_bit_exact(tmp_path, params):
-    src = params_checkpoint.save_params(tmp_path / "src", params, {"preset": "tiny"})
-    files = {"video_llama": tmp_path / "video_llama.pth", "hf": tmp_path / "hf", "blip2": tmp_path / "blip2.pth",
-             "imagebind": tmp_path / "imagebind_huge.pth", "eva_vit": tmp_path / "eva_vit_g.pth"}
-    rc, out = _run("export", src, "--video-llama", files["video_llama"], "--hf", files["hf"],
-                   "--blip2", files["blip2"], "--imagebind", files["imagebind"], "--eva-vit", files["eva_vit"])
-    assert rc == 0, out
+def test_export_then_import_every_tower_bit_exact(tmp_path, params, exported):
+    files = exported
     # Each tower file has its own original layout.
     assert set(torch.load(files["blip2"], weights_only=True)) == {"model"}
     assert "blocks.0.attn.qkv.weight" in torch.load(files["eva_vit"], weights_only=True)
@@ -81,6 +100,44 @@ def test_export_then_import_every_tower_bit_exact(tmp_path, params):
     assert meta["subtrees"]["image_encoder/visual_encoder"]["source"] == str(files["eva_vit"])
     _equal_trees(params_checkpoint.load_params(dest), params)
     assert _no_leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, exported):
+    """`vllama-convert import` of every original file of the tiny model."""
+    dest = tmp_path_factory.mktemp("imported") / "ckpt"
+    rc, out = _run("import", dest, "--preset", "tiny", "--llama", exported["hf"], "--blip2", exported["blip2"],
+                   "--imagebind", exported["imagebind"], "--video-llama", exported["video_llama"], "--strict")
+    assert rc == 0, out
+    return dest
+
+
+def test_imported_checkpoint_is_what_inference_loads(imported, params):
+    """Nothing but the directory: the model config comes from the manifest, the tokenizer from the
+    LLaMA directory it was imported from."""
+    from vllama_jax.inference import load_for_inference
+
+    model = load_for_inference(imported)
+    assert model.config == CFG and model.conv_style == "vicuna"
+    assert (model.num_frames, model.image_size, model.num_audio_clips) == (8, CFG.vit.img_size, 8)
+    _equal_trees(model.params, params)
+    assert model.tokenizer("a red square")["input_ids"]
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_chats(imported, tmp_path):
+    """`vllama-chat --checkpoint DIR` on an import answers about an image (~40 s: generation compiles)."""
+    from data_pipelines.media import write_image
+    from vllama_jax import chat
+
+    image = tmp_path / "square.jpg"
+    write_image(str(image), np.full((32, 32, 3), 200, np.uint8))
+    out = io.StringIO()
+    rc = chat.main(["--checkpoint", str(imported), "--greedy", "--max-new-tokens", "2"],
+                   stdin=io.StringIO(f"/image {image}\nWhat is in the image?\n/quit\n"), stdout=out)
+    lines = out.getvalue().splitlines()
+    assert rc == 0 and sum(l.startswith("Assistant:") for l in lines) == 1, lines
+    assert not any(l.startswith("error:") for l in lines), lines
 
 
 def test_import_released_checkpoints_and_hf_model(tmp_path):

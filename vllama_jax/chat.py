@@ -434,9 +434,11 @@ def run_terminal(chat: Chat, lines, out=sys.stdout) -> None:
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vllama-chat", description="Chat with a trained Video-LLaMA about a video.")
     p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="trainer workdir(s) (vision run, then audio run) or a params .msgpack file")
-    p.add_argument("--config", required=True,
-                   help="trainer config file (configs/*.py) for workdirs, or a VideoLlamaConfig preset for .msgpack")
+                   help="trainer workdir(s) (vision run, then audio run), a `vllama-convert import` params "
+                        "checkpoint, or a params .msgpack file")
+    p.add_argument("--config", default=None,
+                   help="trainer config file (configs/*.py) for workdirs, or a VideoLlamaConfig preset for .msgpack "
+                        "(a params checkpoint names its own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the config / next to the file)")
     p.add_argument("--conv-style", choices=(VICUNA, LLAMA_2), default=None)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")

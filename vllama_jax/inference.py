@@ -203,7 +203,7 @@ def _from_params_checkpoint(path: str, config: Any) -> tuple[VideoLlamaConfig, d
     """A `vllama-convert import` directory: (config, params, manifest). Without `config` the model is
     the manifest's preset / trainer config with its LLaMA config; an audio branch it does not hold is
     dropped from the config (a vision-only import chats about frames)."""
-    from vllama_jax.convert import hf_llama, params_checkpoint as pc
+    from vllama_jax.convert import params_checkpoint as pc, video_llama
 
     meta = _as_load_error(pc.read_manifest, path)
     if config is None:
@@ -212,7 +212,7 @@ def _from_params_checkpoint(path: str, config: Any) -> tuple[VideoLlamaConfig, d
             raise LoadError(f"{path}: the manifest names no preset or trainer config; pass one")
     vconfig = model_config_from(config)
     if meta.get("llama_config"):
-        vconfig = dataclasses.replace(vconfig, llama=hf_llama.config_from_hf(meta["llama_config"]))
+        vconfig = video_llama.with_hf_llama(vconfig, meta["llama_config"])
     params = _as_load_error(pc.load_params, path)
     if "audio_qformer" not in params and vconfig.audio_qformer is not None:
         vconfig = dataclasses.replace(vconfig, audio_qformer=None, imagebind_audio=None, imagebind_vision=None)
@@ -225,6 +225,8 @@ def model_config_from(config: Any) -> VideoLlamaConfig:
     whose `get_config()` returns either."""
     if isinstance(config, VideoLlamaConfig):
         return config
+    if config is None:
+        raise LoadError("no model config: pass a VideoLlamaConfig, its preset name or a trainer config")
     if isinstance(config, str) and not config.endswith(".py"):
         try:
             return VideoLlamaConfig.preset(config)
@@ -264,10 +266,13 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
                        conv_style: str | None = None, mesh=None) -> InferenceModel:
     """A trained model ready for `Chat` / `evaluate`.
 
-    checkpoint: a trainer workdir (or several, overlaid in order), or a `.msgpack` params file.
+    checkpoint: a trainer workdir (or several, overlaid in order), a `vllama-convert import` params
+      checkpoint, or a `.msgpack` params file.
     config: for workdirs the trainer config (path or ConfigDict); for msgpack a VideoLlamaConfig,
-      its preset name, a trainer config, or a `.py` file whose get_config() returns one of those. tokenizer: a tokenizer directory (default: the trainer config's
-      paths.tokenizer / paths.llama_model, or `tokenizer/` next to a msgpack file).
+      its preset name, a trainer config, or a `.py` file whose get_config() returns one of those;
+      for a params checkpoint optional (default: its manifest's).
+    tokenizer: a tokenizer directory (default: the trainer config's paths.tokenizer /
+      paths.llama_model, `tokenizer/` next to a msgpack file, or a params checkpoint's LLaMA source).
     conv_style: overrides the config's chat format. mesh: place the params sharded on it.
     """
     paths = [os.fspath(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [os.fspath(c) for c in checkpoint]
