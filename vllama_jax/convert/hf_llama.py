@@ -43,6 +43,7 @@ import numpy as np
 
 from vllama_jax.convert.common import (CheckpointError, atomic_dir, flatten, get_path as _get,
                                        progress_bar, set_path as _set, tensor_to_numpy, torch_load)
+from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.llama import LlamaConfig, RopeScaling
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,8 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     shardings: optional tree like `params` of `jax.sharding.Sharding`s (e.g.
       `sharding.param_shardings(abstract, mesh)['params']`); each tensor then goes straight onto the
       devices and host memory holds one tensor at a time. Without it the leaves are numpy arrays.
+    With `config.scan_layers` the layers come back stacked (`layers/...` [num_layers, ...], as
+    `Llama` then expects them); the per-layer weights are gathered on the host before placing.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -318,18 +321,34 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     put = _placer(shardings)
     params: dict = {}
+    stacked: dict = {}
     bar = progress_bar(len(expected), f"loading {directory.name}", progress)
     for key, array in ckpt.tensors(set(expected)):
         spec = expected[key]
         src = array.T if spec.transpose else array
-        # One fresh C-ordered copy does cast + transpose and detaches the result from the file map.
-        out = np.empty(src.shape, src.dtype if target is None else target)
-        np.copyto(out, src, casting="unsafe")
+        layer = _layer_index(spec.path) if config.scan_layers else None
+        if layer is None:
+            # One fresh C-ordered copy does cast + transpose and detaches the result from the file map.
+            out = np.empty(src.shape, src.dtype if target is None else target)
+            np.copyto(out, src, casting="unsafe")
+            _set(params, spec.path, put(spec.path, out))
+        else:
+            # scan_layers: each layer's tensor goes into its slot of one [num_layers, ...] host array.
+            rest = spec.path[1:]
+            if rest not in stacked:
+                stacked[rest] = np.empty((config.num_layers,) + src.shape, src.dtype if target is None else target)
+            np.copyto(stacked[rest][layer], src, casting="unsafe")
         del array, src
-        _set(params, spec.path, put(spec.path, out))
         bar.update(1)
     bar.close()
+    for rest, out in stacked.items():
+        _set(params, ("layers",) + rest, put(("layers",) + rest, out))
     return config, params
+
+
+def _layer_index(path: tuple[str, ...]) -> int | None:
+    m = re.fullmatch(r"layers_(\d+)", path[0])
+    return int(m.group(1)) if m else None
 
 
 def _validate(expected: dict[str, KeySpec], found: dict, config: LlamaConfig, directory: Path,
@@ -381,7 +400,8 @@ def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *,
     """Writes `config.json` + safetensors loadable by `transformers.LlamaForCausalLM.from_pretrained`.
 
     params: the tree under 'params' (a `{'params': ...}` variables dict is accepted too); numpy or
-      fully addressable jax arrays, fetched one tensor at a time.
+      fully addressable jax arrays, fetched one tensor at a time (scan_layers' stacked `layers` are
+      fetched whole and written per layer).
     dtype: stored dtype (float32 / float16 / bfloat16); None keeps each array's dtype.
     max_shard_size: bytes or a string like "5GB" / "500MB" / "2GiB"; above it the weights are split
       into `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
@@ -389,6 +409,9 @@ def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *,
     """
     if set(params) == {"params"}:
         params = params["params"]
+    if layer_scan.is_stacked(params, "layers"):
+        # scan_layers params: HF files are per layer (slices of the stacked arrays are views on the host).
+        params = layer_scan.unstack_layers(jax.device_get(params), "layers")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")

@@ -20,6 +20,8 @@ Key map, EVA ViT (torch key under `prefix` -> Flax path under the ViT's params; 
   blocks.{i}.mlp.fc1|fc2.weight/.bias   -> blocks_{i}/fc1|fc2/kernel (transposed), bias
   ignored: blocks.{i >= depth}.* (BLIP-2 drops EVA's 40th block), norm.*, fc_norm.*, head.* (LAVIS
   builds no final norm or classifier).
+  With `EvaViTConfig.scan_layers` the `blocks_{i}` trees are stacked into one `blocks` tree with a
+  leading [depth] axis on import, and unstacked on export (`vllama_jax.models.scan`).
 
 Key map, Q-Former (torch key under `prefix`, e.g. `Qformer.bert.` -> Flax path under the QFormer's params):
   {query_key} [1,Q,H] (no prefix)                    -> query_tokens
@@ -50,11 +52,13 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, copy_entry,
                                        export_entries, expected_keys, ignore_rules, import_entries,
                                        linear_entries, norm_entries, np_dtype, read_state_dict, sort_rest)
+from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.qformer import QFormerConfig
 from vllama_jax.models.vit import EvaViTConfig, interpolate_pos_embed
 
@@ -188,12 +192,16 @@ def eva_vit_params_from_state_dict(sd: StateDict, config: EvaViTConfig, prefix: 
         notes = (f"{pos_key}: resampled {found} -> {want} (bicubic, as LAVIS interpolate_pos_embed)",)
     params, report = _import(sd, eva_vit_entries(config, prefix), lambda k: k.startswith(prefix),
                              eva_vit_ignored(config, prefix), dtype, "EVA ViT")
+    if config.scan_layers:
+        params = layer_scan.stack_layers(params, "blocks")
     return params, dataclasses.replace(report, notes=notes)
 
 
 def eva_vit_state_dict_from_params(params: Params, config: EvaViTConfig, prefix: str = "",
                                    dtype=None) -> dict[str, np.ndarray]:
     """Inverse of `eva_vit_params_from_state_dict`: LAVIS names and layouts (numpy arrays)."""
+    if layer_scan.is_stacked(params, "blocks"):
+        params = layer_scan.unstack_layers(jax.device_get(params), "blocks")
     return export_entries(params, eva_vit_entries(config, prefix), np_dtype(dtype))
 
 

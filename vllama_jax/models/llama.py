@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.common import Dense, Dtype, Preset, constrain, param
 
 KV_CACHE_AXES = ("batch", "kv_length", "kv_heads", "kv")
@@ -79,6 +80,11 @@ class LlamaConfig(Preset):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    # What a rematerialised layer keeps (`vllama_jax.models.scan.REMAT_POLICIES`).
+    remat_policy: str = "full"
+    # One nn.scan over the layers: params stacked as `layers/...` [num_layers, ...], the KV cache
+    # as [num_layers, B, max_len, kv_heads, head_dim] arrays; compile time independent of depth.
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -275,8 +281,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """Pre-norm decoder layer; returns the new residual stream and this layer's (updated) cache."""
+    """Pre-norm decoder layer; returns the new residual stream and this layer's (updated) cache,
+    as `(x, cache_k, cache_v)`, or as nn.scan's `(x, (cache_k, cache_v))` with `scan_form`."""
     config: LlamaConfig
+    scan_form: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
@@ -286,16 +294,21 @@ class LlamaBlock(nn.Module):
             norm("input_layernorm")(x), cos, sin, mask, cache_k, cache_v, index)
         x = x + h
         x = x + LlamaMLP(c, name="mlp")(norm("post_attention_layernorm")(x))
-        return constrain(x, ("batch", "length", "embed")), cache_k, cache_v
+        x = constrain(x, ("batch", "length", "embed"))
+        return (x, (cache_k, cache_v)) if self.scan_form else (x, cache_k, cache_v)
 
 
 # ------------------------------------------------------------------------------------ cache + model
 
 @flax.struct.dataclass
 class KVCache:
-    """Functional KV cache: pass it in, get the advanced one back (a pytree with fixed shapes)."""
-    k: tuple[jax.Array, ...]   # per layer [B, max_len, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]
+    """Functional KV cache: pass it in, get the advanced one back (a pytree with fixed shapes).
+
+    k/v are a tuple of per-layer `[B, max_len, kv_heads, head_dim]` arrays, or with
+    `config.scan_layers` one `[num_layers, B, max_len, kv_heads, head_dim]` array each.
+    """
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     mask: jax.Array            # [B, max_len] bool: slot holds a real (non-pad) token
     index: jax.Array           # int32 scalar: next slot to write
 
@@ -310,17 +323,24 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Dtype | Non
         raise ValueError(f"init_cache needs positive batch and max_len, got batch={batch}, max_len={max_len}")
     dtype = config.dtype if dtype is None else dtype
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    mask, index = jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32)
+    if config.scan_layers:
+        stacked = (config.num_layers,) + shape
+        return KVCache(k=jnp.zeros(stacked, dtype), v=jnp.zeros(stacked, dtype), mask=mask, index=index)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+                   mask=mask, index=index)
 
 
 def cache_shardings(cache: KVCache, mesh) -> KVCache:
     """NamedShardings for a cache: batch over the data axes, kv heads over `tensor`."""
     from vllama_jax.sharding import logical_sharding
+    mask, index = logical_sharding(mesh, ("batch", "kv_length")), logical_sharding(mesh, ())
+    if not isinstance(cache.k, tuple):
+        kv = logical_sharding(mesh, (layer_scan.LAYER_AXIS,) + KV_CACHE_AXES)
+        return KVCache(k=kv, v=kv, mask=mask, index=index)
     kv = logical_sharding(mesh, KV_CACHE_AXES)
-    return KVCache(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v),
-                   mask=logical_sharding(mesh, ("batch", "kv_length")), index=logical_sharding(mesh, ()))
+    return KVCache(k=tuple(kv for _ in cache.k), v=tuple(kv for _ in cache.v), mask=mask, index=index)
 
 
 @flax.struct.dataclass
@@ -343,8 +363,15 @@ class Llama(nn.Module):
     def setup(self):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, c.dtype, c.param_dtype, c.initializer_range)
-        block = nn.remat(LlamaBlock) if c.remat else LlamaBlock
-        self.layers = [block(c) for _ in range(c.num_layers)]
+        block = LlamaBlock
+        if c.remat:
+            block = layer_scan.remat(LlamaBlock, c.remat_policy, prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            # Per layer: cos, sin, mask and the write index are shared, the cache is sliced.
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast)
+            self.layers = layer_scan.scan(block, c.num_layers, in_axes)(c, scan_form=True)
+        else:
+            self.layers = [block(c) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, ("embed", "vocab"))
@@ -391,18 +418,22 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
 
         x = constrain(x, ("batch", "length", "embed"))
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            ck, cv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-            x, ck, cv = layer(x, cos, sin, mask, ck, cv, index)
-            new_k.append(ck)
-            new_v.append(cv)
+        if c.scan_layers:
+            ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
+            x, (new_k, new_v) = self.layers(x, cos, sin, mask, ck, cv, index)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                ck, cv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+                x, ck, cv = layer(x, cos, sin, mask, ck, cv, index)
+                new_k.append(ck)
+                new_v.append(cv)
+            new_k, new_v = tuple(new_k), tuple(new_v)
         x = self.norm(x)
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=new_mask,
-                                index=(cache.index + l).astype(jnp.int32))
+            new_cache = KVCache(k=new_k, v=new_v, mask=new_mask, index=(cache.index + l).astype(jnp.int32))
         return LlamaOutput(logits=self.head(x) if return_logits else None,
                            hidden_states=x if return_hidden else None, cache=new_cache)
 
@@ -429,6 +460,10 @@ def _check_bl(x, shape, name, default=None):
 
 
 def _check_cache(cache: KVCache, config: LlamaConfig, batch: int, length: int) -> None:
+    stacked = not isinstance(cache.k, tuple)
+    if stacked != config.scan_layers:
+        raise ValueError(f"cache k/v are {'stacked arrays' if stacked else 'per-layer tuples'} but the config "
+                         f"has scan_layers={config.scan_layers}; build the cache with init_cache(config, ...)")
     if len(cache.k) != config.num_layers or len(cache.v) != config.num_layers:
         raise ValueError(f"cache has {len(cache.k)} layers, config has {config.num_layers}")
     want = (batch, cache.max_len, config.num_kv_heads, config.head_dim)

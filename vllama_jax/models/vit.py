@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.common import Dense, Dtype, LayerNorm, Preset, attention, constrain, param
 
 # The LAVIS ViT initialises its Linear layers with a std-0.02 normal (timm's trunc_normal_ cuts at
@@ -41,6 +42,9 @@ class EvaViTConfig(Preset):
     layer_norm_eps: float = 1e-6
     in_channels: int = 3
     remat: bool = False
+    # One nn.scan over the blocks: params stacked as `blocks/...` [depth, ...] (the LAVIS
+    # converter stacks / unstacks them); compile time independent of depth.
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -153,24 +157,41 @@ class Attention(nn.Module):
                      kernel_init=self.out_init, name="proj")(y)
 
 
+def _residual_out_init(layer_id: int | jax.Array) -> nn.initializers.Initializer:
+    """LAVIS' fix_init_weight: residual output layers divided by sqrt(2 * (layer_id + 1)).
+
+    Under `scan_layers` the layer id is a traced scan input, so the scale is applied to a
+    std-0.02 draw instead of being folded into the initializer's std.
+    """
+    if isinstance(layer_id, int):
+        return nn.initializers.normal(stddev=0.02 / math.sqrt(2.0 * (layer_id + 1)))
+
+    def init(key, shape, dtype=jnp.float32):
+        scale = jax.lax.rsqrt(2.0 * (layer_id.astype(jnp.float32) + 1.0))
+        return (_init(key, shape, jnp.float32) * scale).astype(dtype)
+    return init
+
+
 class Block(nn.Module):
+    """A pre-norm block. With `scan_form` it is nn.scan's body: `(x, layer_id) -> (x, None)`."""
     config: EvaViTConfig
     layer_id: int = 0
+    scan_form: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer_id: jax.Array | None = None):
         cfg = self.config
         norm = functools.partial(LayerNorm, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype)
-        # LAVIS' fix_init_weight: residual output layers divided by sqrt(2 * (layer_id + 1)).
-        out_init = nn.initializers.normal(stddev=0.02 / math.sqrt(2.0 * (self.layer_id + 1)))
+        out_init = _residual_out_init(self.layer_id if layer_id is None else layer_id)
         x = x + Attention(cfg, out_init, name="attn")(norm(name="norm1")(x))
         h = Dense(cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   kernel_init=_init, name="fc1")(norm(name="norm2")(x))
         h = nn.gelu(h, approximate=False)
         h = Dense(cfg.width, ("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   kernel_init=out_init, name="fc2")(h)
-        return constrain(x + h, ("batch", "length", "embed"))
+        x = constrain(x + h, ("batch", "length", "embed"))
+        return (x, None) if self.scan_form else x
 
 
 def check_images(images: jax.Array, config: EvaViTConfig) -> None:
@@ -190,7 +211,8 @@ class EvaViT(nn.Module):
     """`images [N, H, W, 3] -> tokens [N, 1 + (H/p)*(W/p), width]` (LAVIS `VisionTransformer.forward`).
 
     Params: `patch_embed` (a Dense over flattened `(y, x, c)` patches), `cls_token [1,1,D]`,
-    `pos_embed [1, 1+P, D]` for the configured `img_size`, `blocks_{i}`.
+    `pos_embed [1, 1+P, D]` for the configured `img_size`, `blocks_{i}` (or, with
+    `scan_layers`, `blocks` stacked on a leading `'layers'` axis).
     """
     config: EvaViTConfig
 
@@ -210,7 +232,11 @@ class EvaViT(nn.Module):
             pos = interpolate_pos_embed(pos, grid)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(cfg.dtype), (n, 1, cfg.width)), x], axis=1)
         x = constrain(x + pos.astype(cfg.dtype), ("batch", "length", "embed"))
-        block = nn.remat(Block) if cfg.remat else Block
+        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+        if cfg.scan_layers:
+            blocks = layer_scan.scan(block, cfg.depth, in_axes=(0,))(cfg, scan_form=True, name="blocks")
+            x, _ = blocks(x, jnp.arange(cfg.depth))
+            return x
         for i in range(cfg.depth):
             x = block(cfg, layer_id=i, name=f"blocks_{i}")(x)
         return x
