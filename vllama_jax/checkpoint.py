@@ -25,6 +25,7 @@ import grain
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vllama_jax.train.step import TrainState
 
@@ -78,7 +79,8 @@ class Checkpointer:
     """Periodic train-state checkpoints plus a one-time frozen-params checkpoint."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
+        # gs:// (any URL) workdirs go to orbax as they are: it writes them through etils.epath.
+        self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
         self.frozen_dir = os.path.join(self.workdir, "frozen")
         self.manager = ocp.CheckpointManager(
             os.path.join(self.workdir, "checkpoints"),
@@ -131,7 +133,7 @@ class Checkpointer:
     # -- frozen params ----------------------------------------------------------------------
 
     def has_frozen(self) -> bool:
-        return os.path.isdir(self.frozen_dir)
+        return epath.Path(self.frozen_dir).is_dir()
 
     def save_frozen(self, frozen: Any) -> bool:
         """Writes the frozen params once; returns False if they are already there."""

@@ -80,7 +80,8 @@ class MetricsLogger:
         self.writer = None
         if self.enabled and logdir:
             from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
-            os.makedirs(logdir, exist_ok=True)
+            if "://" not in logdir:   # gs:// logdirs are written by tensorboardX's GCS writer
+                os.makedirs(logdir, exist_ok=True)
             self.writer = SummaryWriter(logdir=logdir)
 
     def advance(self, n: int = 1):
