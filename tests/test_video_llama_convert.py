@@ -277,3 +277,23 @@ def test_failed_export_leaves_destination_untouched(tmp_path, params, monkeypatc
         vl.save_video_llama(dest, params, CFG)
     assert dest.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth"]
+
+
+def test_scan_layers_params_round_trip_stacked(params):
+    """A scan_layers model keeps LLaMA layers / EVA blocks stacked: import stacks, export unstacks,
+    and the file is the one the unrolled model writes."""
+    import dataclasses
+
+    scan = CFG.replace(llama=dataclasses.replace(CFG.llama, scan_layers=True),
+                       vit=dataclasses.replace(CFG.vit, scan_layers=True))
+    stacked = vref.random_params(scan, seed=8)  # the scanned model's own tree
+    assert "layers" in stacked["llama"] and "blocks" in stacked["image_encoder"]["visual_encoder"]
+    sd = vl.state_dict_from_params(stacked, scan, vl.available_components(scan), dtype=None)
+    assert sd.keys() == vl.state_dict_from_params(params, CFG, vl.available_components(CFG), dtype=None).keys()
+    back, _ = vl.params_from_state_dict(sd, scan)
+    _equal_trees(back, stacked)
+    unrolled, _ = vl.params_from_state_dict(sd, CFG)
+    np.testing.assert_array_equal(unrolled["llama"]["layers_1"]["mlp"]["down_proj"]["kernel"],
+                                  stacked["llama"]["layers"]["mlp"]["down_proj"]["kernel"][1])
+    np.testing.assert_array_equal(unrolled["image_encoder"]["visual_encoder"]["blocks_1"]["fc1"]["kernel"],
+                                  stacked["image_encoder"]["visual_encoder"]["blocks"]["fc1"]["kernel"][1])

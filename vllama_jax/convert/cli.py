@@ -28,6 +28,7 @@ input (the message names the file and the key).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +49,10 @@ log = logging.getLogger("vllama-convert")
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOWER_FILES = video_llama.TOWER_FILES
+# What `guess_kind` can tell apart, for messages.
+KINDS = {"video_llama": "a Video-LLaMA checkpoint", "blip2": "a BLIP-2 checkpoint",
+         "eva_vit": "an EVA ViT (eva_vit_g.pth)", "imagebind": "an ImageBind checkpoint",
+         "hf_llama": "an HF LLaMA state dict", "unknown": "an unknown model"}
 
 
 class UsageError(ValueError):
@@ -79,10 +84,22 @@ class _Ticking(Mapping):
         return key in self._sd
 
 
-def _read(path, progress: bool, what: str):
+@contextlib.contextmanager
+def _reading(path, progress: bool, kind: str):
+    """The state dict of `path`, ticking a progress bar per tensor read. A CheckpointError inside names
+    the file and, when the keys look like another kind of checkpoint (`guess_kind`), says which."""
     sd = read_state_dict(path)
-    bar = progress_bar(len(sd), f"{what} {Path(path).name}", progress)
-    return _Ticking(sd, bar), bar
+    bar = progress_bar(len(sd), f"{kind} {Path(path).name}", progress)
+    try:
+        yield _Ticking(sd, bar)
+    except CheckpointError as e:
+        msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+        looks = guess_kind(sd)
+        if looks not in (kind, "unknown"):
+            msg += f" (its keys look like {KINDS[looks]}, not {KINDS[kind]})"
+        raise CheckpointError(msg) from None
+    finally:
+        bar.close()
 
 
 def _load_train_config(path: str):
@@ -161,29 +178,27 @@ def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
         record(["llama"], str(args.llama), "hf_llama", None)
         print(f"{args.llama}: loaded {len(hf_llama.key_map(config.llama))} tensors", file=out)
     if args.blip2:
-        sd, bar = _read(args.blip2, progress, "blip2")
-        enc, report = lavis.blip2_image_encoder_params_from_state_dict(sd, config.vit, config.image_qformer, dtype)
-        bar.close()
+        with _reading(args.blip2, progress, "blip2") as sd:
+            enc, report = lavis.blip2_image_encoder_params_from_state_dict(sd, config.vit, config.image_qformer,
+                                                                           dtype)
         for name, key in (("visual_encoder", "visual_encoder"), ("ln_vision", "ln_vision"),
                           ("image_qformer", "qformer")):
             _put(params, video_llama.PARAM_PATHS[name], enc[key], str(args.blip2), sources, out)
         record(["visual_encoder", "ln_vision", "image_qformer"], str(args.blip2), "blip2", report)
     if args.eva_vit:
-        sd, bar = _read(args.eva_vit, progress, "eva_vit")
-        vit, report = lavis.eva_vit_params_from_state_dict(sd, config.vit, "", dtype)
-        bar.close()
+        with _reading(args.eva_vit, progress, "eva_vit") as sd:
+            vit, report = lavis.eva_vit_params_from_state_dict(sd, config.vit, "", dtype)
         _put(params, video_llama.PARAM_PATHS["visual_encoder"], vit, str(args.eva_vit), sources, out)
         record(["visual_encoder"], str(args.eva_vit), "eva_vit", report)
     if args.imagebind:
         if config.imagebind_audio is None and config.imagebind_vision is None:
             raise UsageError(f"--imagebind: preset {args.preset!r} has no audio branch")
-        sd, bar = _read(args.imagebind, progress, "imagebind")
         modalities = tuple(m for m, c in (("audio", config.imagebind_audio), ("vision", config.imagebind_vision))
                            if c is not None)
         tower_dtype = dtype if dtype is not None else (config.imagebind_audio or config.imagebind_vision).param_dtype
-        weights = imagebind.import_imagebind(sd, config.imagebind_audio, config.imagebind_vision, modalities,
-                                             tower_dtype)
-        bar.close()
+        with _reading(args.imagebind, progress, "imagebind") as sd:
+            weights = imagebind.import_imagebind(sd, config.imagebind_audio, config.imagebind_vision, modalities,
+                                                 tower_dtype)
         loaded = []
         for name, tower in (("audio_encoder", weights.audio), ("audio_vision_encoder", weights.vision)):
             if tower is not None:
@@ -194,14 +209,9 @@ def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
                                   {k: "ImageBind modality Video-LLaMA does not use" for k in weights.ignored})
         record(loaded, str(args.imagebind), "imagebind", report)
     for path in args.video_llama or ():
-        sd, bar = _read(path, progress, "video-llama")
-        try:
+        with _reading(path, progress, "video_llama") as sd:
             got, report = video_llama.params_from_state_dict(sd, config, None, dtype)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        finally:
-            bar.close()
-        found = video_llama.components_in(sd, config)
+            found = video_llama.components_in(sd, config)
         for name in found:
             _put(params, video_llama.PARAM_PATHS[name], _get(got, video_llama.PARAM_PATHS[name]), str(path),
                  sources, out)
@@ -342,7 +352,7 @@ def cmd_export(args, out=sys.stdout) -> int:
             continue
         entries, wrap = _tower_entries(config, fmt)
         bar = progress_bar(len(entries), f"{fmt} {Path(dest).name}", progress)
-        sd = export_entries(params, entries, dtype, on_tensor=lambda k: bar.update(1))
+        sd = export_entries(video_llama.unstacked(params, config), entries, dtype, on_tensor=lambda k: bar.update(1))
         bar.close()
         save_state_dict(dest, sd, wrap=wrap, overwrite=True)
         print(f"wrote {dest}: {len(sd)} keys ({fmt} layout)", file=out)

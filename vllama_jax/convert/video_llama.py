@@ -49,9 +49,10 @@ import numpy as np
 
 from vllama_jax.convert import hf_llama, imagebind, lavis
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, copy_entry,
-                                       export_entries, ignore_rules, import_entries, linear_entries, moved,
-                                       norm_entries, np_dtype, read_state_dict, save_state_dict, sort_rest,
-                                       transposed_entry)
+                                       export_entries, get_path, ignore_rules, import_entries, linear_entries,
+                                       moved, norm_entries, np_dtype, read_state_dict, save_state_dict,
+                                       set_path, sort_rest, transposed_entry)
+from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
 StateDict = Mapping[str, np.ndarray]
@@ -83,6 +84,12 @@ TOWER_FILES = {
     "blip2": (("visual_encoder", "ln_vision", "image_qformer"), "", True),
     "eva_vit": (("visual_encoder",), "visual_encoder.", False),
     "imagebind": (("audio_encoder", "audio_vision_encoder"), "audio_encoder.", False),
+}
+# Components whose per-layer trees a `scan_layers` config keeps stacked into one tree with a leading
+# layer axis (`vllama_jax.models.scan`): component -> (layer prefix, does this config scan it).
+SCANNED = {
+    "visual_encoder": ("blocks", lambda c: c.vit.scan_layers),
+    "llama": ("layers", lambda c: c.llama.scan_layers),
 }
 # LlamaConfig fields that say how we run the model, not what the checkpoint holds.
 LLAMA_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers")
@@ -240,6 +247,36 @@ def buffers(config: VideoLlamaConfig, equip_audio: bool) -> dict[str, dict[str, 
     return out
 
 
+# ------------------------------------------------------------------------------------------ scan_layers
+
+def _with_subtree(tree: Mapping, path, value) -> dict:
+    """A copy of `tree` (shallow, along `path` only) with `value` at `path`."""
+    out = dict(tree)
+    if len(path) == 1:
+        out[path[0]] = value
+    else:
+        out[path[0]] = _with_subtree(tree[path[0]], path[1:], value)
+    return out
+
+
+def unstacked(params: Mapping, config: VideoLlamaConfig) -> Mapping:
+    """`params` with every stacked (scan_layers) tower back in per-layer trees, as the key map names
+    them; unstacked params pass through. Host leaves become views, nothing is copied."""
+    for name, (prefix, _) in SCANNED.items():
+        path = PARAM_PATHS[name]
+        if _has_path(params, path) and layer_scan.is_stacked(get_path(params, path), prefix):
+            params = _with_subtree(params, path, layer_scan.unstack_layers(get_path(params, path), prefix))
+    return params
+
+
+def _stack_scanned(params: dict, config: VideoLlamaConfig, component: str) -> dict:
+    """Imported per-layer trees of `component` stacked when `config` scans its layers."""
+    if component in SCANNED and SCANNED[component][1](config):
+        path = PARAM_PATHS[component]
+        set_path(params, path, layer_scan.stack_layers(get_path(params, path), SCANNED[component][0]))
+    return params
+
+
 # ------------------------------------------------------------------------------------------ import / export
 
 def _merge_into(dst: dict, src: Mapping) -> dict:
@@ -273,7 +310,7 @@ def params_from_state_dict(sd: StateDict, config: VideoLlamaConfig, components: 
         entries = component_entries(config, name)
         sub = import_entries(sd, entries, f"Video-LLaMA {name}",
                              _param_dtype(config, name) if dtype is None else dtype, on_tensor)
-        _merge_into(params, sub)
+        _merge_into(params, _stack_scanned(sub, config, name))
         used += [e.key for e in entries]
     ignored, unmatched = sort_rest(sd, used, lambda k: True, _why_ignored(config))
     notes = (f"components: {', '.join(components)}",)
@@ -318,6 +355,7 @@ def state_dict_from_params(params: Mapping, config: VideoLlamaConfig, components
     The order is the reference's state_dict order.
     """
     components = export_components(params, config, components)
+    params = unstacked(params, config)
     maps = key_map(config, components)
     extra = buffers(config, bool(set(components) & set(AUDIO_COMPONENTS))) if include_buffers else {}
     body: dict[str, np.ndarray] = {}
