@@ -234,6 +234,9 @@ def test_bad_inputs_are_named_and_leave_nothing_behind(tmp_path, params, capsys)
     fails("import", dest, "--preset", "tiny", "--video-llama", tmp_path / "imagebind_huge.pth",
           match="not a Video-LLaMA checkpoint for this config")
 
+    fails("import", dest, "--preset", "tiny", "--blip2", tmp_path / "imagebind_huge.pth",
+          match="(its keys look like an ImageBind checkpoint, not a BLIP-2 checkpoint)")
+
     sd = vl.state_dict_from_params(params, CFG)
     wide = {**sd, "audio_llama_proj.weight": np.zeros((128, 32), np.float32)}
     common.save_state_dict(tmp_path / "wide.pth", wide, wrap=True)
