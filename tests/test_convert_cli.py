@@ -4,6 +4,7 @@ untouched."""
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,40 @@ def test_imported_checkpoint_chats(imported, tmp_path):
     lines = out.getvalue().splitlines()
     assert rc == 0 and sum(l.startswith("Assistant:") for l in lines) == 1, lines
     assert not any(l.startswith("error:") for l in lines), lines
+
+
+TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_stage2.py"
+
+
+@pytest.fixture(scope="module")
+def trainer_import(tmp_path_factory):
+    """Original files exported for the model of a trainer config, imported with `--train-config`:
+    (the params they hold, the import)."""
+    from vllama_jax.inference import load_train_config
+    from vllama_jax.train.video_llama_task import build_task
+
+    d = tmp_path_factory.mktemp("trainer_import")
+    params = vref.random_params(build_task(load_train_config(str(TRAIN_CONFIG))).config, seed=9)
+    src = params_checkpoint.save_params(d / "src", params, {"train_config": str(TRAIN_CONFIG)})
+    files = {"video_llama": d / "v.pth", "hf": d / "hf", "blip2": d / "b.pth"}
+    rc, out = _run("export", src, *(x for k, v in files.items() for x in (f"--{k.replace('_', '-')}", v)))
+    assert rc == 0, out
+    dest = d / "ckpt"
+    rc, out = _run("import", dest, "--train-config", TRAIN_CONFIG, "--llama", files["hf"], "--blip2", files["blip2"],
+                   "--video-llama", files["video_llama"], "--strict")
+    assert rc == 0, out
+    return params, dest
+
+
+def test_trainer_config_import_loads_with_the_trainers_layout(trainer_import, exported):
+    from vllama_jax.inference import load_for_inference, load_train_config
+
+    params, dest = trainer_import
+    tc = load_train_config(str(TRAIN_CONFIG))
+    model = load_for_inference(dest, tokenizer=exported["hf"])
+    assert (model.num_frames, model.image_size) == (tc.data.num_frames, tc.data.image_size)
+    assert model.conv_style == tc.model.get("chat_format", "vicuna")
+    _equal_trees(model.params, params)
 
 
 def test_import_released_checkpoints_and_hf_model(tmp_path):

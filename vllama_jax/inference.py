@@ -248,6 +248,21 @@ def _media_layout(config: VideoLlamaConfig) -> dict:
                 num_audio_clips=min(8, config.max_audio_pos))
 
 
+def _trainer_media_layout(tc) -> dict:
+    return dict(num_frames=int(tc.data.num_frames), image_size=int(tc.data.image_size),
+                num_audio_clips=int(tc.data.num_audio_clips))
+
+
+def _trainer_config_of(config: Any):
+    """The trainer ConfigDict `config` is or names (a `.py` file), else None (a preset, a VideoLlamaConfig)."""
+    if config is None or isinstance(config, VideoLlamaConfig):
+        return None
+    if isinstance(config, (str, os.PathLike)) and not os.fspath(config).endswith(".py"):
+        return None
+    loaded = load_train_config(config)
+    return loaded if hasattr(loaded, "model") and not isinstance(loaded, VideoLlamaConfig) else None
+
+
 def _tokenizer(path: str | os.PathLike | None, fallback: str | None):
     from data_pipelines.tokenizer import TokenizerError, load_tokenizer
 
@@ -292,8 +307,15 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
             raise LoadError("give one params checkpoint directory (several are only allowed for trainer workdirs)")
         vconfig, params, meta = _from_params_checkpoint(first, config)
         llama_source = (meta.get("subtrees") or {}).get("llama", {}).get("source")
-        style = conv_style or ("llama_v2" if "llama2" in str(meta.get("preset") or "") else "vicuna")
-        model = InferenceModel(vconfig, params, _tokenizer(tokenizer, llama_source), style, **_media_layout(vconfig))
+        tc = _trainer_config_of(config if config is not None else meta.get("train_config"))
+        if tc is None:
+            style = conv_style or ("llama_v2" if "llama2" in str(meta.get("preset") or "") else "vicuna")
+            model = InferenceModel(vconfig, params, _tokenizer(tokenizer, llama_source), style,
+                                   **_media_layout(vconfig))
+        else:  # imported for a trainer config: its tokenizer, chat format and media layout
+            tok = _tokenizer(tokenizer, tc.paths.get("tokenizer", "") or llama_source)
+            model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("chat_format", "vicuna")),
+                                   **_trainer_media_layout(tc))
     else:
         for p in paths:
             if not os.path.isdir(os.path.join(p, "checkpoints")):
@@ -305,8 +327,7 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
         vconfig, params = _from_workdirs(paths, tc, step)
         tok = _tokenizer(tokenizer, tc.paths.get("tokenizer", "") or tc.paths.get("llama_model", ""))
         model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("chat_format", "vicuna")),
-                               num_frames=int(tc.data.num_frames), image_size=int(tc.data.image_size),
-                               num_audio_clips=int(tc.data.num_audio_clips))
+                               **_trainer_media_layout(tc))
     if mesh is not None:
         from vllama_jax import sharding
         from vllama_jax.models.video_llama import abstract_or_init
