@@ -84,3 +84,22 @@ def test_layout_names_the_rearrangement():
     rows = {r.key: r for r in key_doc.rows(VideoLlamaConfig.preset("vicuna7b"))}
     assert rows["Qformer.bert.encoder.layer.{i}.crossattention.self.key.weight"].layers == list(range(0, 12, 2))
     assert rows["visual_encoder.blocks.{i}.attn.qkv.weight"].flax_shapes == ((1408, 1408),) * 3
+
+
+def test_real_size_shapes_are_the_released_ones():
+    """Shapes the released files have (Video-LLaMA vicuna-7B heads, BLIP-2 with EVA ViT-g,
+    imagebind_huge), as the documented key map states them."""
+    rows = {r.key: r.torch_shape for r in key_doc.rows(VideoLlamaConfig.preset("vicuna7b"))}
+    released = {
+        "video_query_tokens": (1, 32, 768), "audio_query_tokens": (1, 8, 768),
+        "video_frame_position_embedding.weight": (32, 768), "audio_position_embedding.weight": (8, 1024),
+        "llama_proj.weight": (4096, 768), "audio_llama_proj.weight": (4096, 768),
+        "video_Qformer.bert.encoder.layer.{i}.crossattention.self.key.weight": (768, 768),
+        "audio_Qformer.bert.encoder.layer.{i}.crossattention.self.key.weight": (768, 1024),
+        "Qformer.bert.encoder.layer.{i}.crossattention.self.key.weight": (768, 1408),
+        "visual_encoder.pos_embed": (1, 257, 1408), "visual_encoder.blocks.{i}.mlp.fc1.weight": (6144, 1408),
+        "audio_encoder.modality_trunks.audio.blocks.{i}.attn.in_proj_weight": (2304, 768),
+        "audio_encoder.modality_heads.audio.2.weight": (1024, 768),
+        "llama_model.model.layers.{i}.mlp.gate_proj.weight": (11008, 4096),
+    }
+    assert {k: rows[k] for k in released} == released

@@ -30,22 +30,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from vllama_jax.convert import hf_llama, imagebind, lavis, params_checkpoint, video_llama
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, export_entries,
-                                       flatten, np_dtype, progress_bar, read_state_dict, save_state_dict,
+                                       np_dtype, progress_bar, read_state_dict, save_state_dict,
                                        set_path)
 from vllama_jax.models.video_llama import VideoLlamaConfig
-
-log = logging.getLogger("vllama-convert")
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOWER_FILES = video_llama.TOWER_FILES
