@@ -577,6 +577,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--bucket", type=int, default=32, help="prompt lengths are padded to a multiple of this "
+                   "(fewer compiled programs)")
     return p.parse_args(list(argv))
 
 
@@ -604,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvalError("no shards to evaluate: pass --shards (or set data.eval_shards in the trainer config)")
         media = None if args.media == "auto" else tuple(m.strip() for m in args.media.split(",") if m.strip())
         report = run_eval(model, shards, loader_config=lc, media=media, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, limit=args.limit,
+                          max_new_tokens=args.max_new_tokens, limit=args.limit, bucket=args.bucket,
                           kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
     except (LoadError, LoaderError, EvalError) as e:
         print(f"vllama-eval: {e}", file=sys.stderr)
