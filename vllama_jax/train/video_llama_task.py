@@ -3,7 +3,12 @@
 Implements the `vllama_jax.train.task.Task` contract. The medium the loss trains on follows the
 reference's `train_flag`: the vision branch trains on frames through the video Q-Former
 (`('video',)`); the audio branch trains on frames through ImageBind's vision tower into the audio
-Q-Former (`('audio_from_frames',)`).
+Q-Former (`('audio_from_frames',)`), or, with `config.model.audio_train_input = 'audio'`, on the
+audio itself through ImageBind's audio tower (`('audio',)`; not the reference, used by the demo).
+
+`config.model.overrides` (tower name -> {field: value}) changes fields of a tower preset, e.g. the
+demo's own small towers; `config.paths.ckpt` names an earlier stage's trainer workdir whose trained
+params start this run (the reference's stage-2 `ckpt`).
 """
 from __future__ import annotations
 
@@ -30,28 +35,46 @@ def model_config(config) -> VideoLlamaConfig:
     dropout = float(m.get("dropout", 0.1))
     remat = bool(m.get("remat", False))
 
-    def qformer(name, **kw):
-        return QFormerConfig.preset(name, hidden_dropout=dropout, attention_dropout=dropout, remat=remat,
-                                    dtype=dtype, **kw)
+    overrides = m.get("overrides") or {}
 
-    image_qformer = QFormerConfig.preset(m.qformer, num_query_tokens=int(m.num_query_token), dtype=dtype)
+    def preset(cls, tower, **kw):
+        # Config-derived fields win over the overrides (they must agree with the data).
+        return cls.preset(m[tower], **{**dict(overrides.get(tower) or {}), **kw})
+
+    def qformer(tower, **kw):
+        return preset(QFormerConfig, tower, hidden_dropout=dropout, attention_dropout=dropout, remat=remat,
+                      dtype=dtype, **kw)
+
+    image_qformer = preset(QFormerConfig, "qformer", num_query_tokens=int(m.num_query_token), dtype=dtype)
     audio = bool(m.get("equip_audio_branch", False))
-    imagebind_audio = ImageBindAudioConfig.preset(m.imagebind_audio, dtype=dtype) if audio else None
+    imagebind_audio = preset(ImageBindAudioConfig, "imagebind_audio", dtype=dtype) if audio else None
     # As the reference: the audio Q-Former reads ImageBind's output embedding.
-    audio_qformer = qformer(m.audio_qformer, num_query_tokens=int(m.num_audio_query_token),
+    audio_qformer = qformer("audio_qformer", num_query_tokens=int(m.num_audio_query_token),
                             encoder_width=imagebind_audio.out_embed_dim) if audio else None
+    # ImageBind's vision tower only feeds the audio Q-Former when the audio branch trains on frames.
+    from_frames = audio and _audio_train_input(config) == "frames"
     return VideoLlamaConfig(
-        llama=LlamaConfig.preset(m.llama, dtype=dtype, remat=remat),
-        vit=EvaViTConfig.preset(m.vit, img_size=int(config.data.image_size), dtype=dtype, remat=remat),
+        llama=preset(LlamaConfig, "llama", dtype=dtype, remat=remat),
+        vit=preset(EvaViTConfig, "vit", img_size=int(config.data.image_size), dtype=dtype, remat=remat),
         image_qformer=image_qformer,
-        video_qformer=qformer(m.video_qformer, num_query_tokens=int(m.num_video_query_token),
+        video_qformer=qformer("video_qformer", num_query_tokens=int(m.num_video_query_token),
                               encoder_width=image_qformer.hidden_size),
         audio_qformer=audio_qformer,
         imagebind_audio=imagebind_audio,
-        imagebind_vision=(ImageBindVisionConfig.preset(m.imagebind_vision, image_size=int(config.data.image_size),
-                                                       dtype=dtype) if audio else None),
+        imagebind_vision=(preset(ImageBindVisionConfig, "imagebind_vision", image_size=int(config.data.image_size),
+                                 dtype=dtype) if from_frames else None),
         max_frame_pos=int(m.max_frame_pos),
     )
+
+
+AUDIO_TRAIN_INPUTS = ("frames", "audio")
+
+
+def _audio_train_input(config) -> str:
+    value = str(config.model.get("audio_train_input", "frames"))
+    if value not in AUDIO_TRAIN_INPUTS:
+        raise ValueError(f"config.model.audio_train_input must be one of {AUDIO_TRAIN_INPUTS}, got {value!r}")
+    return value
 
 
 def train_media(config) -> tuple[str, ...]:
@@ -62,7 +85,9 @@ def train_media(config) -> tuple[str, ...]:
     if video and audio:
         raise ValueError("training the video and audio Q-Formers together (reference train_flag 2) is not "
                          "defined by the reference forward; train the branches in separate runs")
-    return ("audio_from_frames",) if audio else ("video",)
+    if not audio:
+        return ("video",)
+    return ("audio_from_frames",) if _audio_train_input(config) == "frames" else ("audio",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +96,7 @@ class PretrainedPaths:
     llama_model: str = ""   # HF LLaMA / Vicuna directory
     blip2: str = ""         # LAVIS BLIP-2 .pth (EVA ViT-g + ln_vision + Q-Former)
     imagebind: str = ""     # imagebind_huge.pth
+    ckpt: str = ""          # an earlier stage's trainer workdir: its trained params start this run
 
     @classmethod
     def from_config(cls, config) -> "PretrainedPaths":
@@ -111,10 +137,26 @@ class VideoLlamaTask:
             params["image_encoder"], report = lavis.load_blip2_image_encoder(paths.blip2, c.vit, c.image_qformer)
             log.info("loaded BLIP-2 image encoder from %s: %s", paths.blip2, report)
         if paths.imagebind and c.audio_qformer is not None:
-            weights = imagebind.import_imagebind(paths.imagebind, c.imagebind_audio, c.imagebind_vision)
-            params["audio_encoder"], params["audio_vision_encoder"] = weights.audio, weights.vision
-            log.info("loaded ImageBind audio + vision towers from %s", paths.imagebind)
+            towers = {"audio_encoder": ("audio", c.imagebind_audio), "audio_vision_encoder": ("vision", c.imagebind_vision)}
+            towers = {name: m for name, (m, cfg) in towers.items() if cfg is not None}
+            weights = imagebind.import_imagebind(paths.imagebind, c.imagebind_audio, c.imagebind_vision,
+                                                 modalities=tuple(towers.values()))
+            for name, modality in towers.items():
+                params[name] = getattr(weights, modality)
+            log.info("loaded ImageBind %s tower(s) from %s", " + ".join(towers.values()), paths.imagebind)
+        if paths.ckpt:
+            params.update(stage_params(paths.ckpt))
+            log.info("started from the trained params of %s", paths.ckpt)
         return params
+
+
+def stage_params(workdir: str) -> dict:
+    """Only the trained params (newest step) of a trainer workdir, as host arrays."""
+    from vllama_jax.convert import params_checkpoint as pc
+
+    (item, keys), *_ = pc.locate(workdir)
+    # A workdir's first item is its newest step's state; reading that step alone skips frozen/.
+    return pc.load_params(item.parent if keys == ("params",) else workdir)
 
 
 def build_task(config) -> VideoLlamaTask:
