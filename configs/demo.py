@@ -1,0 +1,109 @@
+"""The demo (`vllama-demo`): data sizes, tower sizes, pretraining and stage settings.
+
+`get_config()` is the full demo (about 10 minutes on 2 CPU cores); `get_config("quick")` a tiny
+variant that only shows every phase working (CI). `stage_config(demo, branch, stage, ...)` turns
+the demo settings into the trainer's ml_collections config of one Video-LLaMA stage, starting
+from the reference stage config (`config_lib.video_llama`) so everything not set here is the
+paper's recipe.
+"""
+import ml_collections
+
+from vllama_jax.train import config_lib
+
+
+def get_config(arg: str = "full") -> ml_collections.ConfigDict:
+    if arg not in ("full", "quick"):
+        raise ValueError(f"demo config: expected 'full' or 'quick', got {arg!r}")
+    quick = arg == "quick"
+    c = ml_collections.ConfigDict()
+    c.name = arg
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.num_train = 16 if quick else 256
+    c.data.num_test = 8 if quick else 64
+    c.data.num_frames = 8             # sampled of the 16 stored, as the reference's 8
+    c.data.image_size = 48
+    c.data.num_audio_clips = 8        # 2-second clips, as ImageBind / the reference
+    c.data.conv_seq_len = 160         # stage-2 conversations (5 questions) + media tokens
+
+    # Tower sizes: overrides of each tower's `tiny` preset (config_lib.tiny names them).
+    c.towers = ml_collections.ConfigDict()
+    c.towers.llama = dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=4,
+                          head_dim=24, max_position_embeddings=256)
+    c.towers.vit = dict(patch_size=8, width=64, depth=2, num_heads=4)
+    c.towers.qformer = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, encoder_width=64)
+    c.towers.video_qformer = dict(hidden_size=64, num_heads=4, intermediate_size=128)
+    c.towers.audio_qformer = dict(hidden_size=64, num_heads=4, intermediate_size=128)
+    c.towers.imagebind_audio = dict(embed_dim=48, num_blocks=2, num_heads=4, out_embed_dim=64, drop_path=0.0)
+    c.num_query_token = 8             # image Q-Former queries per frame
+    c.num_video_query_token = 8
+    c.num_audio_query_token = 4
+    c.vocab_size = 512                # demo tokenizer (BPE over the train text)
+
+    def fit(steps, batch_size, lr):
+        return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, lr=lr))
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.llama = fit(10 if quick else 400, 8 if quick else 32, 3e-3)
+    c.pretrain.vision = fit(10 if quick else 250, 8 if quick else 32, 2e-3)
+    c.pretrain.audio = fit(10 if quick else 150, 16 if quick else 64, 2e-3)
+    c.pretrain.lm_renderings = 1 if quick else 3   # renderings of each train dialogue in the LM corpus
+
+    # Stage runs: (branch, stage) -> steps, batch, peak lr (warmup-cosine as the reference).
+    c.stages = ml_collections.ConfigDict()
+    for branch in ("vision", "audio"):
+        for stage in (1, 2):
+            c.stages[f"{branch}{stage}"] = fit(4 if quick else 150, 8 if quick else 32, 1e-3)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_new_tokens = 6
+    c.eval.batch_size = 8 if quick else 32
+    c.eval.sample_dialogues = 2 if quick else 3
+    return c
+
+
+def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, paths: dict,
+                 vocab_size: int) -> ml_collections.ConfigDict:
+    """The trainer config of one demo run (`branch` 'vision' | 'audio', `stage` 1 | 2).
+
+    Both branches are equipped in every run (one model; the freeze preset picks what trains);
+    the audio branch trains on the audio itself (`audio_train_input='audio'`), not on frames
+    through ImageBind's vision tower as the paper does. `paths`: the pretrained towers and, for
+    stage 2, `ckpt` (the stage-1 workdir).
+    """
+    c = config_lib.tiny(config_lib.video_llama(branch, stage, "vicuna7b"))
+    m, d, s = c.model, c.data, demo.stages[f"{branch}{stage}"]
+    m.equip_audio_branch = True
+    m.audio_train_input = "audio"
+    m.frozen_video_qformer = branch != "vision"
+    m.frozen_llama_proj = branch != "vision"
+    m.frozen_audio_qformer = branch != "audio"
+    m.overrides = ml_collections.ConfigDict({k: dict(v) for k, v in demo.towers.items()})
+    m.overrides.llama = dict(demo.towers.llama, vocab_size=vocab_size)
+    m.num_query_token = demo.num_query_token
+    m.num_video_query_token = demo.num_video_query_token
+    m.num_audio_query_token = demo.num_audio_query_token
+    m.max_frame_pos = demo.data.num_frames
+    m.max_txt_len = 24 if stage == 1 else demo.data.conv_seq_len
+    d.num_frames = demo.data.num_frames
+    d.image_size = demo.data.image_size
+    d.num_audio_clips = demo.data.num_audio_clips
+    d.num_query_placeholders = demo.num_video_query_token if branch == "vision" else demo.num_audio_query_token
+    d.seq_len = 0 if stage == 1 else demo.data.conv_seq_len
+    d.datasets = ml_collections.ConfigDict()
+    d.dataset_shards = ml_collections.ConfigDict()
+    c.paths.prompt_path = ""          # the demo's stage 2 is conversations only
+    for k, v in paths.items():
+        c.paths[k] = v
+    o = c.optim
+    o.init_lr, o.min_lr, o.warmup_lr = s.lr, s.lr * 0.1, s.lr * 0.01
+    o.warmup_steps, o.iters_per_epoch, o.max_epoch = max(s.steps // 10, 1), s.steps, 1
+    o.weight_decay = 0.05
+    t = c.train
+    t.batch_size, t.total_steps, t.seed = s.batch_size, s.steps, demo.seed + 10 * stage + (branch == "audio")
+    t.log_every, t.save_every = max(s.steps // 15, 1), 0
+    c.checkpoint.save_frozen = False  # the towers come from paths.*
+    c.checkpoint.async_save = False
+    c.checkpoint.max_to_keep = 1
+    m.dropout = 0.1
+    return c

@@ -1,0 +1,501 @@
+"""The demo: Video-LLaMA's recipe in miniature on the synthetic audio-visual set, on a CPU.
+
+    1. data       synthetic clips (data_pipelines/synthetic.py): colour, shape and motion only
+                  visible; pitch and rhythm only audible; written as ArrayRecord shards
+    2. towers     tiny stand-ins for the pretrained towers (vllama_jax/demo_pretrain.py): a LLaMA
+                  pretrained as a language model on the train text, an EVA ViT + image Q-Former
+                  and an ImageBind audio tower pretrained on their modality; saved as the real
+                  ones ship (HF directory, LAVIS .pth, ImageBind .pth), then frozen
+    3. stage 1    video-caption pretraining of the vision branch (video Q-Former, frame position
+                  embedding, query tokens, llama_proj) and the audio branch (audio Q-Former, its
+                  position embedding and query tokens, audio_llama_proj), one run each, with the
+                  trainer (vllama_jax/train) on the frozen towers' cached outputs
+    4. stage 2    instruction tuning of each branch on the instruct split, from its stage-1 run
+    5. evaluate   held-out clips (test split): every question answered by generation with the
+                  audio and video soft tokens together (vllama_jax/evaluate.py), accuracy per
+                  attribute vs chance; a few dialogues through the Chat library on a test mp4
+
+Deviation from the paper (on purpose): the paper trains the audio branch on video-text data with
+ImageBind's *vision* encoder standing in for audio (ImageBind's shared embedding space); the demo's
+tiny ImageBind has no shared space, so its audio branch trains on the audio itself.
+Another simplification: each training example has one fixed view of its media (uniform frames, no
+random crops), so the frozen towers run once per example (vllama_jax/train/feature_cache.py).
+
+Everything is a function of the seed: rerunning with the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEVIATION = ("The audio branch trains on the audio itself (ImageBind audio tower -> audio Q-Former), "
+             "not on frames through ImageBind's vision tower as in the paper (the demo's tiny ImageBind "
+             "has no shared embedding space).")
+PHASES = ("data", "tokenizer", "pretrain", "vision1", "vision2", "audio1", "audio2", "evaluate")
+
+
+def load_demo_config(name: str = "full"):
+    """`configs/demo.py:get_config(name)`; the configs directory sits next to the package."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found (vllama-demo runs from a source checkout: "
+                                "pip install -e .)")
+    spec = importlib.util.spec_from_file_location("_vllama_demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.get_config(name)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where the demo writes everything under its work directory."""
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def media(self) -> Path:
+        return self.root / "media"
+
+    @property
+    def towers(self) -> Path:
+        return self.root / "towers"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    def run(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+    def shards(self, split: str) -> str:
+        return str(self.data / f"vllama_demo-{split}.array_record-?????-of-?????")
+
+
+class _Phases:
+    """Phase banners with wall times (printed, and kept for the summary)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str, what: str):
+        return _Phase(self, name, what)
+
+
+class _Phase:
+    def __init__(self, phases, name, what):
+        self.phases, self.name, self.what = phases, name, what
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.phases.out(f"\n== [{self.name}] {self.what}")
+        return self
+
+    def __exit__(self, *exc):
+        took = time.perf_counter() - self.start
+        self.phases.times[self.name] = round(took, 1)
+        if exc[0] is None:
+            self.phases.out(f"== [{self.name}] done in {took:.1f} s")
+
+
+# ------------------------------------------------------------------------------------ data
+
+def build_data(layout: Layout, demo, workers: int, out) -> dict:
+    from data_pipelines import synthetic
+
+    d = demo.data
+    results = synthetic.write_splits(str(layout.media), str(layout.data), num_train=d.num_train,
+                                     num_test=d.num_test, seed=demo.seed, num_workers=workers, progress=True)
+    counts = {r.split: r.num_written for r in results}
+    skipped = {r.split: r.num_inputs - r.num_written for r in results if r.num_inputs != r.num_written}
+    if skipped:
+        raise RuntimeError(f"the synthetic writer skipped clips: {skipped}")
+    out(f"   clips written: {counts}")
+    return counts
+
+
+def _records(pattern: str) -> list[dict]:
+    from data_pipelines.loader import ShardSource
+
+    source = ShardSource([pattern])
+    return [source[i] for i in range(len(source))]
+
+
+def lm_corpus(records: list[dict], renderings: int, num_frames: int, seed: int) -> list[str]:
+    """Texts for the language model: each train clip's caption, and its dialogue rendered
+    `renderings` times in the layouts the model meets (the training conversation, the eval's
+    single question, the chat's audio+video message), the media described in words."""
+    from data_pipelines import prompts as P
+    from data_pipelines import synthetic
+    from data_pipelines import video as V
+    from vllama_jax import chat
+
+    texts = []
+    for k, ex in enumerate(records):
+        attrs = {a: ex["meta"][a] for a in synthetic.ATTRIBUTES}
+        seen = f"a {attrs['colour']} {attrs['shape']} moving {attrs['motion']}"
+        heard = f"a {attrs['pitch']} tone beeps {attrs['rhythm']}"
+        times = np.asarray(ex["frame_times"], np.float32)[V.sample_indices(len(ex["frames"]), num_frames, "uniform")]
+        time_msg = P.video_time_message(times)
+        turns = ex["conversations"]
+        texts.append(ex.get("caption") or synthetic.caption(attrs))
+        rng = np.random.default_rng([seed, 7, k])
+        for _ in range(renderings):
+            both = f"{heard} {seen}" if rng.random() < 0.5 else f"{seen} {heard}"
+            layout = rng.integers(3)
+            if layout == 0:      # the training conversation (loader: insert_media + vicuna_text)
+                media = P.insert_media(turns, "video", 1, time_msg)
+                texts.append(P.vicuna_text(media)[0].replace(P.IMAGE_PLACEHOLDER, both))
+            elif layout == 1:    # one question (evaluate.qa_prompt) with its answer
+                q = int(rng.integers(len(turns) // 2))
+                prompt = P.vicuna_text(P.insert_media([turns[2 * q]], "video", 1, time_msg))[0] + "Assistant:"
+                texts.append(prompt.replace(P.IMAGE_PLACEHOLDER, both) + " " + turns[2 * q + 1]["value"] + "###")
+            else:                # the chat's audio+video upload, then the questions
+                conv = chat.new_conversation("vicuna")
+                message = chat.AUDIO_VIDEO_MESSAGE.replace(P.IMAGE_PLACEHOLDER, heard, 1)
+                message = message.replace(P.IMAGE_PLACEHOLDER, seen, 1)
+                for i in range(0, len(turns), 2):
+                    q = turns[i]["value"].replace(P.IMAGE_PLACEHOLDER, "").strip()
+                    conv.append_message(conv.roles[0], f"{message} {q}" if i == 0 else q)
+                    conv.append_message(conv.roles[1], turns[i + 1]["value"])
+                texts.append(conv.get_prompt())
+    return texts
+
+
+# ------------------------------------------------------------------------------------ towers
+
+def _loader_batches(train_config, pattern: str, batch_size: int):
+    """One pass over `pattern` with the stage's eval transforms (fixed view per example), in order."""
+    from data_pipelines import loader as L
+
+    lc = dataclasses.replace(L.loader_config_from(train_config, train=False), batch_size=batch_size,
+                             drop_remainder=False, shuffle=False, num_epochs=1, keep_ids=True)
+    return L.make_loader(L.DatasetSpec(paths=(pattern,), name=Path(pattern).name), lc, L._encoder_from(train_config),
+                         shard_index=0, shard_count=1)
+
+
+def _clip_ids(ids) -> list[str]:
+    # caption and instruct records of one clip differ only in the id's last part.
+    return [str(i).rsplit("/", 1)[0] for i in ids]
+
+
+def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, out):
+    """Pretrains and saves the three towers; returns (config.paths entries, histories, the train
+    clips' media arrays, the tower params)."""
+    from vllama_jax import demo_pretrain as DP
+    from vllama_jax.train.video_llama_task import model_config
+
+    probe = demo_module.stage_config(demo, "vision", 1, paths={"tokenizer": str(layout.tokenizer)},
+                                     vocab_size=vocab_size)
+    vconfig = model_config(probe)
+    tokenizer = _tokenizer(layout.tokenizer)
+    histories = {}
+
+    def fit_config(name):
+        f = demo.pretrain[name]
+        return DP.FitConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, log_every=max(f.steps // 20, 1))
+
+    records = _records(layout.shards("instruct_train"))
+    corpus_texts = lm_corpus(records, demo.pretrain.lm_renderings, demo.data.num_frames, demo.seed)
+    corpus = DP.tokenize_corpus(corpus_texts, tokenizer, vconfig.llama.max_position_embeddings)
+    out(f"   language model: {len(corpus_texts)} texts, {int(corpus['attention_mask'].sum())} tokens")
+    llama, histories["llama"] = DP.pretrain_llama(vconfig.llama, corpus, fit_config("llama"), demo.seed,
+                                                  str(layout.tensorboard / "pretrain_llama"))
+
+    frames, fbank, targets, ids = [], [], [], []
+    for batch in _loader_batches(probe, layout.shards("caption_train"), 32):
+        frames.append(batch["frames"])
+        fbank.append(batch["audio"].astype(np.float16))
+        targets.append(batch["targets"])
+        ids += _clip_ids(batch["example_id"])
+    media = {"frames": np.concatenate(frames), "audio": np.concatenate(fbank), "ids": ids}
+    bag = DP.bag_of_tokens(np.concatenate(targets), vconfig.llama.vocab_size)
+    image_encoder, histories["vision"] = DP.pretrain_vision(
+        vconfig.vit, vconfig.image_qformer, media["frames"], bag, fit_config("vision"), demo.seed + 1,
+        str(layout.tensorboard / "pretrain_vision"))
+    audio, histories["audio"] = DP.pretrain_audio(
+        vconfig.imagebind_audio, media["audio"], bag, fit_config("audio"), demo.seed + 2,
+        str(layout.tensorboard / "pretrain_audio"))
+    paths = DP.save_towers(str(layout.towers), llama=(llama, vconfig.llama), tokenizer_dir=str(layout.tokenizer),
+                           image_encoder=(image_encoder, vconfig.vit, vconfig.image_qformer),
+                           audio=(audio, vconfig.imagebind_audio), vision_config=None, seed=demo.seed)
+    return paths, histories, media, {"image_encoder": image_encoder, "audio_encoder": audio}
+
+
+def _tokenizer(path):
+    from data_pipelines.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+# ------------------------------------------------------------------------------------ stages
+
+def _frozen_tower(model, batch, medium: str):
+    """Only the frozen tower of `medium`, on the clips' frames / fbank clips flattened."""
+    x = batch["frames"] if medium == "video" else batch["audio"]
+    tower = model.image_encoder if medium == "video" else model.audio_encoder
+    return tower(x.reshape(-1, *x.shape[2:]).astype(np.float32))
+
+
+CACHED = {"video": ("image_encoder", "image_features", "frames"),
+          "audio": ("audio_encoder", "audio_features", "audio")}
+
+
+def tower_features(model_config, towers: dict, media: dict, medium: str, batch_size: int = 32):
+    """The frozen tower's output for every train clip (`feature_cache.FeatureDataset`), computed
+    once: the clips' view is fixed, so every stage of the branch replays it."""
+    from vllama_jax.models.video_llama import VideoLlama
+    from vllama_jax.train import feature_cache as FC
+
+    tower, key, source = CACHED[medium]
+    x = media[source]
+    batches = ({source: x[i:i + batch_size]} for i in range(0, len(x), batch_size))
+    return FC.build_feature_dataset(VideoLlama(model_config), {"params": {tower: towers[tower]}}, batches,
+                                    (FC.CachedOutput((tower,), key),), method=_frozen_tower, method_args=(medium,))
+
+
+def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, paths: dict, vocab_size: int,
+                features, feature_ids: list[str]):
+    """One trainer run on the cached frozen-tower outputs; returns (trainer config, TrainResult)."""
+    from vllama_jax.train import feature_cache as FC
+    from vllama_jax.train import loop
+    from vllama_jax.train.video_llama_task import build_task
+
+    run_paths = dict(paths)
+    if stage == 2:
+        run_paths["ckpt"] = str(layout.run(f"{branch}1"))
+    config = demo_module.stage_config(demo, branch, stage, paths=run_paths, vocab_size=vocab_size)
+    task = build_task(config)
+    tower, key, _ = CACHED[task.media[0]]
+    split = "caption_train" if stage == 1 else "instruct_train"
+    text = {k: [] for k in ("input_ids", "attention_mask", "targets", "media_mask", "frame_mask")}
+    ids = []
+    for batch in _loader_batches(config, layout.shards(split), int(config.train.batch_size)):
+        for k in text:
+            text[k].append(batch[k])
+        ids += _clip_ids(batch["example_id"])
+    if ids != feature_ids:
+        raise RuntimeError(f"{split} does not list the clips in the order of caption_train")
+    data = FC.FeatureDataset({key: features[key], **{k: np.concatenate(v) for k, v in text.items()}})
+    cached = FC.CachedFeatureTask(task, outputs=(FC.CachedOutput((tower,), key),))
+    train_iter = data.iterator(int(config.train.batch_size), seed=int(config.train.seed))
+    result = loop.train(config, cached, train_iter, workdir=str(layout.run(f"{branch}{stage}")))
+    return config, result
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def evaluate(layout: Layout, demo, audio_config, out) -> dict:
+    from data_pipelines import loader as L
+    from vllama_jax import evaluate as E
+    from vllama_jax.inference import load_for_inference
+
+    model = load_for_inference([str(layout.run("vision2")), str(layout.run("audio2"))], audio_config)
+    lc = dataclasses.replace(L.loader_config_from(audio_config, train=False), batch_size=1)
+    report = E.run_eval(model, [layout.shards("instruct_test")], loader_config=lc, media=("audio", "video"),
+                        batch_size=demo.eval.batch_size, max_new_tokens=demo.eval.max_new_tokens, kinds=("qa",))
+    E.write_report(report, layout.root / "eval_report.json")
+    return report, model
+
+
+def sample_dialogues(model, layout: Layout, demo, out) -> list[dict]:
+    """A few held-out mp4s through the Chat library: video with its sound, five questions each."""
+    from data_pipelines import synthetic
+    from vllama_jax.chat import Chat
+
+    records = _records(layout.shards("instruct_test"))
+    dialogues = []
+    chat = Chat(model, seed=demo.seed, log=lambda msg: out(f"   chat: {msg}"))
+    gen = dict(do_sample=False, max_new_tokens=demo.eval.max_new_tokens)
+    for ex in records[:demo.eval.sample_dialogues]:
+        split, index = ex["meta"]["split"], int(ex["id"].split("/")[-2])
+        mp4 = layout.media / f"seed{demo.seed}" / split / f"{index:05d}.mp4"
+        chat.reset()
+        turns = [("upload", str(mp4), chat.upload_video(str(mp4)))]
+        for attr in synthetic.ATTRIBUTES:
+            chat.ask(synthetic.QUESTIONS[attr])
+            answer = chat.answer(**gen)
+            turns.append((attr, synthetic.QUESTIONS[attr], answer, ex["meta"][attr]))
+        dialogues.append({"mp4": str(mp4), "turns": turns, "prompt": chat.prompt})
+    return dialogues
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+def write_chat_config(layout: Layout, config) -> str:
+    """`<workdir>/chat_config.py`: the audio-branch stage-2 trainer config (which equips both
+    branches), for `vllama-chat` / `vllama-eval --config` over the vision2 + audio2 runs."""
+    json_path = layout.root / "chat_config.json"
+    json_path.write_text(config.to_json(indent=1))
+    py_path = layout.root / "chat_config.py"
+    py_path.write_text(
+        '"""The demo\'s trainer config (audio2 run), for vllama-chat / vllama-eval --config."""\n'
+        "import json\nimport os\n\nimport ml_collections\n\n\n"
+        "def get_config():\n"
+        "    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat_config.json')\n"
+        "    with open(path) as f:\n"
+        "        return ml_collections.ConfigDict(json.load(f))\n")
+    return str(py_path)
+
+
+def plot_losses(histories: dict[str, list[dict]], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, hist in histories.items():
+        if not hist:
+            continue
+        ax = axes[0] if name.startswith("pretrain") else axes[1]
+        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name.replace("pretrain_", ""))
+    axes[0].set_title("tower pretraining (LM: next token; vision/audio: caption bag of tokens)")
+    axes[1].set_title("Video-LLaMA stages (answer-token cross-entropy)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def format_table(report: dict) -> str:
+    attrs = report["metrics"]["attributes"]
+    from data_pipelines import synthetic
+
+    lines = [f"{'attribute':<10}{'heard/seen':<12}{'accuracy':>9}{'chance':>8}{'n':>5}"]
+    for attr, s in attrs["per_attribute"].items():
+        kind = "seen" if attr in synthetic.VISUAL else "heard"
+        lines.append(f"{attr:<10}{kind:<12}{s['accuracy']:>9.1%}{s['chance']:>8.0%}{s['total']:>5d}")
+    for name, g in attrs["groups"].items():
+        lines.append(f"{name + ' (mean)':<22}{g['accuracy']:>9.1%}{g['chance']:>8.0%}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+
+def _compilation_cache(path: Path) -> None:
+    """JAX's persistent compilation cache: the four stage runs initialise the same model (one
+    compile instead of four), and a rerun of the demo skips most compiles."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_demo(workdir: str = "./vllama_demo_run", *, seed: int = 0, quick: bool = False, skip_data: bool = False,
+             workers: int | None = None, out=print) -> dict:
+    """Runs every phase; returns the summary written to `<workdir>/summary.json`."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    _compilation_cache(Path(workdir).resolve() / "jax_cache")
+    demo_module, demo = load_demo_config("quick" if quick else "full")
+    demo.seed = int(seed)
+    layout = Layout(workdir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    phases = _Phases(out)
+    out(f"vllama-demo ({demo.name}, seed {seed}) in {layout.root}; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores")
+    out(f"note: {DEVIATION}")
+    workers = max((os.cpu_count() or 1) - 1, 1) if workers is None else workers
+
+    with phases("data", "synthetic audio-visual clips -> ArrayRecord shards"):
+        have = all(glob.glob(layout.shards(s)) for s in ("caption_train", "instruct_train", "instruct_test"))
+        if skip_data and have:
+            out(f"   --skip-data: reusing {layout.data}")
+        else:
+            build_data(layout, demo, workers, out)
+    with phases("tokenizer", "demo BPE tokenizer on the train text"):
+        from data_pipelines.tokenizer import build_demo_tokenizer
+
+        records = _records(layout.shards("instruct_train"))
+        texts = lm_corpus(records, 1, demo.data.num_frames, demo.seed)
+        build_demo_tokenizer(texts, layout.tokenizer, vocab_size=demo.vocab_size)
+        vocab_size = len(_tokenizer(layout.tokenizer))
+        out(f"   vocab {vocab_size} tokens -> {layout.tokenizer}")
+    with phases("pretrain", "tiny towers: LLaMA (text), EVA ViT + image Q-Former (frames), ImageBind audio"):
+        paths, tower_hist, media, towers = pretrain_towers(layout, demo, demo_module, vocab_size, out)
+        for name, h in tower_hist.items():
+            out(f"   {name}: loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f} ({h[-1]['step']} steps)")
+        out(f"   saved: {json.dumps(paths)}")
+    histories = {f"pretrain_{k}": v for k, v in tower_hist.items()}
+    configs = {}
+    from vllama_jax.train.video_llama_task import model_config
+
+    vconfig = model_config(demo_module.stage_config(demo, "vision", 1, paths=paths, vocab_size=vocab_size))
+    for branch in ("vision", "audio"):
+        for stage in (1, 2):
+            name = f"{branch}{stage}"
+            what = {1: "video-caption pretraining", 2: "instruction tuning"}[stage]
+            trains = ("video Q-Former, frame positions, query tokens, llama_proj" if branch == "vision" else
+                      "audio Q-Former, audio positions, query tokens, audio_llama_proj")
+            with phases(name, f"stage {stage} ({what}), {branch} branch: trains {trains}"):
+                if stage == 1:
+                    features = tower_features(vconfig, towers, media, "video" if branch == "vision" else "audio")
+                configs[name], result = train_stage(layout, demo, demo_module, branch, stage, paths, vocab_size,
+                                                    features, media["ids"])
+                histories[name] = result.history
+                out(f"   loss {result.history[0]['loss']:.3f} -> {result.history[-1]['loss']:.3f} "
+                    f"({result.step} steps) -> {layout.run(name)}")
+    with phases("evaluate", "held-out clips: audio + video soft tokens, every question answered by generation"):
+        report, model = evaluate(layout, demo, configs["audio2"], out)
+        out(format_table(report))
+        dialogues = sample_dialogues(model, layout, demo, out)
+        for d in dialogues:
+            out(f"\n   {Path(d['mp4']).name}: Human uploads the video with its sound -> {d['turns'][0][2]}")
+            for attr, question, answer, label in d["turns"][1:]:
+                mark = "ok" if answer.strip().lower().startswith(label) else f"expected {label}"
+                out(f"     Human: {question}\n     Assistant: {answer}   [{mark}]")
+    png = plot_losses(histories, layout.root / "loss_curves.png")
+    chat_config = write_chat_config(layout, configs["audio2"])
+    groups = report["metrics"]["attributes"]["groups"]
+    summary = {
+        "config": demo.name, "seed": demo.seed, "deviation": DEVIATION,
+        "accuracy": {a: s["accuracy"] for a, s in report["metrics"]["attributes"]["per_attribute"].items()},
+        "visual_accuracy": groups["visual"]["accuracy"], "audio_accuracy": groups["audio"]["accuracy"],
+        "chance": 0.25, "phase_seconds": phases.times, "load_average_1min_at_end": os.getloadavg()[0], "wall_seconds": round(time.perf_counter() - start, 1),
+        "files": {"workdir": str(layout.root), "eval_report": str(layout.root / "eval_report.json"),
+                  "loss_png": png, "tensorboard": [str(layout.tensorboard)] +
+                  [str(layout.run(n) / "tb") for n in configs], "runs": [str(layout.run(n)) for n in configs],
+                  "towers": paths, "data": str(layout.data), "media": str(layout.media)},
+        "sample_dialogues": dialogues,
+        "final_losses": {k: v[-1]["loss"] for k, v in histories.items() if v},
+    }
+    with open(layout.root / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    out(f"\nvisual attributes {summary['visual_accuracy']:.1%}, audio attributes {summary['audio_accuracy']:.1%} "
+        f"(chance 25%); {summary['wall_seconds']:.0f} s in all")
+    out("files:")
+    out(f"   summary          {layout.root / 'summary.json'}")
+    out(f"   eval report      {summary['files']['eval_report']}")
+    out(f"   loss curves      {png}")
+    out(f"   tensorboard      tensorboard --logdir {layout.root}")
+    out(f"   trainer runs     {layout.root / 'runs'} (vision1, vision2, audio1, audio2)")
+    out(f"   towers           {layout.towers}")
+    out(f"   chat             vllama-chat --checkpoint {layout.run('vision2')} {layout.run('audio2')} "
+        f"--config {chat_config} --video {layout.media}/seed{demo.seed}/test/00000.mp4")
+    return summary

@@ -1,0 +1,228 @@
+"""The demo's tiny stand-ins for the pretrained towers, pretrained on the demo data, then saved as
+the real towers ship (HF LLaMA directory, LAVIS BLIP-2 `.pth`, `imagebind_huge.pth`).
+
+Video-LLaMA starts from towers pretrained elsewhere (Vicuna, BLIP-2, ImageBind). The demo has none,
+so it makes small ones from the synthetic train split and freezes them, like the paper:
+
+  language model  next-token prediction on the split's captions and dialogues. The dialogues are
+                  rendered in the prompt layouts the model later sees (the training conversation
+                  layout, the chat's audio+video message), with the media *described in words*
+                  where the soft tokens will go, so the LM learns to answer from its context, the
+                  skill a real LLM brings;
+  vision          EVA ViT + ln_vision + image Q-Former on frames: a linear head over the pooled
+                  queries of a clip's frames (in order) predicts the bag of caption tokens;
+  audio           ImageBind's audio tower on 2-second fbank clips: a linear head on its embedding
+                  predicts the bag of caption tokens.
+The heads are thrown away. Training uses one small loop (`fit`): AdamW, warmup-cosine, jit, tqdm,
+TensorBoard scalars through the trainer's `MetricsLogger`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vllama_jax.models.blip2 import Blip2ImageEncoder
+from vllama_jax.models.imagebind import ImageBindAudio, ImageBindAudioConfig, ImageBindVision, ImageBindVisionConfig
+from vllama_jax.models.llama import Llama, LlamaConfig
+from vllama_jax.models.qformer import QFormerConfig
+from vllama_jax.models.vit import EvaViTConfig
+from vllama_jax.train.metrics import MetricsLogger
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    log_every: int = 10
+
+
+def fit(name: str, model: nn.Module, params: Any, loss_fn: Callable, arrays: Mapping[str, np.ndarray],
+        config: FitConfig, seed: int, logdir: str | None) -> tuple[Any, list[dict]]:
+    """Trains `params` of `model` on batches drawn from `arrays` (shared leading example dim).
+
+    `loss_fn(model, params, batch, rng) -> (loss, metrics)`. Batch i is a pure function of (seed, i).
+    Returns the params and the logged history ({'step', 'loss', ...} per log window).
+    """
+    n = len(next(iter(arrays.values())))
+    if not 1 <= config.batch_size <= n:
+        raise ValueError(f"{name}: batch_size {config.batch_size} must be in [1, {n}] (the number of examples)")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, min(config.warmup_steps, config.steps - 1),
+                                                  config.steps, end_value=config.lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                     optax.adamw(schedule, weight_decay=config.weight_decay))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        (loss, metrics), grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, dict(metrics, loss=loss)
+
+    logger = MetricsLogger(logdir, total_steps=config.steps, progress=True)
+    logger.bar.set_description(name)
+    history, pending = [], []
+    key = jax.random.key(seed)
+    try:
+        for i in range(config.steps):
+            index = np.random.default_rng([seed, i]).choice(n, config.batch_size, replace=False)
+            batch = {k: v[index] for k, v in arrays.items()}
+            params, opt_state, metrics = step(params, opt_state, batch, jax.random.fold_in(key, i))
+            pending.append(metrics)
+            logger.advance()
+            if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
+                window = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                if not np.isfinite(summary["loss"]):
+                    raise FloatingPointError(f"{name}: loss became {summary['loss']} at step {i + 1}")
+                logger.log(i + 1, summary, prefix=f"pretrain_{name}")
+                history.append({"step": i + 1, **summary})
+    finally:
+        logger.close()
+    return params, history
+
+
+# ---------------------------------------------------------------------------------- language model
+
+def lm_loss(model: nn.Module, params, batch, rng):
+    """Next-token cross-entropy on every real token after the first (BOS)."""
+    logits = model.apply({"params": params}, input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits
+    labels, valid = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:] > 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels)
+    loss = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return loss, {}
+
+
+def tokenize_corpus(texts: Sequence[str], tokenizer, max_len: int) -> dict[str, np.ndarray]:
+    """Right-padded `input_ids` / `attention_mask` `[N, L]` (BOS first; L the longest text rounded up
+    to a multiple of 8); a text longer than `max_len` is an error."""
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    longest = max(len(r) for r in rows)
+    if longest > max_len:
+        raise ValueError(f"a corpus text has {longest} tokens > max_len {max_len}: raise the LM's context")
+    length = min(-(-longest // 8) * 8, max_len)
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pretrain_llama(config: LlamaConfig, corpus: Mapping[str, np.ndarray], fit_config: FitConfig, seed: int,
+                   logdir: str | None):
+    model = Llama(config)
+    ids = jnp.asarray(corpus["input_ids"][:1])
+    params = nn.meta.unbox(model.init(jax.random.key(seed), input_ids=ids)["params"])
+    return fit("llama", model, params, lm_loss, corpus, fit_config, seed, logdir)
+
+
+# ---------------------------------------------------------------------------------- bag of caption tokens
+
+def bag_of_tokens(targets: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Multi-hot `[N, vocab]` of each row's target tokens (ids != -100), the caption's bag of words."""
+    bag = np.zeros((targets.shape[0], vocab_size), np.float32)
+    rows, cols = np.nonzero(targets >= 0)
+    bag[rows, targets[rows, cols]] = 1.0
+    return bag
+
+
+def _bag_loss(logits, bag):
+    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, bag), axis=-1)), {}
+
+
+class FrameBagOfWords(nn.Module):
+    """BLIP-2 image encoder per frame; its queries pooled per frame, the frames concatenated in
+    order (so motion is learnable), a linear head -> caption-token logits."""
+    vit: EvaViTConfig
+    qformer: QFormerConfig
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, frames: jax.Array) -> jax.Array:
+        b, t = frames.shape[:2]
+        q = Blip2ImageEncoder(self.vit, self.qformer, name="image_encoder")(frames.reshape(b * t, *frames.shape[2:]))
+        pooled = jnp.mean(q, axis=1).reshape(b, t * q.shape[-1])
+        return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="head_norm")(pooled))
+
+
+class ClipBagOfWords(nn.Module):
+    """ImageBind's audio tower on one fbank clip, a linear head -> caption-token logits."""
+    audio: ImageBindAudioConfig
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, fbank: jax.Array) -> jax.Array:
+        emb = ImageBindAudio(self.audio, name="audio_encoder")(fbank, deterministic=True)
+        return nn.Dense(self.vocab_size, name="head")(emb)
+
+
+def pretrain_vision(vit: EvaViTConfig, qformer: QFormerConfig, frames: np.ndarray, bag: np.ndarray,
+                    fit_config: FitConfig, seed: int, logdir: str | None):
+    """frames `[N, T, S, S, 3]` CLIP-normalised; returns the `image_encoder` params and the history."""
+    model = FrameBagOfWords(vit, qformer, bag.shape[1])
+    params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.asarray(frames[:1]))["params"])
+    loss = lambda m, p, b, r: _bag_loss(m.apply({"params": p}, b["frames"]), b["bag"])  # noqa: E731
+    params, history = fit("vision", model, params, loss, {"frames": frames, "bag": bag}, fit_config, seed, logdir)
+    return params["image_encoder"], history
+
+
+def pretrain_audio(config: ImageBindAudioConfig, fbank: np.ndarray, bag: np.ndarray, fit_config: FitConfig,
+                   seed: int, logdir: str | None):
+    """fbank `[N, M, 1, mel, frames]`: every clip of an example is a training input with the
+    example's bag. Returns the `audio_encoder` params and the history."""
+    n, m = fbank.shape[:2]
+    clips = fbank.reshape(n * m, *fbank.shape[2:])
+    model = ClipBagOfWords(config, bag.shape[1])
+    params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.asarray(clips[:1], jnp.float32))["params"])
+    loss = lambda mdl, p, b, r: _bag_loss(mdl.apply({"params": p}, b["clips"].astype(jnp.float32)), b["bag"])  # noqa: E731
+    arrays = {"clips": clips, "bag": np.repeat(bag, m, axis=0)}
+    params, history = fit("audio", model, params, loss, arrays, fit_config, seed, logdir)
+    return params["audio_encoder"], history
+
+
+# ---------------------------------------------------------------------------------- files
+
+def save_towers(out_dir: str, *, llama: tuple[Any, LlamaConfig], tokenizer_dir: str,
+                image_encoder: tuple[Any, EvaViTConfig, QFormerConfig],
+                audio: tuple[Any, ImageBindAudioConfig], vision_config: ImageBindVisionConfig | None,
+                seed: int) -> dict[str, str]:
+    """Writes the towers as their real counterparts ship; returns the `config.paths` entries.
+
+    llama_model: an HF LLaMA directory with the tokenizer files; blip2: a LAVIS-keyed `.pth`;
+    imagebind: an ImageBind-keyed `.pth` (with a randomly initialised vision tower when
+    `vision_config` is given: the demo's audio branch trains on audio, so nothing uses it).
+    """
+    import shutil
+
+    from vllama_jax.convert import hf_llama, imagebind, lavis
+    from vllama_jax.convert.common import save_state_dict
+
+    os.makedirs(out_dir, exist_ok=True)
+    llama_dir = os.path.join(out_dir, "llama")
+    hf_llama.save_hf(jax.device_get(llama[0]), llama[1], llama_dir, overwrite=True, progress=False)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), llama_dir)
+    blip2 = os.path.join(out_dir, "blip2_demo.pth")
+    params, vit, qformer = image_encoder
+    save_state_dict(blip2, lavis.blip2_image_encoder_state_dict_from_params(jax.device_get(params), vit, qformer),
+                    wrap=True)
+    vision = None
+    if vision_config is not None:
+        vision = nn.meta.unbox(ImageBindVision(vision_config).init(
+            jax.random.key(seed), jnp.zeros((1, vision_config.image_size, vision_config.image_size, 3)))["params"])
+    ib = os.path.join(out_dir, "imagebind_demo.pth")
+    imagebind.save_imagebind(ib, audio=jax.device_get(audio[0]), vision=vision, audio_cfg=audio[1],
+                             vision_cfg=vision_config)
+    return {"llama_model": llama_dir, "tokenizer": llama_dir, "blip2": blip2, "imagebind": ib}
