@@ -175,6 +175,21 @@ def test_trainer_config_import_loads_with_the_trainers_layout(trainer_import, ex
     _equal_trees(model.params, params)
 
 
+def test_imported_checkpoint_starts_a_training_run(trainer_import):
+    """The import named as a run's `paths.ckpt`: the trainer's pretrained hook puts every imported
+    param in place of the random init."""
+    from vllama_jax.inference import load_train_config
+    from vllama_jax.train.video_llama_task import build_task
+
+    params, dest = trainer_import
+    config = load_train_config(str(TRAIN_CONFIG))
+    config.unlock()
+    config.paths.ckpt = str(dest)
+    task = build_task(config)
+    started = task.load_pretrained(vref.random_params(task.config, seed=1))
+    _equal_trees(started, params)
+
+
 def test_import_released_checkpoints_and_hf_model(tmp_path):
     video = vref.heads("video", CFG.video_qformer, CFG.max_frame_pos, CFG.llama.hidden_size, seed=6)
     audio = vref.heads("audio", CFG.audio_qformer, CFG.max_audio_pos, CFG.llama.hidden_size, seed=7)
