@@ -193,6 +193,27 @@ def direct_answer(model, prompt_text, record, media, max_new_tokens):
     return model.tokenizer.decode(tokens, skip_special_tokens=False).split("###")[0].strip()
 
 
+def test_prompts_are_the_training_text_cut_at_the_answer(world):
+    from data_pipelines import prompts as P
+    from data_pipelines.tokenizer import TextEncoder
+
+    assert E.qa_prompt("<ImageHere>\nWhat is it?", "image", 2, "vicuna") == \
+        "\n\n###Human: <Image><ImageHere><ImageHere></Image>\nWhat is it?\n###Assistant:"
+    assert E.qa_prompt("What is it?", "video", 2, "llama_v2", "msg. ") == \
+        "[INST] <<SYS>>\n \n<</SYS>>\n\n<Video><ImageHere><ImageHere></Video> msg. What is it? [/INST]"
+    # Token level: the prompt's ids are the first ids of the training conversation's, so the
+    # model's next token is the answer's first (with its word-start space) as in training.
+    enc = TextEncoder(world["model"].tokenizer)
+    turns = [{"from": "human", "value": "<ImageHere> What colour is the object?"}, {"from": "gpt", "value": "red"}]
+    for style in ("vicuna", "llama_v2"):
+        prompt = enc(E.qa_prompt(turns[0]["value"], "video", 3, style, "msg. "))
+        train, _ = P.tokenize_conversation(P.insert_media(turns, "video", 3, "msg. "), enc, style)
+        assert train[:len(prompt)] == prompt, style
+        assert "".join(enc.tokenizer.convert_ids_to_tokens(train[len(prompt):])).startswith("\u2581red"), style
+    with pytest.raises(E.EvalError, match="conv_style must be one of"):
+        E.qa_prompt("Q?", "video", 1, "chatml")
+
+
 def test_end_to_end_report(world, tmp_path):
     import dataclasses
 
@@ -262,6 +283,10 @@ def test_bad_input_gives_clear_errors(world, tmp_path, capsys):
         E.run_eval(world["model"], [], progress=False)
     no_audio = InferenceModel(world["model"].config.replace(audio_qformer=None, imagebind_audio=None,
                                                             imagebind_vision=None), {}, world["model"].tokenizer)
+    with pytest.raises(E.EvalError, match="media must list 'audio' and/or 'video' once each"):
+        E.run_eval(world["model"], world["records"], media=("video", "video"), progress=False)
+    with pytest.raises(E.EvalError, match="kinds must be among"):
+        E.run_eval(world["model"], world["records"], kinds=("qa", "vqa"), progress=False)
     with pytest.raises(E.EvalError, match="model has no audio branch"):
         E.run_eval(no_audio, world["records"], media=("audio", "video"), progress=False)
     rc = E.main(["--checkpoint", str(tmp_path / "none.msgpack"), "--config", "tiny", "--tokenizer",

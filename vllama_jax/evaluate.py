@@ -260,20 +260,25 @@ def _media_for(example: Mapping, media: Sequence[str] | None, model: InferenceMo
     return chosen
 
 
-def _clip_media(example: Mapping, lc, where: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """The loader's eval transforms (uniform frames, resize, normalize): (frames [T',S,S,3] with
-    T' = num_frames for a video, 1 for an image; fbank [M,1,128,204] or None; frame times)."""
-    stored = example["frames"]
-    idx = V.sample_indices(len(stored), lc.num_frames, "uniform") if example["media"] == "video" \
-        else np.zeros(1, np.int64)
-    frames = V.eval_transform(np.stack([decode_jpeg(stored[i]) for i in idx]), lc.image_size)
-    fbank = None
-    if example["audio_present"]:
-        fbank = np.asarray(example["fbank"], np.float32)
-        want = (lc.num_audio_clips, 1, 128, 204)
-        if fbank.shape != want:
-            raise EvalError(f"{where}: fbank shape {fbank.shape}, expected {want} (the model's audio clips)")
-    return frames, fbank, np.asarray(example["frame_times"], np.float32)[idx]
+def _frame_indices(example: Mapping, lc) -> np.ndarray:
+    """The loader's eval sampling: `num_frames` uniform frames of a video's stored pool; an image's one."""
+    if example["media"] == "video":
+        return V.sample_indices(len(example["frames"]), lc.num_frames, "uniform")
+    return np.zeros(1, np.int64)
+
+
+def _clip_media(example: Mapping, idx: np.ndarray, lc, media: tuple[str, ...],
+                where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The loader's eval transforms (resize, normalize): frames [T',S,S,3] (T' = num_frames for a
+    video, 1 for an image) and, when `media` has audio, the fbank [M,1,128,204]."""
+    frames = V.eval_transform(np.stack([decode_jpeg(example["frames"][i]) for i in idx]), lc.image_size)
+    if "audio" not in media:
+        return frames, None
+    fbank = np.asarray(example["fbank"], np.float32)
+    want = (lc.num_audio_clips, 1, 128, 204)
+    if fbank.shape != want:
+        raise EvalError(f"{where}: fbank shape {fbank.shape}, expected {want} (the model's audio clips)")
+    return frames, fbank
 
 
 def _soft_tokens(model: InferenceModel, media: tuple[str, ...], frames: np.ndarray, fbank: np.ndarray | None):
@@ -308,6 +313,28 @@ def qa_prompt(question: str, example_media: str, num_media_tokens: int, conv_sty
     if conv_style == "llama_v2":
         return P.llama2_text(turns, where=where)
     raise EvalError(f"conv_style must be one of {P.CONV_STYLES}, got {conv_style!r}")
+
+
+def _record_prompts(example: Mapping, k: int, lc, encoder, kinds, questions, caption_prompt, time_msg: str,
+                    where: str) -> list[tuple[str, list[int], str, dict]]:
+    """(kind, prompt ids, prompt text, report fields) of each item of one record."""
+    out = []
+    if example["kind"] == "conversation" and "qa" in kinds:
+        for question, reference in _qa_pairs(example["conversations"]):
+            text = qa_prompt(question, example["media"], k, lc.conv_style, time_msg, where)
+            plain = question.replace(IMAGE_PLACEHOLDER, "").strip()
+            attr = questions.get(plain)
+            label = example["meta"].get(attr) if attr else None
+            out.append(("qa", encoder(text, add_bos=True), text,
+                        dict(question=plain, reference=reference, attribute=attr if label is not None else None,
+                             label=label)))
+    elif example["kind"] == "caption" and "caption" in kinds:
+        # The loader's eval caption row without the caption: [bos] + prompt around the patches.
+        ids, _ = P.tokenize_caption("", encoder, k, caption_prompt, "", lc.max_txt_len)
+        text = (caption_prompt or IMAGE_PLACEHOLDER).replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * k)
+        out.append(("caption", ids, text, dict(question=caption_prompt or "", reference=example["caption"],
+                                               attribute=None, label=None)))
+    return out
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -414,6 +441,8 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
     unknown = set(kinds) - {"qa", "caption"}
     if unknown:
         raise EvalError(f"kinds must be among ('qa', 'caption'), got {sorted(unknown)}")
+    if media is not None and (not media or set(media) - {"audio", "video"} or len(set(media)) != len(media)):
+        raise EvalError(f"media must list 'audio' and/or 'video' once each (in placeholder order), got {media!r}")
     lc = loader_config or default_loader_config(model)
     questions = DEMO_QUESTIONS if questions is None else questions
     encoder = TextEncoder(model.tokenizer)
@@ -445,25 +474,11 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
         where = f"record {example.get('id', r)!r}"
         chosen = _media_for(example, media, model)
         k = model.config.num_media_tokens(chosen)
-        frames, fbank, times = _clip_media(example, lc, where)
+        idx = _frame_indices(example, lc)
+        times = np.asarray(example["frame_times"], np.float32)[idx]
         soft = None
         time_msg = P.video_time_message(times) if example["media"] == "video" and lc.video_time_msg else ""
-        prompts = []
-        if example["kind"] == "conversation" and "qa" in kinds:
-            for question, reference in _qa_pairs(example["conversations"]):
-                text = qa_prompt(question, example["media"], k, lc.conv_style, time_msg, where)
-                plain = question.replace(IMAGE_PLACEHOLDER, "").strip()
-                attr = questions.get(plain)
-                label = example["meta"].get(attr) if attr else None
-                prompts.append(("qa", encoder(text, add_bos=True), text, dict(
-                    question=plain, reference=reference, attribute=attr if label is not None else None,
-                    label=label)))
-        elif example["kind"] == "caption" and "caption" in kinds:
-            # The loader's eval caption row without the caption: [bos] + prompt around the patches.
-            ids, _ = P.tokenize_caption("", encoder, k, caption_prompt, "", lc.max_txt_len)
-            text = (caption_prompt or IMAGE_PLACEHOLDER).replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * k)
-            prompts.append(("caption", ids, text, dict(question=caption_prompt or "", reference=example["caption"],
-                                                 attribute=None, label=None)))
+        prompts = _record_prompts(example, k, lc, encoder, kinds, questions, caption_prompt, time_msg, where)
         for kind, ids, text, info in prompts:
             found = sum(i == encoder.patch_id for i in ids)
             if found != k:
@@ -471,7 +486,8 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
             examples.append(dict(id=example.get("id", str(r)), kind=kind, media=list(chosen),
                                  prompt=_show_prompt(text, k), **info))
             key = (kind, chosen)
-            soft = _soft_tokens(model, chosen, frames, fbank) if soft is None else soft
+            if soft is None:   # once per clip, for all its questions
+                soft = _soft_tokens(model, chosen, *_clip_media(example, idx, lc, chosen, where))
             pending[key].append(_Item(len(examples) - 1, kind, ids, chosen, soft))
             if len(pending[key]) == batch_size:
                 flush(pending.pop(key))
