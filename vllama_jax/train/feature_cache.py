@@ -1,0 +1,458 @@
+"""Frozen-feature cache: run a model's frozen towers once per example, then train on their outputs.
+
+A frozen tower fed a deterministic view of an example (eval transforms, no dropout) returns the
+same output at every step, so with a big tower in front of a small trainable part most of each
+step recomputes a constant. The cache computes those outputs once and replays them during
+training, without any change to the model code:
+
+* `CachedOutput(path, key)` names a submodule by its Flax path (e.g. `('image_encoder',)`) whose
+  `__call__` result is stored in the batch under `key`, grouped per example as `[B, k, ...]`
+  (a submodule called on `B*k` flattened rows, such as frames of clips, returns `B*k` rows).
+* `capture(...)` runs a model method once (Flax `capture_intermediates`) and returns those
+  outputs; `build_feature_dataset` does it over a finite stream of host batches.
+* `replaying(batch, outputs)` is a context (Flax `nn.intercept_methods`) under which each named
+  submodule returns its stored output instead of running; the arguments it receives are
+  ignored, so callers pass tiny stand-ins for the raw media (`stub_video_llama_media`).
+* `CachedFeatureTask(task, outputs, stub)` wraps any `vllama_jax.train.task.Task`: its loss is
+  the wrapped task's loss under `replaying`. The cached towers' params leave the param tree
+  (Flax looks params up only when a submodule runs, and these never run), so the trainer neither
+  holds nor checkpoints them.
+* `FeatureDataset` holds the cached arrays; `save`/`load` use a directory of `.npy` files that
+  load memory-mapped, so a cache larger than RAM pages in as batches read it. Its `iterator`
+  yields shuffled batches with `get_state`/`set_state`, so the trainer checkpoints and resumes it.
+
+From a training config (`config.feature_cache`, see `vllama_jax.train.config_lib`): with
+`enabled`, `vllama-train` calls `from_config(config, task)`, which loads the cache at `path` or
+builds it there first (one pass over the training shards with eval transforms, frozen params
+initialised and loaded exactly as the trainer does), and trains on it.
+
+What the cache gives up: each example has one fixed view of its media (no random crops, no
+random frame sampling, no dropout inside the frozen towers, which the reference never runs
+anyway since they are in eval mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class CachedOutput:
+    """A submodule (Flax path below the top module) whose `__call__` output is cached under `key`."""
+    path: tuple[str, ...]
+    key: str
+
+    def __post_init__(self):
+        if isinstance(self.path, str):
+            object.__setattr__(self, "path", tuple(self.path.split("/")))
+        if not self.path or not all(isinstance(p, str) and p for p in self.path):
+            raise ValueError(f"CachedOutput.path must be a non-empty tuple of module names, got {self.path!r}")
+
+
+# The frozen towers of `vllama_jax.models.video_llama.VideoLlama`.
+VIDEO_LLAMA_OUTPUTS = (
+    CachedOutput(("image_encoder",), "image_features"),          # [B, T, Q_img, D_img]
+    CachedOutput(("audio_encoder",), "audio_features"),          # [B, M, E]
+    CachedOutput(("audio_vision_encoder",), "audio_vision_features"),  # [B, T, E]
+)
+
+
+_OUTPUT_OF_MEDIUM = {"video": VIDEO_LLAMA_OUTPUTS[0], "audio": VIDEO_LLAMA_OUTPUTS[1],
+                     "audio_from_frames": VIDEO_LLAMA_OUTPUTS[2]}
+
+
+def outputs_for_media(media: Sequence[str]) -> tuple[CachedOutput, ...]:
+    """The VideoLlama towers a loss over `media` runs (e.g. ('video',) -> the BLIP-2 image encoder)."""
+    unknown = [m for m in media if m not in _OUTPUT_OF_MEDIUM]
+    if unknown:
+        raise ValueError(f"feature cache: unknown media {unknown}; expected some of {sorted(_OUTPUT_OF_MEDIUM)}")
+    return tuple(dict.fromkeys(_OUTPUT_OF_MEDIUM[m] for m in media))
+
+
+def _lookup(tree: Mapping, path: Sequence[str], what: str):
+    node = tree
+    for i, name in enumerate(path):
+        if not isinstance(node, Mapping) or name not in node:
+            raise KeyError(f"{what}: submodule {'/'.join(path)!r} was not called (nothing recorded under "
+                           f"{'/'.join(path[:i + 1])!r}; recorded: "
+                           f"{sorted(node) if isinstance(node, Mapping) else node!r})")
+        node = node[name]
+    return node
+
+
+def capture(module: nn.Module, variables: Any, outputs: Sequence[CachedOutput], batch_size: int,
+            *args, method: Callable | str | None = None, **kwargs) -> dict[str, jax.Array]:
+    """Runs `module.apply(variables, *args, method=method, **kwargs)` and returns each cached
+    submodule's output as `[batch_size, k, ...]`, keyed by `CachedOutput.key`.
+
+    Every listed submodule must be called exactly once by the method, on a multiple of
+    `batch_size` rows.
+    """
+    paths = {o.path for o in outputs}
+
+    def keep(mdl, method_name):
+        return method_name == "__call__" and mdl.path in paths
+
+    _, state = module.apply(variables, *args, method=method, capture_intermediates=keep,
+                            mutable=["intermediates"], **kwargs)
+    found = state.get("intermediates", {})
+    result = {}
+    for o in outputs:
+        calls = _lookup(found, o.path, "feature cache capture").get("__call__", ())
+        if len(calls) != 1:
+            raise ValueError(f"feature cache: submodule {'/'.join(o.path)!r} was called {len(calls)} times, "
+                             f"expected once")
+        out = calls[0]
+        if not isinstance(out, jax.Array) or out.ndim < 1 or out.shape[0] % batch_size:
+            raise ValueError(f"feature cache: {'/'.join(o.path)!r} returned {getattr(out, 'shape', type(out))}; "
+                             f"expected one array with a leading dim divisible by batch_size={batch_size}")
+        result[o.key] = out.reshape(batch_size, out.shape[0] // batch_size, *out.shape[1:])
+    return result
+
+
+@contextlib.contextmanager
+def replaying(batch: Mapping[str, Any], outputs: Sequence[CachedOutput]):
+    """Within this context, each `outputs` submodule returns `batch[key]` (flattened back to
+    `[B*k, ...]`) instead of running. A missing key is an error only when the submodule is called."""
+    table = {o.path: o for o in outputs}
+
+    def interceptor(next_fun, args, kwargs, context):
+        spec = table.get(context.module.path) if context.method_name == "__call__" else None
+        if spec is None:
+            return next_fun(*args, **kwargs)
+        if spec.key not in batch:
+            raise KeyError(f"feature cache: {'/'.join(spec.path)!r} was called but the batch has no "
+                           f"cached {spec.key!r} (batch keys: {sorted(batch)})")
+        cached = jnp.asarray(batch[spec.key])
+        flat = cached.reshape(cached.shape[0] * cached.shape[1], *cached.shape[2:])
+        rows = getattr(args[0], "shape", (None,))[0] if args else None
+        if rows is not None and rows != flat.shape[0]:
+            raise ValueError(f"feature cache: {'/'.join(spec.path)!r} called on {rows} rows but "
+                             f"{spec.key!r} holds {cached.shape[0]}x{cached.shape[1]} = {flat.shape[0]}")
+        return flat
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def stub_video_llama_media(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch with `frames` / `audio` replaced by zero stand-ins of shape `[B, T, 1, 1, 3]` /
+    `[B, M, 1, 1, 1]` derived from the cached features (VideoLlama reshapes them before calling
+    its towers, which `replaying` then short-circuits)."""
+    out = dict(batch)
+    video = batch.get("image_features", batch.get("audio_vision_features"))
+    if video is not None:
+        out["frames"] = jnp.zeros((video.shape[0], video.shape[1], 1, 1, 3), jnp.float32)
+    if "audio_features" in batch:
+        a = batch["audio_features"]
+        out["audio"] = jnp.zeros((a.shape[0], a.shape[1], 1, 1, 1), jnp.float32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedFeatureTask:
+    """A Task that trains `task` on cached frozen-tower outputs (see the module docstring).
+
+    The params of the cached submodules are left out of every tree it returns: nothing reads
+    them, and a trainer then neither places nor checkpoints a tower it never runs.
+    """
+    task: Any
+    outputs: tuple[CachedOutput, ...] = VIDEO_LLAMA_OUTPUTS
+    stub: Callable[[Mapping[str, Any]], Mapping[str, Any]] = stub_video_llama_media
+
+    def _drop(self, params):
+        return drop_subtrees(params, [o.path for o in self.outputs])
+
+    def init_params(self, rng):
+        return self._drop(self.task.init_params(rng))
+
+    def abstract_params(self):
+        return self._drop(self.task.abstract_params())
+
+    def load_pretrained(self, params):
+        hook = getattr(self.task, "load_pretrained", None)
+        return self._drop(hook(params)) if callable(hook) else params
+
+    def loss_fn(self, params, batch, rng, deterministic):
+        with replaying(batch, self.outputs):
+            return self.task.loss_fn(params, self.stub(batch), rng, deterministic)
+
+
+def drop_subtrees(tree: Mapping, paths: Iterable[Sequence[str]]) -> dict:
+    """A copy of the nested dict `tree` without the subtrees at `paths` (absent ones are skipped)."""
+    out = dict(tree)
+    for path in paths:
+        node, parents = out, []
+        for name in path[:-1]:
+            if not isinstance(node.get(name), Mapping):
+                break
+            parents.append((node, name))
+            node[name] = dict(node[name])
+            node = node[name]
+        else:
+            node.pop(path[-1], None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory cached dataset
+
+
+class FeatureDataset:
+    """Named arrays sharing a leading example dim, with save/load and a resumable batch iterator."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in arrays.items()}
+        if not arrays:
+            raise ValueError("FeatureDataset needs at least one array")
+        sizes = {k: v.shape[0] if v.ndim else None for k, v in arrays.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise ValueError(f"FeatureDataset arrays must share their leading (example) dim, got {sizes}")
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def take(self, index: np.ndarray, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        keys = self.arrays if keys is None else keys
+        # Sorted reads are sequential on a memory-mapped cache; the batch keeps `index`'s order.
+        order = np.argsort(index)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return {k: np.asarray(self.arrays[k][index[order]])[inverse] for k in keys}
+
+    def save(self, path: str) -> str:
+        """Writes the directory `path` (`<key>.npy` per array + `meta.json`) atomically: a crash
+        leaves no half cache. bfloat16 arrays are stored as float32 (exact) and cast back on load."""
+        tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        dtypes = {}
+        for k, v in self.arrays.items():
+            if not k.isidentifier():
+                raise ValueError(f"FeatureDataset key {k!r} must be a plain identifier (it names a file)")
+            dtypes[k] = str(v.dtype)
+            np.save(os.path.join(tmp, f"{k}.npy"), v if v.dtype.isnative and v.dtype.kind != "V"
+                    and v.dtype.name != "bfloat16" else v.astype(np.float32))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"dtypes": dtypes, "size": len(self)}, f)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str, mmap: bool = True) -> "FeatureDataset":
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"feature cache {path!r} does not exist (no meta.json in it)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        arrays = {}
+        for k, dtype in meta["dtypes"].items():
+            try:
+                a = np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r" if mmap else None)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"feature cache {path!r}: array {k!r} is unreadable: {e}") from e
+            # bfloat16 was stored widened; everything else loads (memory-mapped) as saved.
+            arrays[k] = a.astype(jnp.dtype(dtype)) if str(a.dtype) != dtype else a
+        return cls(arrays)
+
+    def iterator(self, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 keys: Iterable[str] | None = None,
+                 transform: Callable[[dict, np.random.Generator], dict] | None = None) -> "BatchIterator":
+        return BatchIterator(self, batch_size, seed, shuffle, tuple(keys or self.arrays), transform)
+
+
+class BatchIterator:
+    """Endless batches over a `FeatureDataset`, reshuffled every epoch; the last partial batch of
+    an epoch is dropped. Batch i is a pure function of (seed, i), so `get_state()` (`{'step': i}`)
+    restored with `set_state` replays the same stream. `transform(batch, rng)` may add per-batch
+    randomness (rng seeded by (seed, i))."""
+
+    def __init__(self, data: FeatureDataset, batch_size: int, seed: int, shuffle: bool,
+                 keys: tuple[str, ...], transform=None):
+        if not 1 <= batch_size <= len(data):
+            raise ValueError(f"batch_size must be in [1, {len(data)}] (the dataset size), got {batch_size}")
+        missing = [k for k in keys if k not in data.arrays]
+        if missing:
+            raise KeyError(f"FeatureDataset has no arrays {missing}; it has {sorted(data.arrays)}")
+        self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+        self.keys, self.transform = keys, transform
+        self.per_epoch = len(data) // batch_size
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.data)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, k = divmod(self.step, self.per_epoch)
+        index = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+        batch = self.data.take(index, self.keys)
+        if self.transform is not None:
+            batch = self.transform(batch, np.random.default_rng([self.seed, 1, self.step]))
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: Mapping[str, Any]):
+        self.step = int(state["step"])
+
+
+def build_feature_dataset(module: nn.Module, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                          outputs: Sequence[CachedOutput], *, method: Callable | str | None = None,
+                          method_args: tuple = (), keep: Sequence[str] | None = (),
+                          drop: Sequence[str] = (), progress: bool = False) -> FeatureDataset:
+    """Runs the frozen towers once over `batches` (host dicts of equal batch size but possibly a
+    shorter last one) and returns their cached outputs plus the batch arrays named in `keep`
+    (`keep=None`: every batch array except those named in `drop`, e.g. the raw media).
+
+    `method(module, batch, *method_args)` must call every cached submodule (e.g.
+    `VideoLlama.encode_media` with the media of the outputs); it runs jitted and deterministic.
+    """
+    fn = _jitted_capture(module, tuple(outputs), method, tuple(method_args))
+    parts: dict[str, list[np.ndarray]] = {}
+    size = None
+    for batch in tqdm(batches, desc="caching frozen-tower features", unit="batch", disable=not progress):
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        n = next(iter(batch.values())).shape[0]
+        size = size or n
+        # Pads a short last batch to the common size so the towers compile once; ids stay on the host.
+        device_batch = {k: _pad_rows(v, size) for k, v in batch.items() if v.dtype.kind in "biuf"}
+        feats = jax.device_get(fn(variables, device_batch))
+        for k, v in feats.items():
+            parts.setdefault(k, []).append(np.asarray(v)[:n])
+        for k in (tuple(k for k in batch if k not in drop) if keep is None else keep):
+            if k not in batch:
+                raise KeyError(f"build_feature_dataset: keep={k!r} is not a batch key ({sorted(batch)})")
+            parts.setdefault(k, []).append(batch[k])
+    if not parts:
+        raise ValueError("build_feature_dataset: the batch stream was empty")
+    return FeatureDataset({k: np.concatenate(v) for k, v in parts.items()})
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_capture(module, outputs, method, method_args):
+    # One jitted function per (model, outputs, method): repeated builds reuse its compilations.
+    def run(variables, batch):
+        n = next(iter(batch.values())).shape[0]
+        return capture(module, variables, outputs, n, batch, *method_args, method=method)
+
+    return jax.jit(run)
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[0] == size:
+        return x
+    if x.shape[0] > size:
+        raise ValueError(f"batch of {x.shape[0]} rows after batches of {size}: only the last may be shorter")
+    return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
+
+
+# ---------------------------------------------------------------------------------------------
+# From a training config
+
+
+RAW_MEDIA_KEYS = ("frames", "audio")
+
+
+def cache_dir(path: str) -> str:
+    """This process' cache directory under `path` (each process caches its own data shard)."""
+    return os.path.join(path, f"process_{jax.process_index():03d}-of-{jax.process_count():03d}")
+
+
+def loader_source(config) -> Iterable[dict]:
+    """One pass over the training shards of `config.data` with eval transforms (uniform frames,
+    plain resize, the first prompt): the fixed view of each example the cache stores."""
+    from data_pipelines import loader as L
+
+    cfg = dataclasses.replace(L.loader_config_from(config, train=False), shuffle=False, num_epochs=1,
+                              drop_remainder=False)
+    encoder = L._encoder_from(config)
+    for spec in L._dataset_specs(config.data):
+        yield from L.make_loader(spec, cfg, encoder)
+
+
+def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
+    """The params the trainer would start from (same seed split, pretrained hook and dtypes),
+    without the LLM, which the towers do not read."""
+    from vllama_jax.train import partition
+
+    t = config.train
+    patterns = partition.resolve_patterns(config.freeze.get("preset"), config.freeze.get("patterns", ()))
+    trainable = partition.trainable_paths(task.abstract_params(), patterns)
+    cached = ["/".join(o.path) for o in outputs]
+    clash = sorted(p for p in trainable if any(p == c or p.startswith(c + "/") for c in cached))
+    if clash:
+        raise ValueError(f"feature cache: cached towers must be frozen, but config.freeze trains {clash[:4]}")
+    if getattr(task, "pretrained", None) is not None and hasattr(task.pretrained, "llama_model"):
+        task = dataclasses.replace(task, pretrained=dataclasses.replace(task.pretrained, llama_model=""))
+    init_rng = jax.random.split(jax.random.PRNGKey(int(t.seed)))[0]   # as the trainer's _initial_state
+    params = jax.jit(lambda r: drop_subtrees(task.init_params(r), [("llama",)]))(init_rng)
+    if callable(getattr(task, "load_pretrained", None)):
+        params = drop_subtrees(task.load_pretrained(params), [("llama",)])
+
+    def dtype(name):
+        return None if name in (None, "", "none", "None") else jnp.dtype(name)
+
+    # The towers are frozen: stored in frozen_dtype, computed in compute_dtype, as in the step.
+    params = partition.cast_floating(params, dtype(t.get("frozen_dtype")))
+    return partition.cast_floating(params, dtype(t.get("compute_dtype")))
+
+
+def build_from_config(config, task, outputs: Sequence[CachedOutput], path: str) -> FeatureDataset:
+    from vllama_jax.models.video_llama import VideoLlama
+    from vllama_jax.train.task import import_string
+
+    fc = config.feature_cache
+    source = import_string(fc.get("source_builder") or f"{__name__}:loader_source")(config)
+    params = trainer_tower_params(config, task, outputs)
+    data = build_feature_dataset(task.model, {"params": params}, source, outputs,
+                                 method=VideoLlama.encode_media, method_args=(tuple(task.media),),
+                                 keep=None, drop=RAW_MEDIA_KEYS, progress=True)
+    data.save(path)
+    log.info("feature cache: %d examples written to %s", len(data), path)
+    return data
+
+
+def from_config(config, task) -> tuple[CachedFeatureTask, BatchIterator]:
+    """(cached task, resumable train iterator) for `config.feature_cache`; builds the cache first
+    when `config.feature_cache.path` holds none for this process."""
+    fc = config.feature_cache
+    if not fc.get("path"):
+        raise ValueError("config.feature_cache.path must name the cache directory (built there if absent)")
+    outputs = outputs_for_media(tuple(task.media))
+    path = cache_dir(str(fc.path))
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        data = FeatureDataset.load(path)
+        log.info("feature cache: %d examples from %s", len(data), path)
+    else:
+        data = build_from_config(config, task, outputs, path)
+    missing = [o.key for o in outputs if o.key not in data.arrays]
+    if missing:
+        raise ValueError(f"feature cache {path!r} lacks {missing} for media {tuple(task.media)}; it holds "
+                         f"{sorted(data.arrays)} (delete it to rebuild)")
+    batch_size = int(config.train.batch_size) // jax.process_count()
+    return CachedFeatureTask(task, outputs), data.iterator(batch_size, seed=int(config.train.seed))
