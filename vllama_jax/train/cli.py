@@ -48,7 +48,11 @@ def run(config, workdir: str):
     from vllama_jax.train.task import build_task, import_string
 
     task = build_task(config)
-    train_iter = import_string(config.data.train_builder)(config)
+    if config.get("feature_cache") is not None and config.feature_cache.get("enabled"):
+        from vllama_jax.train import feature_cache
+        task, train_iter = feature_cache.from_config(config, task)
+    else:
+        train_iter = import_string(config.data.train_builder)(config)
     eval_iter_fn = None
     if config.data.get("eval_builder"):
         builder = import_string(config.data.eval_builder)

@@ -136,6 +136,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.save_frozen = False    # frozen towers come from paths.*; True for random-init runs
 
+    # Train on precomputed outputs of the frozen towers (vllama_jax.train.feature_cache): built
+    # once into `path` from data.shards with eval transforms (one fixed view per example).
+    c.feature_cache = ml_collections.ConfigDict()
+    c.feature_cache.enabled = False
+    c.feature_cache.path = ""
+    c.feature_cache.source_builder = ""   # 'module:function' -> finite batches (default: the shards)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)        # (data, fsdp, tensor): FSDP over all devices
     return c
