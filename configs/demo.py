@@ -29,8 +29,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
 
     # Tower sizes: overrides of each tower's `tiny` preset (config_lib.tiny names them).
     c.towers = ml_collections.ConfigDict()
-    c.towers.llama = dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=4,
-                          head_dim=24, max_position_embeddings=256)
+    c.towers.llama = dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=4,
+                          head_dim=16, max_position_embeddings=256)
     c.towers.vit = dict(patch_size=8, width=64, depth=2, num_heads=4)
     c.towers.qformer = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, encoder_width=64)
     c.towers.video_qformer = dict(hidden_size=64, num_heads=4, intermediate_size=128)
@@ -45,16 +45,16 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, lr=lr))
 
     c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.llama = fit(10 if quick else 400, 8 if quick else 32, 3e-3)
-    c.pretrain.vision = fit(10 if quick else 250, 8 if quick else 32, 2e-3)
-    c.pretrain.audio = fit(10 if quick else 150, 16 if quick else 64, 2e-3)
-    c.pretrain.lm_renderings = 1 if quick else 3   # renderings of each train dialogue in the LM corpus
+    c.pretrain.llama = fit(10 if quick else 200, 8 if quick else 16, 3e-3)
+    c.pretrain.vision = fit(10 if quick else 150, 8 if quick else 32, 2e-3)
+    c.pretrain.audio = fit(10 if quick else 100, 16 if quick else 64, 2e-3)
+    c.pretrain.lm_renderings = 1 if quick else 2   # renderings of each train dialogue in the LM corpus
 
     # Stage runs: (branch, stage) -> steps, batch, peak lr (warmup-cosine as the reference).
     c.stages = ml_collections.ConfigDict()
     for branch in ("vision", "audio"):
         for stage in (1, 2):
-            c.stages[f"{branch}{stage}"] = fit(4 if quick else 150, 8 if quick else 32, 1e-3)
+            c.stages[f"{branch}{stage}"] = fit(4 if quick else 120, 8 if quick else 32, 1e-3)
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 6
     c.eval.batch_size = 8 if quick else 32

@@ -263,13 +263,19 @@ CACHED = {"video": ("image_encoder", "image_features", "frames"),
 def tower_features(model_config, towers: dict, media: dict, medium: str, batch_size: int = 32):
     """The frozen tower's output for every train clip (`feature_cache.FeatureDataset`), computed
     once: the clips' view is fixed, so every stage of the branch replays it."""
+    import jax
+
+    from vllama_jax.inference import abstract_params
     from vllama_jax.models.video_llama import VideoLlama
     from vllama_jax.train import feature_cache as FC
 
     tower, key, source = CACHED[medium]
     x = media[source]
     batches = ({source: x[i:i + batch_size]} for i in range(0, len(x), batch_size))
-    return FC.build_feature_dataset(VideoLlama(model_config), {"params": {tower: towers[tower]}}, batches,
+    # VideoLlama's setup creates every param; only the tower's are read, the rest may be zeros.
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(model_config))
+    params[tower] = towers[tower]
+    return FC.build_feature_dataset(VideoLlama(model_config), {"params": params}, batches,
                                     (FC.CachedOutput((tower,), key),), method=_frozen_tower, method_args=(medium,))
 
 
