@@ -68,14 +68,15 @@ def _manual_audio_tokens(p, emb):
 
 def test_video_forward_and_loss_equal_hand_assembled_chain():
     p, batch = _params(), _batch()
-    soft = _manual_video_tokens(p, batch["frames"])
+    soft = jax.jit(_manual_video_tokens)(p, batch["frames"])
     llama = Llama(CFG.llama)
-    embeds = np.array(llama.apply({"params": p["llama"]}, batch["input_ids"], method=Llama.embed))
+    embeds = np.array(jax.jit(lambda lp, ids: llama.apply({"params": lp}, ids, method=Llama.embed))(
+        p["llama"], batch["input_ids"]))
     for b in range(B):
         pos = np.nonzero(np.asarray(batch["media_mask"][b]))[0]
         embeds[b, pos] = np.asarray(soft[b])
-    logits = llama.apply({"params": p["llama"]}, inputs_embeds=jnp.asarray(embeds),
-                         attention_mask=batch["attention_mask"]).logits
+    logits = jax.jit(lambda lp, e, m: llama.apply({"params": lp}, inputs_embeds=e, attention_mask=m).logits)(
+        p["llama"], jnp.asarray(embeds), batch["attention_mask"])
     out = _apply(VideoLlama.__call__, batch, media=("video",))
     assert_close(out.logits, logits, atol=1e-5, what="logits")
 
@@ -91,13 +92,14 @@ def test_video_forward_and_loss_equal_hand_assembled_chain():
 
 def test_audio_and_audio_from_frames_branches_equal_chain():
     p, batch = _params(), _batch(media=("audio", "video"))
-    emb = ImageBindAudio(CFG.imagebind_audio).apply(
+    manual = jax.jit(_manual_audio_tokens)
+    emb = jax.jit(ImageBindAudio(CFG.imagebind_audio).apply)(
         {"params": p["audio_encoder"]}, batch["audio"].reshape(B * M, 1, 128, 204)).reshape(B, M, -1)
-    assert_close(_apply(VideoLlama.encode_audio, batch["audio"]), _manual_audio_tokens(p, emb), atol=1e-5,
+    assert_close(_apply(VideoLlama.encode_audio, batch["audio"]), manual(p, emb), atol=1e-5,
                  what="audio tokens")
-    emb = ImageBindVision(CFG.imagebind_vision).apply(
+    emb = jax.jit(ImageBindVision(CFG.imagebind_vision).apply)(
         {"params": p["audio_vision_encoder"]}, batch["frames"].reshape(B * T, 28, 28, 3)).reshape(B, T, -1)
-    assert_close(_apply(VideoLlama.encode_audio_from_frames, batch["frames"]), _manual_audio_tokens(p, emb),
+    assert_close(_apply(VideoLlama.encode_audio_from_frames, batch["frames"]), manual(p, emb),
                  atol=1e-5, what="audio-from-frames tokens")
     # Audio tokens come first, then video, in the order the media were asked for.
     soft = _apply(VideoLlama.encode_media, batch, media=("audio", "video"))
