@@ -41,6 +41,11 @@ setup(
         "console_scripts": [
             "vllama-demo=vllama_jax.cli:demo_main",
             "vllama-prepare-data=data_pipelines.cli:main",
+            "vllama-train=vllama_jax.train.cli:main",
+            "vllama-convert=vllama_jax.convert.cli:main",
+            "vllama-chat=vllama_jax.chat:main",
+            "vllama-eval=vllama_jax.evaluate:main",
+            "vllama-plan=vllama_jax.plan:main",
         ],
     },
 )
