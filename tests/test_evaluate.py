@@ -281,6 +281,9 @@ def test_bad_input_gives_clear_errors(world, tmp_path, capsys):
         E.run_eval(world["model"], [42], progress=False)
     with pytest.raises(E.EvalError, match="no qa / caption items in the 0 records"):
         E.run_eval(world["model"], [], progress=False)
+    small_vocab = world["model"].config.replace(llama=LlamaConfig.preset("tiny"))
+    with pytest.raises(E.EvalError, match="this tokenizer does not belong to this model"):
+        E.run_eval(InferenceModel(small_vocab, {}, world["model"].tokenizer), world["records"], progress=False)
     no_audio = InferenceModel(world["model"].config.replace(audio_qformer=None, imagebind_audio=None,
                                                             imagebind_vision=None), {}, world["model"].tokenizer)
     with pytest.raises(E.EvalError, match="media must list 'audio' and/or 'video' once each"):
@@ -303,3 +306,25 @@ def _config_file(tmp_path):
     path = tmp_path / "tiny_eval_config.py"
     path.write_text(CONFIG_FILE)
     return path
+
+
+@pytest.mark.slow
+def test_eval_on_the_synthetic_writer_output(world, tmp_path):
+    """Records as the demo writes them (rendered mp4s: 16 stored frames, 8 fbank clips) through a
+    model with the reference's 8 frames and 8 audio clips; every attribute is scored."""
+    import glob
+
+    synthetic.write_splits(str(tmp_path / "media"), str(tmp_path / "data"), num_train=4, num_test=4, progress=False)
+    config = VideoLlamaConfig.preset("tiny").replace(llama=LlamaConfig.preset("tiny", vocab_size=512))
+    model = InferenceModel(config, random_params(config), world["model"].tokenizer, "vicuna", num_frames=8,
+                           image_size=config.vit.img_size, num_audio_clips=8)
+    shards = sorted(glob.glob(str(tmp_path / "data" / "*_test.array_record-?????-of-?????")))
+    assert len(shards) == 2
+    report = E.run_eval(model, shards, batch_size=8, max_new_tokens=6, progress=False)
+    assert len(report["examples"]) == 4 * 5 + 4
+    assert all(e["media"] == ["audio", "video"] for e in report["examples"])
+    qa = [e for e in report["examples"] if e["kind"] == "qa"]
+    assert "<ImageHere>x12</Video> The video contains 8 frames sampled at 0.0, 0.5," in qa[0]["prompt"]
+    per = report["metrics"]["attributes"]["per_attribute"]
+    assert {a: p["total"] for a, p in per.items()} == {a: 4 for a in synthetic.ATTRIBUTES}
+    assert all(p["majority"] == 0.25 for p in per.values())   # the writer balances every attribute

@@ -483,6 +483,10 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
             found = sum(i == encoder.patch_id for i in ids)
             if found != k:
                 raise EvalError(f"{where}: the prompt holds {found} media positions, expected {k}")
+            top = max((i for i in ids if i != encoder.patch_id), default=0)
+            if top >= model.config.llama.vocab_size:
+                raise EvalError(f"the tokenizer gave id {top} but the model's vocab has {model.config.llama.vocab_size} "
+                                "tokens: this tokenizer does not belong to this model")
             examples.append(dict(id=example.get("id", str(r)), kind=kind, media=list(chosen),
                                  prompt=_show_prompt(text, k), **info))
             key = (kind, chosen)
