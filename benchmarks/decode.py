@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -198,7 +197,8 @@ def main(argv=None) -> int:
     if args.json:
         out = {"config": {"preset": args.preset, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
                           "vocab_size": config.vocab_size},
-               "threads": args.threads, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+               "threads": args.threads, "batch": args.batch, "prompt_len": args.prompt_len,
+               "new_tokens": args.new_tokens, "reps": args.reps,
                "results": results, "ratios": ratios, "tokens_match": match, "uptime": _uptime(),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "jax_devices": [str(d) for d in jax.devices()]}}

@@ -100,7 +100,8 @@ def test_score_attributes_and_qa_accuracy():
                {"colour": "green", "pitch": "high"}, {"colour": "hmm", "pitch": "low"}]
     s = E.score_attributes(answers, labels)
     c, p = s["per_attribute"]["colour"], s["per_attribute"]["pitch"]
-    assert (c["correct"], c["total"], c["accuracy"], c["chance"], c["majority"], c["unparsed"]) == (2, 4, 0.5, 0.25, 0.5, 1)
+    assert (c["correct"], c["total"], c["accuracy"], c["chance"], c["majority"], c["unparsed"]) == \
+        (2, 4, 0.5, 0.25, 0.5, 1)
     assert c["confusion"] == {"blue": {"blue": 1}, "green": {"None": 1}, "red": {"red": 1, "green": 1}}
     assert (p["correct"], p["majority"]) == (3, 0.75)
     assert s["overall"] == 5 / 8 and s["total"] == 8
@@ -261,12 +262,10 @@ def test_end_to_end_report(world, tmp_path):
 
 def test_cli_writes_a_report(world, tmp_path):
     params_file = save_params_msgpack(world["model"].params, tmp_path / "params.msgpack")
-    config_file = tmp_path / "tiny_eval_config.py"
-    config_file.write_text(CONFIG_FILE)
     out = tmp_path / "report.json"
-    rc = E.main(["--checkpoint", str(params_file), "--config", str(config_file), "--tokenizer", world["tok_dir"],
-                 "--shards", world["shard"], "--out", str(out), "--batch-size", "4", "--max-new-tokens", "5", "--bucket", "64",
-                 "--limit", "1"])
+    rc = E.main(["--checkpoint", str(params_file), "--config", str(_config_file(tmp_path)), "--tokenizer",
+                 world["tok_dir"], "--shards", world["shard"], "--out", str(out), "--batch-size", "4",
+                 "--max-new-tokens", "5", "--bucket", "64", "--limit", "1"])
     assert rc == 0
     report = json.loads(out.read_text())
     assert len(report["examples"]) == 5 and report["settings"]["shards"] == [world["shard"]]

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import math
 import os
 import re
 import sys
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -485,8 +484,8 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
                 raise EvalError(f"{where}: the prompt holds {found} media positions, expected {k}")
             top = max((i for i in ids if i != encoder.patch_id), default=0)
             if top >= model.config.llama.vocab_size:
-                raise EvalError(f"the tokenizer gave id {top} but the model's vocab has {model.config.llama.vocab_size} "
-                                "tokens: this tokenizer does not belong to this model")
+                raise EvalError(f"the tokenizer gave id {top} but the model's vocab has "
+                                f"{model.config.llama.vocab_size} tokens: this tokenizer does not belong to this model")
             examples.append(dict(id=example.get("id", str(r)), kind=kind, media=list(chosen),
                                  prompt=_show_prompt(text, k), **info))
             key = (kind, chosen)
