@@ -42,9 +42,12 @@ def _run_cli(tmp_path, *args, timeout=900):
 def _check_report_arithmetic(report):
     assert report["peak_bytes"] == (report["argument_bytes"] + report["output_bytes"]
                                     - report["alias_bytes"] + report["temp_bytes"])
-    # What the step is handed is at least the sharded state, frozen params and batch.
-    assert report["argument_bytes"] >= 0.99 * (report["trainable_bytes"] + report["optimizer_bytes"]
-                                               + report["frozen_bytes"] + report["batch_bytes"])
+    # The step is handed the sharded state (all of it used: it is updated), frozen params and
+    # batch; jit drops inputs the step never reads (the vision branch's audio batch field).
+    passed = (report["trainable_bytes"] + report["optimizer_bytes"] + report["frozen_bytes"]
+              + report["batch_bytes"])
+    assert report["trainable_bytes"] + report["optimizer_bytes"] <= report["argument_bytes"]
+    assert report["argument_bytes"] <= 1.01 * passed + 4096
     assert report["flops_per_device"] > 0 and report["flops_total"] == pytest.approx(
         report["flops_per_device"] * report["num_devices"])
 
