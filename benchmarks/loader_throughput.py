@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", action="store_true", help="eval transforms (resize, uniform) instead of train")
     ap.add_argument("--step-examples-per-sec", type=float, default=None,
                     help="train step consumption (examples/s per process) to compare against")
+    ap.add_argument("--json", default=None, help="write {setting: examples/s, ...} here")
     args = ap.parse_args(argv)
 
     base = LoaderConfig.preset("stage1", batch_size=args.batch_size, num_frames=args.num_frames,
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
           f"(after {args.warmup} warmup)")
     print(f"batch: B={base.batch_size} T={base.num_frames} {base.image_size}x{base.image_size} frames from "
           f"16 stored JPEG (256 short side), fbank [8,1,128,204], L={base.seq_len}, train={base.train}")
-    best = 0.0
+    best, rates = 0.0, {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_shards(tmp, args.num_examples, num_shards=4)
         encoder = _encoder(tmp)
@@ -112,8 +113,16 @@ def main(argv=None) -> int:
                                       prefetch_buffer_size=max(2 * base.batch_size, 8))
             rate = measure(paths, encoder, cfg, args.batches, args.warmup)
             best = max(best, rate)
+            rates[f"read_threads={threads},workers={workers}"] = rate
             print(f"  read_threads={threads} worker_processes={workers}: {rate:7.1f} examples/s")
     print(f"loader examples/s (best): {best:.1f}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"examples_per_s": rates, "best_examples_per_s": best, "batch_size": base.batch_size,
+                       "num_frames": base.num_frames, "image_size": base.image_size, "train": base.train,
+                       "load_avg_1m": os.getloadavg()[0]}, f, indent=1)
     if args.step_examples_per_sec:
         ratio = best / args.step_examples_per_sec
         print(f"train step consumes {args.step_examples_per_sec:.1f} examples/s: loader/step = {ratio:.2f} "

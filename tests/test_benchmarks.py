@@ -1,0 +1,46 @@
+"""The benchmark harness: batches shaped like the loader's, the peak probe, the result table."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import run, train_step  # noqa: E402
+
+
+def test_synthetic_batch_matches_the_model_and_loader_layout():
+    configs = train_step.bench_configs()
+    small = configs["small"]
+    assert small.llama.hidden_size >= 512 and small.vit.img_size == 224 and small.vit.patch_size == 14
+    for name in ("tiny", "tiny_224", "small"):
+        work = train_step.WORKLOADS[name]
+        batch = train_step.synthetic_batch(configs[name], work)
+        k = configs[name].num_media_tokens(work.media)
+        assert batch["frames"].shape == (work.batch_size, work.num_frames, configs[name].vit.img_size,
+                                         configs[name].vit.img_size, 3)
+        assert (batch["media_mask"].sum(1) == k).all()
+        assert (batch["targets"][batch["media_mask"]] == -100).all()
+    with pytest.raises(ValueError, match="media tokens"):
+        train_step.synthetic_batch(small, train_step.Workload("x", 1, 1, seq_len=16))
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert train_step.matmul_peak(n=64, rounds=2, chain=2) > 0
+
+
+def test_table_renders_every_part_and_marks_failures():
+    results = {
+        "train_step": {"returncode": 0, "result": [{
+            "config": "small", "batch_size": 2, "num_frames": 8, "seq_len": 128, "compile_s": 40.0,
+            "median_s": 5.0, "examples_per_s": 0.4, "gflop_per_s": 24.0, "peak_gflop_per_s": 40.0,
+            "fraction_of_peak": 0.6, "fraction_of_peak_best": 0.62}]},
+        "feature_cache": {"returncode": 0, "result": [{
+            "config": "tiny_224", "batch_size": 4, "num_frames": 8, "uncached_s_per_step": 0.3,
+            "cached_s_per_step": 0.01, "speedup": 30.0, "loss_abs_diff": 0.0, "first_step_loss_uncached": 5.5}]},
+        "loader": {"returncode": "timeout"},
+    }
+    text = run.table(results)
+    assert "60.0% (best step 62.0%)" in text and "30.0x" in text
+    assert "FAILED (timeout)" in text
+    assert "decode" in text  # the hook line when decode did not run
