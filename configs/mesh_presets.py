@@ -184,6 +184,7 @@ def get_config(arg: str = ""):
     """`configs/mesh_presets.py:NAME[:ARG],TARGET`, e.g. 'stage1_vicuna7b,v4-32'."""
     name, sep, target_name = arg.rpartition(",")
     if not sep or not name:
-        raise ValueError(f"expected 'configs/mesh_presets.py:CONFIG_NAME,TARGET' (e.g. stage1_vicuna7b,v4-32), "
+        raise ValueError(f"expected 'configs/mesh_presets.py:CONFIG_NAME,TARGET' "
+                         f"(e.g. stage1_vicuna7b,v4-32), "
                          f"got {arg!r}; targets: {sorted(TARGETS)}")
     return apply(_load_config(name), target_name)

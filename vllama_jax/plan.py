@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="Extra --config.x=y arguments override config fields.")
     p.add_argument("--config", required=True, help="config file (as for vllama-train; 'path:arg' works)")
     p.add_argument("--mesh", required=True,
-                   help="a target of configs/mesh_presets.py (e.g. v4-32, v5p-128:stage2) or data,fsdp,tensor")
+                   help="a target of configs/mesh_presets.py (e.g. v4-32, v5p-128:stage2) "
+                        "or data,fsdp,tensor")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="accelerator memory per device to judge by (default: the target's)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
@@ -225,12 +226,6 @@ def tree_bytes_per_device(tree) -> int:
     return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
-def tree_bytes_total(tree) -> int:
-    import jax
-    import numpy as np
-    return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def check_divisible(tree, mesh_axis_sizes: dict[str, int], what: str) -> None:
     """Every sharded dim must split evenly over its mesh axes (jit refuses uneven arguments);
     raises naming the first offending arrays."""
@@ -315,7 +310,8 @@ class Plan:
         lines += [f"note: {n}" for n in self.notes]
         if self.fits is not None:
             use = self.peak_bytes / (self.hbm_gib * GIB)
-            lines.append(f"{'FITS' if self.fits else 'DOES NOT FIT'}: peak {format_bytes(self.peak_bytes).strip()} "
+            verdict = "FITS" if self.fits else "DOES NOT FIT"
+            lines.append(f"{verdict}: peak {format_bytes(self.peak_bytes).strip()} "
                          f"of {self.hbm_gib:g} GiB HBM per device ({100 * use:.0f}%)")
         return "\n".join(lines)
 
