@@ -25,9 +25,9 @@ Everything is a function of the seed: rerunning with the same seed gives the sam
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
-import importlib.util
 import json
 import logging
 import os
@@ -44,15 +44,10 @@ PHASES = ("data", "tokenizer", "pretrain", "vision1", "vision2", "audio1", "audi
 
 
 def load_demo_config(name: str = "full"):
-    """`configs/demo.py:get_config(name)`; the configs directory sits next to the package."""
-    path = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found (vllama-demo runs from a source checkout: "
-                                "pip install -e .)")
-    spec = importlib.util.spec_from_file_location("_vllama_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, module.get_config(name)
+    """(`vllama_jax.demo_config`, its `get_config(name)`)."""
+    from vllama_jax import demo_config
+
+    return demo_config, demo_config.get_config(name)
 
 
 @dataclasses.dataclass
@@ -204,7 +199,8 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, out):
     from vllama_jax import demo_pretrain as DP
     from vllama_jax.train.video_llama_task import model_config
 
-    probe = demo_module.stage_config(demo, "vision", 1, paths={"tokenizer": str(layout.tokenizer)},
+    # The audio runs' config equips every tower.
+    probe = demo_module.stage_config(demo, "audio", 1, paths={"tokenizer": str(layout.tokenizer)},
                                      vocab_size=vocab_size)
     vconfig = model_config(probe)
     tokenizer = _tokenizer(layout.tokenizer)
@@ -282,13 +278,19 @@ def tower_features(model_config, towers: dict, media: dict, medium: str, batch_s
 def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, paths: dict, vocab_size: int,
                 features, feature_ids: list[str]):
     """One trainer run on the cached frozen-tower outputs; returns (trainer config, TrainResult)."""
+    import jax
+
+    from vllama_jax import sharding
     from vllama_jax.train import feature_cache as FC
     from vllama_jax.train import loop
     from vllama_jax.train.video_llama_task import build_task
 
     run_paths = dict(paths)
-    if stage == 2:
-        run_paths["ckpt"] = str(layout.run(f"{branch}1"))
+    # Stage 2 starts from stage 1; audio1 from vision2, so the audio runs' (frozen, unused) vision
+    # branch is loaded rather than randomly initialised.
+    start = f"{branch}1" if stage == 2 else ("vision2" if branch == "audio" else None)
+    if start:
+        run_paths["ckpt"] = str(layout.run(start))
     config = demo_module.stage_config(demo, branch, stage, paths=run_paths, vocab_size=vocab_size)
     task = build_task(config)
     tower, key, _ = CACHED[task.media[0]]
@@ -304,7 +306,10 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
     data = FC.FeatureDataset({key: features[key], **{k: np.concatenate(v) for k, v in text.items()}})
     cached = FC.CachedFeatureTask(task, outputs=(FC.CachedOutput((tower,), key),))
     train_iter = data.iterator(int(config.train.batch_size), seed=int(config.train.seed))
-    result = loop.train(config, cached, train_iter, workdir=str(layout.run(f"{branch}{stage}")))
+    # One device: the demo is sized for a CPU, and a mesh over several (fake) devices would only
+    # partition the tiny step and slow its compile.
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    result = loop.train(config, cached, train_iter, workdir=str(layout.run(f"{branch}{stage}")), mesh=mesh)
     return config, result
 
 
@@ -318,7 +323,8 @@ def evaluate(layout: Layout, demo, audio_config, out) -> dict:
     model = load_for_inference([str(layout.run("vision2")), str(layout.run("audio2"))], audio_config)
     lc = dataclasses.replace(L.loader_config_from(audio_config, train=False), batch_size=1)
     report = E.run_eval(model, [layout.shards("instruct_test")], loader_config=lc, media=("audio", "video"),
-                        batch_size=demo.eval.batch_size, max_new_tokens=demo.eval.max_new_tokens, kinds=("qa",))
+                        batch_size=demo.eval.batch_size, max_new_tokens=demo.eval.max_new_tokens, kinds=("qa",),
+                        bucket=demo.eval.bucket)
     E.write_report(report, layout.root / "eval_report.json")
     return report, model
 
@@ -403,23 +409,43 @@ def format_table(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------ main
 
-def _compilation_cache(path: Path) -> None:
-    """JAX's persistent compilation cache: the four stage runs initialise the same model (one
-    compile instead of four), and a rerun of the demo skips most compiles."""
-    import jax
+@contextlib.contextmanager
+def _compile_settings(light: bool, cache_dir: Path):
+    """JAX settings while the demo runs, restored after (the demo may run inside a bigger process):
 
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    * XLA with most optimizations off (`jax_disable_most_optimizations`) when `light`: the demo's
+      tiny programs run for seconds but took longer to compile (a stage train step: 11.6 s -> 4.2 s
+      to compile, 16 -> 33 ms a step, measured on 2 cores);
+    * the persistent compilation cache in the work dir, so a rerun of the demo skips most compiles.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_disable_most_optimizations", "jax_compilation_cache_dir",
+             "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: jax.config.values[n] for n in names}
+    try:
+        for n, v in zip(names, (bool(light), str(cache_dir), 1.0, 0)):
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+        yield
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
 
 
 def run_demo(workdir: str = "./vllama_demo_run", *, seed: int = 0, quick: bool = False, skip_data: bool = False,
              workers: int | None = None, out=print) -> dict:
     """Runs every phase; returns the summary written to `<workdir>/summary.json`."""
     logging.getLogger("absl").setLevel(logging.WARNING)
-    start = time.perf_counter()
-    _compilation_cache(Path(workdir).resolve() / "jax_cache")
     demo_module, demo = load_demo_config("quick" if quick else "full")
+    with _compile_settings(demo.light_compiles, Path(workdir).resolve() / "jax_cache"):
+        return _run(workdir, demo_module, demo, seed=seed, skip_data=skip_data, workers=workers, out=out)
+
+
+def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
+    start = time.perf_counter()
     demo.seed = int(seed)
     layout = Layout(workdir)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -452,7 +478,7 @@ def run_demo(workdir: str = "./vllama_demo_run", *, seed: int = 0, quick: bool =
     configs = {}
     from vllama_jax.train.video_llama_task import model_config
 
-    vconfig = model_config(demo_module.stage_config(demo, "vision", 1, paths=paths, vocab_size=vocab_size))
+    vconfig = model_config(demo_module.stage_config(demo, "audio", 1, paths=paths, vocab_size=vocab_size))
     for branch in ("vision", "audio"):
         for stage in (1, 2):
             name = f"{branch}{stage}"

@@ -93,6 +93,11 @@ def fit(name: str, model: nn.Module, params: Any, loss_fn: Callable, arrays: Map
     return params, history
 
 
+def _init(model: nn.Module, seed: int, *args, **kwargs):
+    """Unboxed random params, as one jitted program (op by op, every initializer shape compiles)."""
+    return jax.jit(lambda r: nn.meta.unbox(model.init(r, *args, **kwargs)["params"]))(jax.random.key(seed))
+
+
 # ---------------------------------------------------------------------------------- language model
 
 def lm_loss(model: nn.Module, params, batch, rng):
@@ -124,7 +129,7 @@ def pretrain_llama(config: LlamaConfig, corpus: Mapping[str, np.ndarray], fit_co
                    logdir: str | None):
     model = Llama(config)
     ids = jnp.asarray(corpus["input_ids"][:1])
-    params = nn.meta.unbox(model.init(jax.random.key(seed), input_ids=ids)["params"])
+    params = _init(model, seed, input_ids=ids)
     return fit("llama", model, params, lm_loss, corpus, fit_config, seed, logdir)
 
 
@@ -172,7 +177,7 @@ def pretrain_vision(vit: EvaViTConfig, qformer: QFormerConfig, frames: np.ndarra
                     fit_config: FitConfig, seed: int, logdir: str | None):
     """frames `[N, T, S, S, 3]` CLIP-normalised; returns the `image_encoder` params and the history."""
     model = FrameBagOfWords(vit, qformer, bag.shape[1])
-    params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.asarray(frames[:1]))["params"])
+    params = _init(model, seed, jnp.asarray(frames[:1]))
     loss = lambda m, p, b, r: _bag_loss(m.apply({"params": p}, b["frames"]), b["bag"])  # noqa: E731
     params, history = fit("vision", model, params, loss, {"frames": frames, "bag": bag}, fit_config, seed, logdir)
     return params["image_encoder"], history
@@ -185,7 +190,7 @@ def pretrain_audio(config: ImageBindAudioConfig, fbank: np.ndarray, bag: np.ndar
     n, m = fbank.shape[:2]
     clips = fbank.reshape(n * m, *fbank.shape[2:])
     model = ClipBagOfWords(config, bag.shape[1])
-    params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.asarray(clips[:1], jnp.float32))["params"])
+    params = _init(model, seed, jnp.asarray(clips[:1], jnp.float32))
     loss = lambda mdl, p, b, r: _bag_loss(mdl.apply({"params": p}, b["clips"].astype(jnp.float32)), b["bag"])  # noqa: E731
     arrays = {"clips": clips, "bag": np.repeat(bag, m, axis=0)}
     params, history = fit("audio", model, params, loss, arrays, fit_config, seed, logdir)

@@ -182,6 +182,9 @@ class CachedFeatureTask:
     def abstract_params(self):
         return self._drop(self.task.abstract_params())
 
+    def pretrained_subtrees(self) -> tuple[str, ...]:
+        return tuple(getattr(self.task, "pretrained_subtrees", lambda: ())())
+
     def load_pretrained(self, params):
         hook = getattr(self.task, "load_pretrained", None)
         return self._drop(hook(params)) if callable(hook) else params

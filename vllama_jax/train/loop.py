@@ -28,7 +28,7 @@ from vllama_jax.train import metrics as M
 from vllama_jax.train import optimizer as O
 from vllama_jax.train import partition, schedules
 from vllama_jax.train import step as S
-from vllama_jax.train.task import Task, check_task
+from vllama_jax.train.task import Task, check_provided, check_task, init_unprovided
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,13 @@ def _setup(config, task: Task, mesh) -> _Setup:
 
 
 def _fresh_params(task: Task, full_sh, rng):
-    """Random init born sharded, then the task's pretrained weights if it loads any."""
-    params = jax.jit(task.init_params, out_shardings=full_sh)(rng)
+    """Random init born sharded (only of what no pretrained file provides), then the task's
+    pretrained weights if it loads any."""
+    params = init_unprovided(task, rng, out_shardings=full_sh)
     if callable(getattr(task, "load_pretrained", None)):
-        params = jax.device_put(task.load_pretrained(params), full_sh)
+        params = task.load_pretrained(params)
+        check_provided(task, params, full_sh)
+        params = jax.device_put(params, full_sh)
     return params
 
 

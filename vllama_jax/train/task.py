@@ -17,6 +17,10 @@ Optional:
 * `load_pretrained(params) -> params` — host-side hook run once on a fresh start (and on resume
   when no `frozen/` checkpoint exists) to overwrite the random init with pretrained weights read
   from local files. May return host numpy arrays; the trainer places them with the shardings.
+* `pretrained_subtrees() -> tuple[str, ...]` — the top-level params subtrees `load_pretrained`
+  fills in whole. They are left out of the random init (`init_unprovided`), so the trainer never
+  compiles the init of towers it is about to overwrite; `load_pretrained` then receives the
+  params without them and must add them.
 
 Builders named in configs (`task.builder`, `data.train_builder`, `data.eval_builder`) are
 'module:function' strings, imported lazily, so configs can name code that lands later.
@@ -24,7 +28,7 @@ Builders named in configs (`task.builder`, `data.train_builder`, `data.eval_buil
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import jax
 
@@ -48,6 +52,30 @@ def check_task(task: Any) -> Task:
     if missing:
         raise TypeError(f"{type(task).__name__} is not a Task: missing method(s) {missing}")
     return task
+
+
+def init_unprovided(task: Task, rng: jax.Array, also_provided: Iterable[str] = (), out_shardings=None) -> dict:
+    """`jax.jit(task.init_params)(rng)` without the top-level subtrees that `task.pretrained_subtrees()`
+    and `also_provided` name: XLA compiles only the random init of what no file provides (the
+    values of the rest are those of the full init, Flax keys each param by its path).
+    `out_shardings`: the shardings of the full tree (the kept subtrees' are used)."""
+    provided = set(also_provided) | set(getattr(task, "pretrained_subtrees", lambda: ())())
+    if not provided:
+        return jax.jit(task.init_params, out_shardings=out_shardings)(rng)
+    names = [k for k in jax.eval_shape(task.init_params, rng) if k not in provided]
+    if not names:
+        return {}
+    keep = lambda tree: {k: tree[k] for k in names}  # noqa: E731
+    sh = None if out_shardings is None else keep(out_shardings)
+    return jax.jit(lambda r: keep(task.init_params(r)), out_shardings=sh)(rng)
+
+
+def check_provided(task: Task, params: dict, full: dict) -> None:
+    """After `load_pretrained`: every top-level subtree of the full tree `full` is there."""
+    missing = sorted(set(full) - set(params))
+    if missing:
+        raise ValueError(f"{type(task).__name__}.load_pretrained did not add the subtrees {missing} that its "
+                         f"pretrained_subtrees() promised")
 
 
 def import_string(spec: str) -> Callable:

@@ -120,6 +120,17 @@ class VideoLlamaTask:
     def init_params(self, rng):
         return init_params(self.config, rng)["params"]
 
+    def pretrained_subtrees(self) -> tuple[str, ...]:
+        """The top-level subtrees `load_pretrained` fills (the trainer skips their random init)."""
+        c, paths = self.config, self.pretrained
+        names = (["llama"] if paths.llama_model else []) + (["image_encoder"] if paths.blip2 else [])
+        if paths.imagebind and c.audio_qformer is not None:
+            names += [n for n, cfg in (("audio_encoder", c.imagebind_audio),
+                                       ("audio_vision_encoder", c.imagebind_vision)) if cfg is not None]
+        if paths.ckpt:
+            names += list(stage_params(paths.ckpt, metadata_only=True))
+        return tuple(dict.fromkeys(names))
+
     def loss_fn(self, params, batch, rng, deterministic):
         return self.model.apply({"params": params}, batch, self.media, deterministic,
                                 method=VideoLlama.loss, rngs={"dropout": rng})
@@ -150,13 +161,15 @@ class VideoLlamaTask:
         return params
 
 
-def stage_params(workdir: str) -> dict:
-    """Only the trained params (newest step) of a trainer workdir, as host arrays."""
+def stage_params(workdir: str, metadata_only: bool = False) -> dict:
+    """Only the trained params (newest step) of a trainer workdir, as host arrays (or their
+    `ShapeDtypeStruct`s, nothing read but metadata)."""
     from vllama_jax.convert import params_checkpoint as pc
 
     (item, keys), *_ = pc.locate(workdir)
     # A workdir's first item is its newest step's state; reading that step alone skips frozen/.
-    return pc.load_params(item.parent if keys == ("params",) else workdir)
+    where = item.parent if keys == ("params",) else workdir
+    return pc.params_metadata(where) if metadata_only else pc.load_params(where)
 
 
 def build_task(config) -> VideoLlamaTask:
