@@ -178,22 +178,24 @@ def _from_workdirs(workdirs: Sequence[str], train_config, step: int | None) -> t
     """Frozen params from the first workdir's `frozen/` (or, as the trainer makes them, the seed's
     random init overwritten by the configured pretrained towers), then each workdir's trained params
     (only those: a later run's frozen copy of an earlier run's branch must not replace it)."""
+    from vllama_jax.train.task import init_unprovided
     from vllama_jax.train.video_llama_task import build_task
 
     task = build_task(train_config)
     params = _frozen_params(workdirs[0])
+    trained = [_trained_params(w, step if i == 0 else None) for i, w in enumerate(workdirs)]
     if params is None:
-        # The trainer's own init key (loop._initial_state), so random frozen towers come out the same.
+        # The trainer's own init key (loop._initial_state), so random frozen towers come out the same;
+        # only what neither the pretrained files nor the workdirs provide is initialised.
         init_rng = jax.random.split(jax.random.PRNGKey(int(train_config.train.get("seed", 0))))[0]
-        params = jax.tree.map(np.asarray, jax.jit(task.init_params)(init_rng))
+        params = init_unprovided(task, init_rng, also_provided={k for t, _ in trained for k in t})
         params = jax.tree.map(np.asarray, task.load_pretrained(params))
         if not any(getattr(task.pretrained, f.name) for f in dataclasses.fields(task.pretrained)):
             log.warning("%s has no frozen/ checkpoint and the config names no pretrained towers: the frozen "
                         "towers are the trainer's random init for seed %s", workdirs[0],
                         train_config.train.get("seed", 0))
-    for i, workdir in enumerate(workdirs):
-        trained, where = _trained_params(workdir, step if i == 0 else None)
-        params = _overlay(params, trained, where)
+    for trained_params, where in trained:
+        params = _overlay(params, trained_params, where)
         log.info("loaded trained params from %s", where)
     check_params(params, task.config, ", ".join(workdirs))
     return task.config, params
