@@ -30,8 +30,10 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
 
     # Tower sizes: overrides of each tower's `tiny` preset (config_lib.tiny names them).
     c.towers = ml_collections.ConfigDict()
+    # initializer_range 1/sqrt(64) (HF's 0.02 is a 4096-wide model's): word embeddings nearer the
+    # soft tokens' scale; measured on the same towers, stage-1 loss 0.36 -> 0.30, stage-2 0.839 -> 0.822.
     c.towers.llama = dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=4,
-                          head_dim=16, max_position_embeddings=256)
+                          head_dim=16, max_position_embeddings=256, initializer_range=0.125)
     c.towers.vit = dict(patch_size=8, width=64, depth=2, num_heads=4)
     c.towers.qformer = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, encoder_width=64)
     c.towers.video_qformer = dict(hidden_size=64, num_heads=4, intermediate_size=128)
@@ -55,7 +57,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.stages = ml_collections.ConfigDict()
     for branch in ("vision", "audio"):
         for stage in (1, 2):
-            c.stages[f"{branch}{stage}"] = fit(4 if quick else 120, 8 if quick else 32, 1e-3)
+            c.stages[f"{branch}{stage}"] = fit(4 if quick else 120, 8 if quick else 32, 5e-3)
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 6
     c.eval.batch_size = 8 if quick else 32
