@@ -5,6 +5,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The partitionable threefry (JAX's default) makes XLA:CPU compile every parameter initializer
+# 2-3x slower; param init compiles dominate many tests and no test relies on particular random
+# values, so the suite uses the classic stream (also inherited by the subprocesses tests start).
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
