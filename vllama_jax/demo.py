@@ -33,7 +33,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -509,7 +508,8 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
         "config": demo.name, "seed": demo.seed, "deviation": DEVIATION,
         "accuracy": {a: s["accuracy"] for a, s in report["metrics"]["attributes"]["per_attribute"].items()},
         "visual_accuracy": groups["visual"]["accuracy"], "audio_accuracy": groups["audio"]["accuracy"],
-        "chance": 0.25, "phase_seconds": phases.times, "load_average_1min_at_end": os.getloadavg()[0], "wall_seconds": round(time.perf_counter() - start, 1),
+        "chance": 0.25, "phase_seconds": phases.times, "load_average_1min_at_end": os.getloadavg()[0],
+        "wall_seconds": round(time.perf_counter() - start, 1),
         "files": {"workdir": str(layout.root), "eval_report": str(layout.root / "eval_report.json"),
                   "loss_png": png, "tensorboard": [str(layout.tensorboard)] +
                   [str(layout.run(n) / "tb") for n in configs], "runs": [str(layout.run(n)) for n in configs],
