@@ -127,6 +127,15 @@ def table(results: dict) -> str:
         for k, v in loader["examples_per_s"].items():
             add(f"loader (B={loader['batch_size']}, T={loader['num_frames']}, {loader['image_size']} px, "
                 f"train transforms)", k, f"{v:.1f} examples/s")
+        # Issue 5's figure: does the pipeline keep up with a step that reads raw media? The
+        # uncached tiny_224 step has the loader's geometry (224 px, 8 frames); a step trained from
+        # the feature cache reads no media at all, so it needs no such ratio.
+        consumer = next((c for c in get("feature_cache") or [] if c["config"] == "tiny_224"), None)
+        if consumer:
+            step_rate = consumer["batch_size"] / consumer["uncached_s_per_step"]
+            best = max(loader["examples_per_s"].values())
+            add("loader vs uncached train step, tiny_224", "loader / step consumption",
+                f"{best:.1f} / {step_rate:.1f} examples/s ({best / step_rate:.2f}x)")
     decode = get("decode")
     if decode:
         for k, v in decode["results"].items():
