@@ -5,7 +5,7 @@
     2. towers     tiny stand-ins for the pretrained towers (vllama_jax/demo_pretrain.py): a LLaMA
                   pretrained as a language model on the train text, an EVA ViT + image Q-Former
                   and an ImageBind audio tower pretrained on their modality; saved as the real
-                  ones ship (HF directory, LAVIS .pth, ImageBind .pth), then frozen
+                  ones ship (HF directory, LAVIS- and ImageBind-keyed state dicts), then frozen
     3. stage 1    video-caption pretraining of the vision branch (video Q-Former, frame position
                   embedding, query tokens, llama_proj) and the audio branch (audio Q-Former, its
                   position embedding and query tokens, audio_llama_proj), one run each, with the

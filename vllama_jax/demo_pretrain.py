@@ -205,8 +205,9 @@ def save_towers(out_dir: str, *, llama: tuple[Any, LlamaConfig], tokenizer_dir: 
                 seed: int) -> dict[str, str]:
     """Writes the towers as their real counterparts ship; returns the `config.paths` entries.
 
-    llama_model: an HF LLaMA directory with the tokenizer files; blip2: a LAVIS-keyed `.pth`;
-    imagebind: an ImageBind-keyed `.pth` (with a randomly initialised vision tower when
+    llama_model: an HF LLaMA directory with the tokenizer files; blip2: a LAVIS-keyed state dict;
+    imagebind: an ImageBind-keyed state dict (both `.safetensors`, read by the same importers as
+    the `.pth` files, so the demo needs no torch; with a randomly initialised vision tower when
     `vision_config` is given: the demo's audio branch trains on audio, so nothing uses it).
     """
     import shutil
@@ -219,7 +220,7 @@ def save_towers(out_dir: str, *, llama: tuple[Any, LlamaConfig], tokenizer_dir: 
     hf_llama.save_hf(jax.device_get(llama[0]), llama[1], llama_dir, overwrite=True, progress=False)
     for f in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, f), llama_dir)
-    blip2 = os.path.join(out_dir, "blip2_demo.pth")
+    blip2 = os.path.join(out_dir, "blip2_demo.safetensors")
     params, vit, qformer = image_encoder
     save_state_dict(blip2, lavis.blip2_image_encoder_state_dict_from_params(jax.device_get(params), vit, qformer),
                     wrap=True)
@@ -227,7 +228,7 @@ def save_towers(out_dir: str, *, llama: tuple[Any, LlamaConfig], tokenizer_dir: 
     if vision_config is not None:
         vision = nn.meta.unbox(ImageBindVision(vision_config).init(
             jax.random.key(seed), jnp.zeros((1, vision_config.image_size, vision_config.image_size, 3)))["params"])
-    ib = os.path.join(out_dir, "imagebind_demo.pth")
+    ib = os.path.join(out_dir, "imagebind_demo.safetensors")
     imagebind.save_imagebind(ib, audio=jax.device_get(audio[0]), vision=vision, audio_cfg=audio[1],
                              vision_cfg=vision_config)
     return {"llama_model": llama_dir, "tokenizer": llama_dir, "blip2": blip2, "imagebind": ib}

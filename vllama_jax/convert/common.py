@@ -331,7 +331,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
     Loads with `weights_only=True` (no arbitrary unpickling), memory-mapped where possible, so the
     arrays are views into the file until a converter copies them; bf16 stays bf16 (ml_dtypes).
+    A `.safetensors` file (same keys, flat) is read without torch.
     """
+    if os.fspath(path).endswith(".safetensors"):
+        return _read_safetensors(path)
     import torch
     sd = state_dict_of(torch_load(path), path)
     out = {}
@@ -342,6 +345,18 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
         out[key] = tensor_to_numpy(value)
     return out
+
+
+def _read_safetensors(path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: checkpoint file does not exist")
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a broken file
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def save_torch(path, obj: Any, overwrite: bool = True) -> Path:
@@ -357,7 +372,20 @@ def save_torch(path, obj: Any, overwrite: bool = True) -> Path:
 
 def save_state_dict(path, sd: Mapping[str, np.ndarray], wrap: bool = False, extra: Mapping | None = None,
                     overwrite: bool = True) -> Path:
-    """Writes numpy arrays as torch tensors; `wrap` puts them under `"model"` (LAVIS / Video-LLaMA)."""
+    """Writes numpy arrays as torch tensors; `wrap` puts them under `"model"` (LAVIS / Video-LLaMA).
+
+    A `.safetensors` path writes the same keys flat without torch (no wrapper, no `extra`), which
+    `read_state_dict` reads back: the torch-free form of the same file (e.g. for `vllama-demo`).
+    """
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.numpy import save_file
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        with atomic_file(path) as tmp:
+            # (np.ascontiguousarray would make 0-d arrays 1-d)
+            save_file({k: np.asarray(v).copy(order="C") for k, v in sd.items()}, str(tmp))
+        return path
     tensors = {k: numpy_to_tensor(v) for k, v in sd.items()}
     obj = {"model": tensors, **(extra or {})} if wrap else tensors
     return save_torch(path, obj, overwrite)
