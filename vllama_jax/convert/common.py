@@ -362,11 +362,16 @@ def _read_safetensors(path) -> dict[str, np.ndarray]:
 def save_torch(path, obj: Any, overwrite: bool = True) -> Path:
     """`torch.save(obj)` to a temporary sibling, renamed to `path` once complete."""
     import torch
+    path = _destination(path, overwrite)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def _destination(path, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
     return path
 
 
@@ -379,9 +384,7 @@ def save_state_dict(path, sd: Mapping[str, np.ndarray], wrap: bool = False, extr
     """
     if os.fspath(path).endswith(".safetensors"):
         from safetensors.numpy import save_file
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        path = _destination(path, overwrite)
         with atomic_file(path) as tmp:
             # (np.ascontiguousarray would make 0-d arrays 1-d)
             save_file({k: np.asarray(v).copy(order="C") for k, v in sd.items()}, str(tmp))
