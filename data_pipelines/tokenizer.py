@@ -138,7 +138,7 @@ def build_demo_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
     Printable ASCII is always in the alphabet; anything else falls back to byte pieces. The vocab
     may end up smaller than `vocab_size` when the texts run out of pairs to merge.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     base = len(SPECIAL_TOKENS) + NUM_BYTE_PIECES
     alphabet = [c for c in string.printable if not c.isspace()] + ["▁"]
@@ -149,7 +149,12 @@ def build_demo_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab
     if not texts:
         raise TokenizerError("build_demo_tokenizer needs at least one training text")
     trainee = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainee.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Pieces never join letters to digits, punctuation or newlines (sentencepiece's script split,
+    # LLaMA's single digits): without it the answer word fused with what follows ("red###",
+    # "right\n###Human:"), so an answer was a different token from the same word in a sentence.
+    trainee.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Split(Regex(r"▁?[A-Za-z]+|[0-9]|\s|[^A-Za-z0-9▁\s]+|▁"), behavior="isolated")])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - NUM_BYTE_PIECES, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=alphabet, show_progress=False)
     trainee.train_from_iterator(texts, trainer)

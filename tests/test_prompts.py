@@ -187,6 +187,17 @@ def test_demo_tokenizer_roundtrip(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == "a red ball\né 😀"  # byte fallback
 
 
+def test_demo_tokenizer_keeps_words_apart_from_punctuation(tmp_path):
+    # Trained on text where a word is always followed by the same punctuation, BPE would fuse
+    # them ("red###"); the answer word must be the same token as the word in a sentence.
+    texts = ["###Human: What colour?\n###Assistant: red###", "a red ball 12.5 seconds"] * 50
+    tok = load_tokenizer(build_demo_tokenizer(texts, tmp_path / "tok", vocab_size=500))
+    pieces = tok.tokenize(texts[0])
+    assert "▁red" in pieces and "###" in pieces
+    assert all(not (any(c.isalpha() for c in p) and any(c in "#:?\n" or c.isdigit() for c in p)) for p in pieces), pieces
+    assert tok.tokenize("12.5") == ["▁", "1", "2", ".", "5"]
+
+
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(TokenizerError, match="nope.*does not exist"):
         load_tokenizer(tmp_path / "nope")
