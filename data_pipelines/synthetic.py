@@ -9,13 +9,19 @@ Each clip is a real mp4 (h264 + aac, written by media.py; 16 frames of 64x64 at 
 Every attribute takes each of its 4 values equally often in each split (so chance is 25 %),
 independently shuffled per attribute. Everything is a function of (seed, split, index).
 
-Splits (written through the same shard writer as real data):
-  caption_train / caption_test    kind='caption': "a red circle moving left while a low tone beeps slowly"
-  instruct_train / instruct_test  kind='conversation': one question per attribute, shuffled,
-                                  answered with the attribute's word ("What colour is the object?" -> "red")
+Splits (written through the same shard writer as real data), for split in (train, test):
+  caption_{split}         kind='caption': "a red circle moving left while a low tone beeps slowly"
+  instruct_{split}        kind='conversation': one question per attribute, shuffled, answered with
+                          the attribute's word ("What colour is the object?" -> "red")
+  {caption,instruct}_seen_{split}, {caption,instruct}_heard_{split}
+                          the same clips with text about only what is seen ("a red circle moving
+                          left"; colour, shape, motion questions) or only what is heard ("a low
+                          tone beeps slowly"; pitch, rhythm questions): the training text of a
+                          branch that has only one of the media, which could answer the rest only
+                          by memorising the clips
 The writer's workers render each clip's mp4 (kept under media_dir) and decode it like real data for
-the caption records; the instruct records reuse those records' frames and fbank (same clip, new
-text), which halves the decoding (the Kaldi fbank dominates it).
+the caption records; the other splits reuse those records' frames and fbank (same clip, new text),
+so each clip is decoded once (the Kaldi fbank dominates the decoding).
 Attribute labels are in each record's meta. Test clips use a different random stream than
 train clips (same balanced design).
 """
@@ -39,7 +45,10 @@ RHYTHMS = {"slowly": 1.0, "steadily": 2.0, "quickly": 4.0, "rapidly": 8.0}
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "motion": MOTIONS,
               "pitch": tuple(PITCHES), "rhythm": tuple(RHYTHMS)}
 VISUAL = ("colour", "shape", "motion")
+IN_EACH_FRAME = ("colour", "shape")      # what one frame shows (motion takes several)
 AUDIO = ("pitch", "rhythm")
+# The attributes each text view talks about ('all': every attribute).
+VIEWS = {"all": tuple(ATTRIBUTES), "seen": VISUAL, "heard": AUDIO}
 QUESTIONS = {
     "colour": "What colour is the object?",
     "shape": "What shape is the object?",
@@ -53,14 +62,23 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 MEDIA_OPTIONS = MediaOptions(num_frames=NUM_FRAMES, short_side=None)
 
 
-def caption(attrs: Dict[str, str]) -> str:
-    return (f"a {attrs['colour']} {attrs['shape']} moving {attrs['motion']} "
-            f"while a {attrs['pitch']} tone beeps {attrs['rhythm']}")
+def _check_view(view: str) -> None:
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {tuple(VIEWS)}, got {view!r}")
 
 
-def conversation(attrs: Dict[str, str], rng: np.random.Generator) -> List[Dict[str, str]]:
+def caption(attrs: Dict[str, str], view: str = "all") -> str:
+    _check_view(view)
+    seen = f"a {attrs['colour']} {attrs['shape']} moving {attrs['motion']}"
+    heard = f"a {attrs['pitch']} tone beeps {attrs['rhythm']}"
+    return {"all": f"{seen} while {heard}", "seen": seen, "heard": heard}[view]
+
+
+def conversation(attrs: Dict[str, str], rng: np.random.Generator, view: str = "all") -> List[Dict[str, str]]:
+    """One question per attribute of `view`, in a random order, the media placeholder in the first."""
+    _check_view(view)
     turns = []
-    for k, attr in enumerate(rng.permutation(list(ATTRIBUTES))):
+    for k, attr in enumerate(rng.permutation(list(VIEWS[view]))):
         question = QUESTIONS[attr] if k else f"{records.IMAGE_PLACEHOLDER} {QUESTIONS[attr]}"
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": attrs[attr]}]
     return turns
@@ -154,32 +172,50 @@ def build_clip_example(clip_item: Dict[str, Any], options: MediaOptions = MEDIA_
     return build_example(clip_item, options)
 
 
-def instruct_items(caption_items: List[Dict[str, Any]], caption_result, seed: int = 0) -> List[Dict[str, Any]]:
-    """Conversation items reusing the media of the written caption records (no second decode)."""
+# The derived splits: (name prefix, record kind, view); each gets its own text random stream.
+DERIVED = (("instruct", "conversation", "all"), ("caption_seen", "caption", "seen"),
+           ("instruct_seen", "conversation", "seen"), ("caption_heard", "caption", "heard"),
+           ("instruct_heard", "conversation", "heard"))
+
+
+def derived_items(caption_items: List[Dict[str, Any]], caption_result, prefix: str, seed: int = 0) -> List[Dict[str, Any]]:
+    """Items of the derived split `prefix` (a DERIVED name) reusing the media of the written caption
+    records (no second decode)."""
+    kinds = {name: (kind, view) for name, kind, view in DERIVED}
+    if prefix not in kinds:
+        raise ValueError(f"derived split must be one of {tuple(kinds)}, got {prefix!r}")
     skipped = {s["id"] for s in caption_result.skipped}
     kept = [c for c in caption_items if c["id"] not in skipped]
     sources = [(path, k) for path, n in zip(caption_result.shard_files, caption_result.shard_lengths)
                for k in range(n)]
     if len(sources) != len(kept):
         raise ValueError(f"{len(kept)} caption items kept but {len(sources)} caption records written")
-    return [{"id": c["id"].replace("/caption", "/instruct"), "source": src, "seed": seed}
+    kind, view = kinds[prefix]
+    return [{"id": c["id"].replace("/caption", f"/{prefix}"), "source": src, "seed": seed, "kind": kind,
+             "view": view, "stream": 1 + [d[0] for d in DERIVED].index(prefix)}
             for c, src in zip(kept, sources)]
 
 
-def retext_example(instruct_item: Dict[str, Any]) -> Dict[str, Any]:
-    """The caption record at item["source"] turned into the clip's question-answer conversation."""
-    path, index = instruct_item["source"]
+def retext_example(derived_item: Dict[str, Any]) -> Dict[str, Any]:
+    """The caption record at item["source"] with the item's text: its view's caption, or its
+    view's question-answer conversation."""
+    path, index = derived_item["source"]
     example = records.decode_example(shards.read_record(path, index))
     attrs = {a: example["meta"][a] for a in ATTRIBUTES}
     split, clip = example["meta"]["split"], int(example["id"].split("/")[-2])
-    rng = np.random.default_rng([instruct_item["seed"], SPLIT_SEEDS[split], clip, 1])
-    return dict(example, id=example["id"].replace("/caption", "/instruct"), kind="conversation",
-                caption="", conversations=conversation(attrs, rng))
+    new_id = example["id"].replace("/caption", "/" + derived_item["id"].rsplit("/", 1)[1])
+    view = derived_item["view"]
+    if derived_item["kind"] == "caption":
+        return dict(example, id=new_id, caption=caption(attrs, view), meta=dict(example["meta"], view=view))
+    rng = np.random.default_rng([derived_item["seed"], SPLIT_SEEDS[split], clip, derived_item["stream"]])
+    return dict(example, id=new_id, kind="conversation", caption="", conversations=conversation(attrs, rng, view),
+                meta=dict(example["meta"], view=view))
 
 
 def write_splits(media_dir: str, out_dir: str, num_train: int = 256, num_test: int = 64, seed: int = 0,
                  limit: Optional[int] = None, **write_kwargs) -> List["shards.SplitResult"]:
-    """Renders, decodes and writes caption_{train,test}, then derives instruct_{train,test} from them.
+    """Renders, decodes and writes caption_{train,test}, then derives the other splits (DERIVED)
+    from those records.
 
     write_kwargs go to `shards.write_shards` (examples_per_shard, num_workers, progress).
     """
@@ -189,7 +225,9 @@ def write_splits(media_dir: str, out_dir: str, num_train: int = 256, num_test: i
         os.makedirs(os.path.join(media_dir, f"seed{seed}", split), exist_ok=True)
         captions = shards.write_shards(items, out_dir, decode_fn=build_clip_example, dataset_name=NAME,
                                        split=f"caption_{split}", **write_kwargs)
-        instructs = shards.write_shards(instruct_items(items, captions, seed), out_dir, decode_fn=retext_example, dataset_name=NAME,
-                                        split=f"instruct_{split}", **dict(write_kwargs, num_workers=0))
-        results += [captions, instructs]
+        results.append(captions)
+        for prefix, _, _ in DERIVED:
+            results.append(shards.write_shards(derived_items(items, captions, prefix, seed), out_dir,
+                                               decode_fn=retext_example, dataset_name=NAME, split=f"{prefix}_{split}",
+                                               **dict(write_kwargs, num_workers=0)))
     return results

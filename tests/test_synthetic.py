@@ -24,6 +24,13 @@ def test_attributes_are_balanced_and_independent():
 def test_captions_and_questions():
     attrs = {"colour": "red", "shape": "circle", "motion": "left", "pitch": "low", "rhythm": "slowly"}
     assert synthetic.caption(attrs) == "a red circle moving left while a low tone beeps slowly"
+    assert synthetic.caption(attrs, "seen") == "a red circle moving left"
+    assert synthetic.caption(attrs, "heard") == "a low tone beeps slowly"
+    for view, names in (("seen", synthetic.VISUAL), ("heard", synthetic.AUDIO)):
+        answers = [t["value"] for t in synthetic.conversation(attrs, np.random.default_rng(0), view)[1::2]]
+        assert sorted(answers) == sorted(attrs[a] for a in names)
+    with pytest.raises(ValueError, match="view must be one of"):
+        synthetic.caption(attrs, "smelt")
     turns = synthetic.conversation(attrs, np.random.default_rng(0))
     assert turns[0]["value"].startswith(records.IMAGE_PLACEHOLDER + " ")
     qa = {t["value"].replace(records.IMAGE_PLACEHOLDER + " ", ""): a["value"] for t, a in zip(turns[::2], turns[1::2])}
@@ -99,8 +106,12 @@ def test_demo_splits_through_the_writer(tmp_path):
     results = synthetic.write_splits(str(tmp_path / "media"), str(tmp_path / "out"), num_train=8, num_test=4,
                                      seed=0, examples_per_shard=3, progress=False)
     by_split = {r.split: r for r in results}
-    assert {k: r.num_written for k, r in by_split.items()} == {"caption_train": 8, "instruct_train": 8,
-                                                              "caption_test": 4, "instruct_test": 4}
+    assert {k: r.num_written for k, r in by_split.items()} == {
+        f"{prefix}_{split}": n for split, n in (("train", 8), ("test", 4))
+        for prefix in ("caption", "instruct", "caption_seen", "instruct_seen", "caption_heard", "instruct_heard")}
+    # The seen / heard splits: the same clips (same media), text about one medium only.
+    seen = [records.decode_example(r) for r in shards.read_records(by_split["instruct_seen_test"].shard_files)]
+    heard = [records.decode_example(r) for r in shards.read_records(by_split["caption_heard_test"].shard_files)]
     captions = [records.decode_example(r) for r in shards.read_records(by_split["caption_test"].shard_files)]
     instructs = [records.decode_example(r) for r in shards.read_records(by_split["instruct_test"].shard_files)]
     for cap, ins in zip(captions, instructs):
@@ -111,6 +122,12 @@ def test_demo_splits_through_the_writer(tmp_path):
         assert ins["id"] == cap["id"].replace("/caption", "/instruct") and ins["kind"] == "conversation"
         assert sorted(t["value"] for t in ins["conversations"][1::2]) == sorted(attrs.values())
         assert ins["frames"] == cap["frames"] and np.array_equal(ins["fbank"], cap["fbank"])
+    for cap, s, h in zip(captions, seen, heard):
+        attrs = {a: cap["meta"][a] for a in synthetic.ATTRIBUTES}
+        assert s["id"] == cap["id"].replace("/caption", "/instruct_seen") and s["frames"] == cap["frames"]
+        assert sorted(t["value"] for t in s["conversations"][1::2]) == sorted(attrs[a] for a in synthetic.VISUAL)
+        assert h["kind"] == "caption" and h["caption"] == synthetic.caption(attrs, "heard")
+        assert np.array_equal(h["fbank"], cap["fbank"])
     # The caption records are the real decode of the rendered mp4.
     direct = build_example(synthetic.clip_items(str(tmp_path / "media"), "test", 4, 0)[2], synthetic.MEDIA_OPTIONS)
     assert direct["frames"] == captions[2]["frames"]
