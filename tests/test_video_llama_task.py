@@ -37,3 +37,15 @@ def test_training_both_qformers_at_once_is_refused():
     config.model.frozen_audio_qformer = False
     with pytest.raises(ValueError, match="train_flag 2"):
         train_media(config)
+
+
+def test_train_with_media_puts_frozen_media_beside_the_trained_one():
+    config = _tiny("audio")
+    config.model.audio_train_input = "audio"
+    assert train_media(config) == ("audio",)
+    config.model.train_with_media = ("video",)
+    assert train_media(config) == ("audio", "video")          # the chat's order
+    for bad in (("audio",), ("video", "video"), ("depth",)):
+        config.model.train_with_media = bad
+        with pytest.raises(ValueError, match="train_with_media"):
+            train_media(config)

@@ -9,10 +9,12 @@ so it makes small ones from the synthetic train split and freezes them, like the
                   layout, the chat's audio+video message), with the media *described in words*
                   where the soft tokens will go, so the LM learns to answer from its context, the
                   skill a real LLM brings;
-  vision          EVA ViT + ln_vision + image Q-Former on frames: a linear head over the pooled
-                  queries of a clip's frames (in order) predicts the bag of caption tokens;
-  audio           ImageBind's audio tower on 2-second fbank clips: a linear head on its embedding
-                  predicts the bag of caption tokens.
+  vision          EVA ViT + ln_vision + image Q-Former on frames: linear heads over the pooled
+                  queries of a clip's frames (in order) predict the bag of caption tokens and
+                  the caption's motion word, heads on each frame's pooled queries its colour
+                  and shape words;
+  audio           ImageBind's audio tower on 2-second fbank clips: linear heads on its embedding
+                  predict the bag of caption tokens and the caption's pitch and rhythm words.
 The heads are thrown away. Training uses one small loop (`fit`): AdamW, warmup-cosine, jit, tqdm,
 TensorBoard scalars through the trainer's `MetricsLogger`.
 """
@@ -101,28 +103,44 @@ def _init(model: nn.Module, seed: int, *args, **kwargs):
 # ---------------------------------------------------------------------------------- language model
 
 def lm_loss(model: nn.Module, params, batch, rng):
-    """Next-token cross-entropy on every real token after the first (BOS)."""
+    """Next-token cross-entropy on the tokens of `loss_mask` (every real token but a text's BOS)."""
     logits = model.apply({"params": params}, input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).logits
-    labels, valid = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:] > 0
+    labels, valid = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:] > 0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels)
     loss = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
     return loss, {}
 
 
-def tokenize_corpus(texts: Sequence[str], tokenizer, max_len: int) -> dict[str, np.ndarray]:
-    """Right-padded `input_ids` / `attention_mask` `[N, L]` (BOS first; L the longest text rounded up
-    to a multiple of 8); a text longer than `max_len` is an error."""
-    rows = [tokenizer(t)["input_ids"] for t in texts]
-    longest = max(len(r) for r in rows)
-    if longest > max_len:
-        raise ValueError(f"a corpus text has {longest} tokens > max_len {max_len}: raise the LM's context")
-    length = min(-(-longest // 8) * 8, max_len)
+def tokenize_corpus(groups: Sequence[Sequence[str]], tokenizer, max_len: int) -> dict[str, np.ndarray]:
+    """Packed rows: each group's texts (each with its BOS) concatenated into rows of at most
+    `max_len` tokens, a group never sharing a row with another; right-padded to the longest row
+    rounded up to a multiple of 8. `input_ids`, `attention_mask`, `loss_mask` `[N, L]`.
+
+    Packing as LLM pretraining does: without it most of each row was padding (captions are a
+    tenth of a dialogue's length). A group holds texts about one clip, so what a text may read
+    from an earlier one in its row is true of its own clip. A text longer than `max_len` is an error.
+    """
+    rows: list[list[int]] = []
+    for group in groups:
+        row: list[int] = []
+        for text in group:
+            ids = tokenizer(text)["input_ids"]
+            if len(ids) > max_len:
+                raise ValueError(f"a corpus text has {len(ids)} tokens > max_len {max_len}: raise the LM's context")
+            if len(row) + len(ids) > max_len:
+                rows.append(row)
+                row = []
+            row += ids
+        if row:
+            rows.append(row)
+    length = min(-(-max(len(r) for r in rows) // 8) * 8, max_len)
     ids = np.zeros((len(rows), length), np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
         ids[i, :len(r)], mask[i, :len(r)] = r, 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask,
+            "loss_mask": mask * (ids != tokenizer.bos_token_id).astype(np.int32)}
 
 
 def pretrain_llama(config: LlamaConfig, corpus: Mapping[str, np.ndarray], fit_config: FitConfig, seed: int,
@@ -133,7 +151,7 @@ def pretrain_llama(config: LlamaConfig, corpus: Mapping[str, np.ndarray], fit_co
     return fit("llama", model, params, lm_loss, corpus, fit_config, seed, logdir)
 
 
-# ---------------------------------------------------------------------------------- bag of caption tokens
+# ---------------------------------------------------------------------------------- caption supervision
 
 def bag_of_tokens(targets: np.ndarray, vocab_size: int) -> np.ndarray:
     """Multi-hot `[N, vocab]` of each row's target tokens (ids != -100), the caption's bag of words."""
@@ -143,56 +161,112 @@ def bag_of_tokens(targets: np.ndarray, vocab_size: int) -> np.ndarray:
     return bag
 
 
-def _bag_loss(logits, bag):
-    return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, bag), axis=-1)), {}
+def attribute_labels(metas: Sequence[Mapping[str, str]], attributes: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """`[N, A]` int32: the index of each example's value of each attribute (the caption's words
+    that name it), in `attributes` order."""
+    labels = np.zeros((len(metas), len(attributes)), np.int32)
+    for i, meta in enumerate(metas):
+        for j, (name, values) in enumerate(attributes.items()):
+            if meta.get(name) not in values:
+                raise ValueError(f"example {i}: attribute {name!r} is {meta.get(name)!r}, expected one of {values}")
+            labels[i, j] = list(values).index(meta[name])
+    return labels
 
 
-class FrameBagOfWords(nn.Module):
-    """BLIP-2 image encoder per frame; its queries pooled per frame, the frames concatenated in
-    order (so motion is learnable), a linear head -> caption-token logits."""
+class CaptionHeads(nn.Module):
+    """Linear heads on a tower's pooled output: the caption's bag of tokens (multi-label) and, per
+    attribute, which of its values the caption names (softmax).
+
+    The attribute heads stand in for the supervision a real pretrained tower brings: the bag of
+    words alone left the tiny towers blind to shape, motion and rhythm (a linear probe on their
+    features at chance), as its loss is dominated by the caption words every clip shares."""
+    vocab_size: int
+    num_values: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, pooled: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        x = nn.LayerNorm(name="head_norm")(pooled)
+        logits = nn.Dense(self.vocab_size + sum(self.num_values), name="head")(x)
+        splits = np.cumsum((self.vocab_size,) + self.num_values)[:-1]
+        bag, *attrs = jnp.split(logits, splits, axis=-1)
+        return bag, tuple(attrs)
+
+
+def caption_loss(outputs, batch, bag_weight: float):
+    """`bag_weight` x the bag's sigmoid cross-entropy (summed over the vocab) + the attributes'
+    softmax cross-entropy (summed over attributes); metrics: each attribute's train accuracy."""
+    bag_logits, attr_logits = outputs
+    bag = jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(bag_logits, batch["bag"]), axis=-1))
+    metrics, attr = {"bag_loss": bag}, 0.0
+    for j, logits in enumerate(attr_logits):
+        # Per-frame logits [B, T, values] score every frame against the clip's label.
+        labels = jnp.broadcast_to(batch["labels"][:, j].reshape((-1,) + (1,) * (logits.ndim - 2)), logits.shape[:-1])
+        attr += jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        metrics[f"acc{j}"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return bag_weight * bag + attr, metrics
+
+
+class FrameCaptioner(nn.Module):
+    """BLIP-2 image encoder per frame, its queries pooled per frame. The attributes marked in
+    `per_frame` (what any one frame shows: colour, shape) are predicted from each frame alone;
+    the bag of tokens and the others (motion) from the frames concatenated in order."""
     vit: EvaViTConfig
     qformer: QFormerConfig
     vocab_size: int
+    num_values: tuple[int, ...]
+    per_frame: tuple[bool, ...]
 
     @nn.compact
-    def __call__(self, frames: jax.Array) -> jax.Array:
+    def __call__(self, frames: jax.Array):
         b, t = frames.shape[:2]
         q = Blip2ImageEncoder(self.vit, self.qformer, name="image_encoder")(frames.reshape(b * t, *frames.shape[2:]))
-        pooled = jnp.mean(q, axis=1).reshape(b, t * q.shape[-1])
-        return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="head_norm")(pooled))
+        pooled = jnp.mean(q, axis=1).reshape(b, t, q.shape[-1])
+        clip_values = tuple(n for n, f in zip(self.num_values, self.per_frame) if not f)
+        frame_values = tuple(n for n, f in zip(self.num_values, self.per_frame) if f)
+        bag, clip_attrs = CaptionHeads(self.vocab_size, clip_values, name="heads")(pooled.reshape(b, -1))
+        _, frame_attrs = CaptionHeads(0, frame_values, name="frame_heads")(pooled)
+        clip_attrs, frame_attrs = iter(clip_attrs), iter(frame_attrs)
+        return bag, tuple(next(frame_attrs) if f else next(clip_attrs) for f in self.per_frame)
 
 
-class ClipBagOfWords(nn.Module):
-    """ImageBind's audio tower on one fbank clip, a linear head -> caption-token logits."""
+class ClipCaptioner(nn.Module):
+    """ImageBind's audio tower on one fbank clip, caption heads."""
     audio: ImageBindAudioConfig
     vocab_size: int
+    num_values: tuple[int, ...]
 
     @nn.compact
-    def __call__(self, fbank: jax.Array) -> jax.Array:
+    def __call__(self, fbank: jax.Array):
         emb = ImageBindAudio(self.audio, name="audio_encoder")(fbank, deterministic=True)
-        return nn.Dense(self.vocab_size, name="head")(emb)
+        return CaptionHeads(self.vocab_size, self.num_values, name="heads")(emb)
 
 
 def pretrain_vision(vit: EvaViTConfig, qformer: QFormerConfig, frames: np.ndarray, bag: np.ndarray,
-                    fit_config: FitConfig, seed: int, logdir: str | None):
-    """frames `[N, T, S, S, 3]` CLIP-normalised; returns the `image_encoder` params and the history."""
-    model = FrameBagOfWords(vit, qformer, bag.shape[1])
+                    labels: np.ndarray, num_values: Sequence[int], per_frame: Sequence[bool], fit_config: FitConfig,
+                    seed: int, logdir: str | None, bag_weight: float = 1.0):
+    """frames `[N, T, S, S, 3]` CLIP-normalised, `labels` `[N, A]` (`attribute_labels` of the
+    visible attributes), `per_frame` which of them each frame shows; returns the `image_encoder`
+    params and the history."""
+    model = FrameCaptioner(vit, qformer, bag.shape[1], tuple(num_values), tuple(per_frame))
     params = _init(model, seed, jnp.asarray(frames[:1]))
-    loss = lambda m, p, b, r: _bag_loss(m.apply({"params": p}, b["frames"]), b["bag"])  # noqa: E731
-    params, history = fit("vision", model, params, loss, {"frames": frames, "bag": bag}, fit_config, seed, logdir)
+    loss = lambda m, p, b, r: caption_loss(m.apply({"params": p}, b["frames"]), b, bag_weight)  # noqa: E731
+    arrays = {"frames": frames, "bag": bag, "labels": labels}
+    params, history = fit("vision", model, params, loss, arrays, fit_config, seed, logdir)
     return params["image_encoder"], history
 
 
-def pretrain_audio(config: ImageBindAudioConfig, fbank: np.ndarray, bag: np.ndarray, fit_config: FitConfig,
-                   seed: int, logdir: str | None):
+def pretrain_audio(config: ImageBindAudioConfig, fbank: np.ndarray, bag: np.ndarray, labels: np.ndarray,
+                   num_values: Sequence[int], fit_config: FitConfig, seed: int, logdir: str | None,
+                   bag_weight: float = 1.0):
     """fbank `[N, M, 1, mel, frames]`: every clip of an example is a training input with the
-    example's bag. Returns the `audio_encoder` params and the history."""
+    example's bag and `labels` (the audible attributes). Returns the `audio_encoder` params and the history."""
     n, m = fbank.shape[:2]
     clips = fbank.reshape(n * m, *fbank.shape[2:])
-    model = ClipBagOfWords(config, bag.shape[1])
+    model = ClipCaptioner(config, bag.shape[1], tuple(num_values))
     params = _init(model, seed, jnp.asarray(clips[:1], jnp.float32))
-    loss = lambda mdl, p, b, r: _bag_loss(mdl.apply({"params": p}, b["clips"].astype(jnp.float32)), b["bag"])  # noqa: E731
-    arrays = {"clips": clips, "bag": np.repeat(bag, m, axis=0)}
+    loss = lambda mdl, p, b, r: caption_loss(mdl.apply({"params": p}, b["clips"].astype(jnp.float32)), b,  # noqa: E731
+                                             bag_weight)
+    arrays = {"clips": clips, "bag": np.repeat(bag, m, axis=0), "labels": np.repeat(labels, m, axis=0)}
     params, history = fit("audio", model, params, loss, arrays, fit_config, seed, logdir)
     return params["audio_encoder"], history
 

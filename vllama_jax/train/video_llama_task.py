@@ -5,6 +5,9 @@ reference's `train_flag`: the vision branch trains on frames through the video Q
 (`('video',)`); the audio branch trains on frames through ImageBind's vision tower into the audio
 Q-Former (`('audio_from_frames',)`), or, with `config.model.audio_train_input = 'audio'`, on the
 audio itself through ImageBind's audio tower (`('audio',)`; not the reference, used by the demo).
+`config.model.train_with_media` (e.g. `('video',)` in an audio run; not the reference) puts the
+soft tokens of other, frozen media before the trained one's in every prompt, as a chat with both
+uploads shows them, so the trained branch learns beside them.
 
 `config.model.overrides` (tower name -> {field: value}) changes fields of a tower preset, e.g. the
 demo's own small towers; `config.paths.ckpt` names an earlier stage's trainer workdir whose trained
@@ -85,9 +88,15 @@ def train_media(config) -> tuple[str, ...]:
     if video and audio:
         raise ValueError("training the video and audio Q-Formers together (reference train_flag 2) is not "
                          "defined by the reference forward; train the branches in separate runs")
-    if not audio:
-        return ("video",)
-    return ("audio_from_frames",) if _audio_train_input(config) == "frames" else ("audio",)
+    trained = ("video",) if not audio else (
+        ("audio_from_frames",) if _audio_train_input(config) == "frames" else ("audio",))
+    extra = tuple(m.get("train_with_media", ()) or ())
+    kind = "video" if trained == ("video",) else "audio"
+    if any(e not in ("audio", "video") for e in extra) or len(set(extra)) != len(extra) or kind in extra:
+        raise ValueError(f"config.model.train_with_media must list other media ('audio' / 'video') once each, "
+                         f"not the trained {kind!r}; got {extra!r}")
+    # The chat's order: audio first, then video.
+    return tuple(sorted(extra + trained, key=("audio", "audio_from_frames", "video").index))
 
 
 @dataclasses.dataclass(frozen=True)
