@@ -239,7 +239,8 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, out):
         ids += _clip_ids(batch["example_id"])
     media = {"frames": np.concatenate(frames), "audio": np.concatenate(fbank), "ids": ids}
     bag = DP.bag_of_tokens(np.concatenate(targets), vconfig.llama.vocab_size)
-    metas = {str(r["id"]).rsplit("/", 1)[0]: r["meta"] for r in _records(layout.shards("caption_train"))}
+    # The instruct records read above are the same clips (same id but its last part, same meta).
+    metas = dict(zip(_clip_ids([r["id"] for r in records]), (r["meta"] for r in records)))
 
     def labels(names):
         values = {a: synthetic.ATTRIBUTES[a] for a in names}
@@ -364,11 +365,14 @@ def evaluate(layout: Layout, demo, audio_config, out) -> dict:
 
 
 def own_medium_accuracy(reports: dict) -> dict[str, float]:
-    """Each attribute's accuracy with only the medium that carries it (video: seen, audio: heard)."""
+    """Each attribute's accuracy with only the medium that carries it (video: seen, audio: heard),
+    and each attribute group's mean (`evaluate.DEMO_GROUPS`: 'visual', 'audio')."""
     from data_pipelines import synthetic
+    from vllama_jax.evaluate import DEMO_GROUPS
 
-    return {a: reports["video" if a in synthetic.VISUAL else "audio"]["metrics"]["attributes"]["per_attribute"][a]
-            ["accuracy"] for a in synthetic.ATTRIBUTES}
+    per = {a: reports["video" if a in synthetic.VISUAL else "audio"]["metrics"]["attributes"]["per_attribute"][a]
+           ["accuracy"] for a in synthetic.ATTRIBUTES}
+    return {**per, **{group: float(np.mean([per[a] for a in names])) for group, names in DEMO_GROUPS.items()}}
 
 
 def sample_dialogues(model, layout: Layout, demo, out) -> list[dict]:
@@ -447,8 +451,7 @@ def format_table(reports: dict) -> str:
         kind = "seen" if attr in synthetic.VISUAL else "heard"
         lines.append(f"{attr:<10}{kind:<12}{s['accuracy']:>12.1%}{own[attr]:>12.1%}{s['chance']:>8.0%}{s['total']:>5d}")
     for name, g in attrs["groups"].items():
-        mean = float(np.mean([own[a] for a in (synthetic.VISUAL if name == "visual" else synthetic.AUDIO)]))
-        lines.append(f"{name + ' (mean)':<22}{g['accuracy']:>12.1%}{mean:>12.1%}{g['chance']:>8.0%}")
+        lines.append(f"{name + ' (mean)':<22}{g['accuracy']:>12.1%}{own[name]:>12.1%}{g['chance']:>8.0%}")
     return "\n".join(lines)
 
 
@@ -584,11 +587,8 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     }
     with open(layout.root / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
-    from data_pipelines import synthetic
-
     own = summary["accuracy_own_medium"]
-    out(f"\nwith each medium alone: visual attributes {np.mean([own[a] for a in synthetic.VISUAL]):.1%}, audio "
-        f"attributes {np.mean([own[a] for a in synthetic.AUDIO]):.1%}")
+    out(f"\nwith each medium alone: visual attributes {own['visual']:.1%}, audio attributes {own['audio']:.1%}")
     out(f"visual attributes {summary['visual_accuracy']:.1%}, audio attributes {summary['audio_accuracy']:.1%} "
         f"(chance 25%); {summary['wall_seconds']:.0f} s in all")
     out("files:")

@@ -6,8 +6,8 @@ reference's `train_flag`: the vision branch trains on frames through the video Q
 Q-Former (`('audio_from_frames',)`), or, with `config.model.audio_train_input = 'audio'`, on the
 audio itself through ImageBind's audio tower (`('audio',)`; not the reference, used by the demo).
 `config.model.train_with_media` (e.g. `('video',)` in an audio run; not the reference) puts the
-soft tokens of other, frozen media before the trained one's in every prompt, as a chat with both
-uploads shows them, so the trained branch learns beside them.
+soft tokens of other, frozen media beside the trained one's in every prompt, in the chat's order
+(audio, then video) as a chat with both uploads shows them, so the trained branch learns beside them.
 
 `config.model.overrides` (tower name -> {field: value}) changes fields of a tower preset, e.g. the
 demo's own small towers; `config.paths.ckpt` names an earlier stage's trainer workdir whose trained
