@@ -42,3 +42,13 @@ def test_caption_loss_scores_every_frame():
                                     bag_weight=0.0)
     assert float(metrics["acc0"]) == 1.0 and float(metrics["acc1"]) == pytest.approx(5 / 6)
     assert float(loss) == pytest.approx(50.0 / 6, rel=1e-3)         # one frame of six off by 50 nats
+
+
+def test_attribute_labels_name_the_bad_example():
+    attributes = {"colour": ("red", "green"), "pitch": ("low", "high")}
+    labels = DP.attribute_labels([{"colour": "green", "pitch": "low"}, {"colour": "red", "pitch": "high"}], attributes)
+    assert labels.tolist() == [[1, 0], [0, 1]]
+    with pytest.raises(ValueError, match=r"example 1: attribute 'pitch' is 'purple', expected one of"):
+        DP.attribute_labels([{"colour": "red", "pitch": "low"}, {"colour": "red", "pitch": "purple"}], attributes)
+    with pytest.raises(ValueError, match=r"example 0: attribute 'colour' is None"):
+        DP.attribute_labels([{"pitch": "low"}], attributes)

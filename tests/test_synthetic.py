@@ -128,6 +128,8 @@ def test_demo_splits_through_the_writer(tmp_path):
         assert sorted(t["value"] for t in s["conversations"][1::2]) == sorted(attrs[a] for a in synthetic.VISUAL)
         assert h["kind"] == "caption" and h["caption"] == synthetic.caption(attrs, "heard")
         assert np.array_equal(h["fbank"], cap["fbank"])
+    with pytest.raises(ValueError, match="derived split must be one of"):
+        synthetic.derived_items([], by_split["caption_test"], "instruct_smelt")
     # The caption records are the real decode of the rendered mp4.
     direct = build_example(synthetic.clip_items(str(tmp_path / "media"), "test", 4, 0)[2], synthetic.MEDIA_OPTIONS)
     assert direct["frames"] == captions[2]["frames"]
