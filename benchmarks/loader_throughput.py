@@ -9,14 +9,22 @@ tokenization and packing, batching.
     python benchmarks/loader_throughput.py --read-threads 2 --workers 0
     python benchmarks/loader_throughput.py --step-examples-per-sec 12.5   # + loader/step ratio
 
-`--step-examples-per-sec` is the hook for the train step's consumption rate (global examples/s
-of one process); the ratio loader/step > 1 means the loader keeps up.
+    python benchmarks/loader_throughput.py --read-threads 2 --against-step tiny_224   # issue 5's ratio
+
+`--against-step CONFIG` measures, in the same process and in alternating rounds (so load changes on
+a shared machine hit both alike), the trainer's jitted step of that `benchmarks.train_step` config on
+the loader's own batches (its LLaMA vocab widened to the tokenizer's, its media-token count given to
+the loader): the step alone on a fixed batch, and the step fed live from the loader. It prints
+loader examples/s over step examples/s (the loader keeps up when > 1; issue 5 asks >= 3) and the fed
+step's rate over the fixed one's (1.0: the input pipeline costs the step nothing).
+`--step-examples-per-sec` compares against a rate measured elsewhere instead.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -60,20 +68,74 @@ def _encoder(out_dir: str):
     return TextEncoder(load_tokenizer(build_demo_tokenizer(texts, os.path.join(out_dir, "tok"), 600)))
 
 
-def measure(paths, encoder, config, batches: int, warmup: int) -> float:
-    """Examples/s over `batches` batches after `warmup` batches (startup excluded)."""
+def _timed(paths, encoder, config, batches: int, warmup: int, consume=lambda batch: None) -> float:
+    """Examples/s of a fresh loader over `batches` batches after `warmup` (startup excluded), each
+    batch handed to `consume`."""
     from data_pipelines.loader import make_loader
 
     it = make_loader(paths, config, encoder, 0, 1)
     for _ in range(warmup):
-        next(it)
+        consume(next(it))
     start = time.perf_counter()
     for _ in range(batches):
-        next(it)
+        consume(next(it))
     elapsed = time.perf_counter() - start
     if hasattr(it, "close"):
         it.close()
     return batches * config.batch_size / elapsed
+
+
+def measure(paths, encoder, config, batches: int, warmup: int) -> float:
+    """Loader examples/s over `batches` batches after `warmup` batches (startup excluded)."""
+    return _timed(paths, encoder, config, batches, warmup)
+
+
+def consumer(config_name: str, loader_config, encoder):
+    """(model config, loader config, batch keys the step takes) for a `benchmarks.train_step`
+    config: its LLaMA vocab widened to the tokenizer's, the loader's media-token count and frame
+    size set to the model's."""
+    from benchmarks.train_step import Workload, bench_configs, synthetic_batch
+
+    model = bench_configs()[config_name]
+    media = ("video",)
+    vocab = -(-max(model.llama.vocab_size, len(encoder.tokenizer) + 1) // 128) * 128
+    model = model.replace(llama=dataclasses.replace(model.llama, vocab_size=vocab))
+    loader_config = dataclasses.replace(loader_config, num_media_tokens=model.num_media_tokens(media),
+                                        image_size=model.vit.img_size)
+    keys = tuple(synthetic_batch(model, Workload(config_name, loader_config.batch_size,
+                                                 loader_config.num_frames, loader_config.seq_len, media)))
+    return model, loader_config, keys
+
+
+def against_step(paths, encoder, loader_config, config_name: str, *, rounds: int, batches: int,
+                 warmup: int) -> dict:
+    """Loader alone, step alone (fixed batch) and step fed by the loader, in alternating rounds."""
+    from benchmarks.train_step import build_runner
+    from data_pipelines.loader import make_loader
+    from vllama_jax import sharding
+
+    model, loader_config, keys = consumer(config_name, loader_config, encoder)
+    first = make_loader(paths, loader_config, encoder, 0, 1)
+    batch = {k: v for k, v in next(first).items() if k in keys}
+    runner = build_runner(config_name, model, batch)
+    runner.run(1)
+
+    def fed_step(host_batch):
+        runner.batch = sharding.shard_batch({k: v for k, v in host_batch.items() if k in keys},
+                                            runner.mesh)
+        runner.run(1)
+
+    rates = {"loader": [], "step": [], "step_fed": []}
+    for _ in range(rounds):
+        rates["loader"].append(_timed(paths, encoder, loader_config, batches, warmup))
+        rates["step"].append(loader_config.batch_size / runner.run(batches))
+        rates["step_fed"].append(_timed(paths, encoder, loader_config, batches, warmup, fed_step))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"config": config_name, "rounds": rates, "loader_examples_per_s": med["loader"],
+            "step_examples_per_s": med["step"], "step_fed_examples_per_s": med["step_fed"],
+            "loader_over_step": med["loader"] / med["step"], "fed_over_fixed": med["step_fed"] / med["step"],
+            "llama_vocab": model.llama.vocab_size, "num_media_tokens": loader_config.num_media_tokens,
+            "step_compile_s": runner.compile_s}
 
 
 def main(argv=None) -> int:
@@ -91,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", action="store_true", help="eval transforms (resize, uniform) instead of train")
     ap.add_argument("--step-examples-per-sec", type=float, default=None,
                     help="train step consumption (examples/s per process) to compare against")
+    ap.add_argument("--against-step", default=None, metavar="CONFIG",
+                    help="a benchmarks.train_step config (e.g. tiny_224) to time in the same process")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for --against-step")
     ap.add_argument("--json", default=None, help="write {setting: examples/s, ...} here")
     args = ap.parse_args(argv)
 
@@ -113,16 +178,30 @@ def main(argv=None) -> int:
                                       prefetch_buffer_size=max(2 * base.batch_size, 8))
             rate = measure(paths, encoder, cfg, args.batches, args.warmup)
             best = max(best, rate)
-            rates[f"read_threads={threads},workers={workers}"] = rate
+            rates[threads, workers] = rate
             print(f"  read_threads={threads} worker_processes={workers}: {rate:7.1f} examples/s")
-    print(f"loader examples/s (best): {best:.1f}")
+        print(f"loader examples/s (best): {best:.1f}")
+        step = None
+        if args.against_step:
+            threads, workers = max(rates, key=rates.get)
+            cfg = dataclasses.replace(base, read_threads=threads, worker_count=workers,
+                                      prefetch_buffer_size=max(2 * base.batch_size, 8))
+            step = against_step(paths, encoder, cfg, args.against_step, rounds=args.rounds,
+                                batches=args.batches, warmup=args.warmup)
+            print(f"against the {step['config']} train step (read_threads={threads} worker_processes={workers}, "
+                  f"medians of {args.rounds} alternating rounds, loader at {step['num_media_tokens']} media tokens):")
+            print(f"  loader {step['loader_examples_per_s']:.1f} / step {step['step_examples_per_s']:.1f} "
+                  f"examples/s = {step['loader_over_step']:.2f}x (issue 5 target >= 3x)")
+            print(f"  step fed by the loader {step['step_fed_examples_per_s']:.1f} examples/s = "
+                  f"{step['fed_over_fixed']:.2f} of the step on a fixed batch")
     if args.json:
         import json
 
         with open(args.json, "w") as f:
-            json.dump({"examples_per_s": rates, "best_examples_per_s": best, "batch_size": base.batch_size,
+            json.dump({"examples_per_s": {f"read_threads={t},workers={w}": r for (t, w), r in rates.items()},
+                       "best_examples_per_s": best, "batch_size": base.batch_size,
                        "num_frames": base.num_frames, "image_size": base.image_size, "train": base.train,
-                       "load_avg_1m": os.getloadavg()[0]}, f, indent=1)
+                       "against_step": step, "load_avg_1m": os.getloadavg()[0]}, f, indent=1)
     if args.step_examples_per_sec:
         ratio = best / args.step_examples_per_sec
         print(f"train step consumes {args.step_examples_per_sec:.1f} examples/s: loader/step = {ratio:.2f} "

@@ -138,6 +138,7 @@ class StepRunner:
     compile_s: float                       # the train step's trace + compile
     flops: float | None = None
     init_compile_s: float | None = None    # the param init's (when the runner initialised them)
+    mesh: Any = None                       # where `batch` lives (a new batch goes through shard_batch)
 
     def run(self, n: int) -> float:
         import jax
@@ -200,7 +201,7 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
             return compiled(state, frozen, batch)
 
     del jnp
-    return StepRunner(name, call, state, frozen, batch, compile_s, flops, init_compile_s)
+    return StepRunner(name, call, state, frozen, batch, compile_s, flops, init_compile_s, mesh)
 
 
 def interleaved(runners: Sequence[StepRunner], rounds: int, steps: int,

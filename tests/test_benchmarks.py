@@ -44,3 +44,31 @@ def test_table_renders_every_part_and_marks_failures():
     assert "60.0% (best step 62.0%)" in text and "30.0x" in text
     assert "FAILED (timeout)" in text
     assert "decode" in text  # the hook line when decode did not run
+
+
+def test_table_shows_the_loader_against_the_step_of_the_same_run():
+    step = {"config": "tiny_224", "loader_examples_per_s": 60.0, "step_examples_per_s": 12.0,
+            "step_fed_examples_per_s": 10.0, "loader_over_step": 5.0, "fed_over_fixed": 10 / 12}
+    results = {"loader": {"returncode": 0, "result": {
+        "examples_per_s": {"read_threads=2,workers=0": 55.0}, "batch_size": 8, "num_frames": 8,
+        "image_size": 224, "against_step": step}}}
+    text = run.table(results)
+    assert "55.0 examples/s" in text
+    assert "60.0 / 12.0 examples/s (5.00x)" in text and "10.0 / 12.0 examples/s (0.83)" in text
+
+
+@pytest.mark.slow
+def test_loader_against_step_feeds_the_loaders_batches_to_the_step(tmp_path):
+    import dataclasses
+
+    from benchmarks import loader_throughput as LT
+    from data_pipelines.loader import LoaderConfig
+
+    paths = LT._write_shards(str(tmp_path), num_examples=8, num_shards=2)
+    encoder = LT._encoder(str(tmp_path))
+    base = dataclasses.replace(LoaderConfig.preset("stage1", batch_size=2, num_frames=4), read_threads=1)
+    out = LT.against_step(paths, encoder, base, "tiny", rounds=1, batches=2, warmup=1)
+    assert out["num_media_tokens"] == train_step.bench_configs()["tiny"].num_media_tokens(("video",))
+    assert out["llama_vocab"] >= len(encoder.tokenizer)
+    for key in ("loader_examples_per_s", "step_examples_per_s", "step_fed_examples_per_s"):
+        assert out[key] > 0 and len(out["rounds"][key.removesuffix("_examples_per_s")]) == 1

@@ -156,6 +156,14 @@ def test_normalize_is_clip_mean_std():
     np.testing.assert_allclose(V.normalize(px)[0, 0, 0], expected, atol=1e-6)
 
 
+def test_normalize_table_equals_arithmetic_for_every_level():
+    levels = np.random.default_rng(0).permutation(np.arange(256 * 3) % 256).astype(np.uint8)
+    clip = levels.reshape(2, 4, 32, 3)
+    table = V.normalize(clip)
+    assert table.dtype == np.float32 and table.shape == clip.shape
+    np.testing.assert_array_equal(table, V.normalize(clip.astype(np.float32)))
+
+
 def test_eval_transform_is_pil_bicubic_squash():
     frames = np.random.default_rng(0).integers(0, 255, (2, 60, 100, 3), dtype=np.uint8)
     out = V.eval_transform(frames)
