@@ -57,6 +57,7 @@ QUESTIONS = {
     "rhythm": "How fast does the sound beep?",
 }
 SIZE, NUM_FRAMES, FPS, SAMPLE_RATE = 64, 16, 4, 16000
+RADIUS = (8.0, 11.0)                     # the shape's size range in pixels (of SIZE)
 SECONDS = NUM_FRAMES / FPS
 SPLIT_SEEDS = {"train": 0, "test": 1}
 MEDIA_OPTIONS = MediaOptions(num_frames=NUM_FRAMES, short_side=None)
@@ -103,7 +104,7 @@ def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np
 
 def render_frames(attrs: Dict[str, str], rng: np.random.Generator) -> np.ndarray:
     """uint8 [NUM_FRAMES, SIZE, SIZE, 3]: the shape crossing the frame in the motion direction."""
-    radius = rng.uniform(8.0, 11.0)
+    radius = rng.uniform(*RADIUS)
     lane = rng.uniform(radius + 2, SIZE - radius - 2)
     start, end = radius + 1, SIZE - radius - 1
     if attrs["motion"] in ("left", "up"):

@@ -49,3 +49,29 @@ def test_train_with_media_puts_frozen_media_beside_the_trained_one():
         config.model.train_with_media = bad
         with pytest.raises(ValueError, match="train_with_media"):
             train_media(config)
+
+
+def test_ckpt_and_ckpt_2_both_start_the_run(tmp_path):
+    """A run holding both branches starts from two earlier runs: `paths.ckpt` and `paths.ckpt_2`
+    (the reference's names), the second applied after the first."""
+    from vllama_jax.convert import params_checkpoint
+
+    config = _tiny("audio", 2)
+    config.model.audio_train_input = "audio"
+    task = build_task(config)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), task.abstract_params())
+    params = {k: jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, v,
+                              is_leaf=lambda x: hasattr(x, "value")) for k, v in params.items()}
+    video = {k: jax.tree.map(lambda x: np.full(x.shape, 1, x.dtype), params[k])
+             for k in ("video_qformer", "llama_proj")}
+    audio = {k: jax.tree.map(lambda x: np.full(x.shape, 2, x.dtype), params[k])
+             for k in ("audio_qformer", "audio_llama_proj")}
+    both_proj = {"llama_proj": jax.tree.map(lambda x: np.full(x.shape, 3, x.dtype), params["llama_proj"])}
+    config.paths.ckpt = str(params_checkpoint.save_params(tmp_path / "vision", video))
+    config.paths.ckpt_2 = str(params_checkpoint.save_params(tmp_path / "audio", {**audio, **both_proj}))
+    task = build_task(config)
+    assert {"video_qformer", "llama_proj", "audio_qformer", "audio_llama_proj"} <= set(task.pretrained_subtrees())
+    started = task.load_pretrained(params)
+    for name, value in (("video_qformer", 1), ("audio_qformer", 2), ("audio_llama_proj", 2), ("llama_proj", 3)):
+        assert all(np.all(np.asarray(x) == value) for x in jax.tree.leaves(started[name])), name
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(started["audio_position_embedding"]))

@@ -308,11 +308,11 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
     from vllama_jax.train.video_llama_task import build_task
 
     run_paths = dict(paths)
-    # Stage 2 starts from stage 1; audio1 from vision2, so the audio runs' (frozen, unused) vision
-    # branch is loaded rather than randomly initialised.
-    start = f"{branch}1" if stage == 2 else ("vision2" if branch == "audio" else None)
-    if start:
-        run_paths["ckpt"] = str(layout.run(start))
+    # Stage 2 starts from stage 1. The audio runs hold the vision branch too (frozen; audio2's
+    # prompts show its video tokens): vision2's, as `ckpt_2` beside audio2's start, audio1.
+    starts = ([f"{branch}1"] if stage == 2 else []) + (["vision2"] if branch == "audio" else [])
+    for key, start in zip(("ckpt", "ckpt_2"), starts):
+        run_paths[key] = str(layout.run(start))
     config = demo_module.stage_config(demo, branch, stage, paths=run_paths, vocab_size=vocab_size)
     task = build_task(config)
     cached_outputs = tuple(FC.CachedOutput((CACHED[m][0],), CACHED[m][1]) for m in task.media)

@@ -87,13 +87,14 @@ def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, pa
     """The trainer config of one demo run (`branch` 'vision' | 'audio', `stage` 1 | 2).
 
     The audio branch trains on the audio itself (`audio_train_input='audio'`), not on frames
-    through ImageBind's vision tower as the paper does. `paths`: the pretrained towers and `ckpt`
-    (the run this one starts from: stage 1's for stage 2, vision2 for audio1).
+    through ImageBind's vision tower as the paper does. `paths`: the pretrained towers, `ckpt`
+    (the run this one starts from: stage 1's for stage 2, vision2 for audio1) and, for audio2,
+    `ckpt_2` (vision2: the vision branch beside it).
     """
     c = config_lib.tiny(config_lib.video_llama(branch, stage, "vicuna7b"))
     m, d, s = c.model, c.data, demo.stages[f"{branch}{stage}"]
     # The vision runs hold no audio branch (as the reference's vision stages); the audio runs hold
-    # both, the vision branch taken from the vision2 run (their `paths.ckpt`).
+    # both, the vision branch taken from the vision2 run (audio1's `paths.ckpt`, audio2's `ckpt_2`).
     m.equip_audio_branch = branch == "audio"
     m.audio_train_input = "audio"
     m.frozen_video_qformer = branch != "vision"

@@ -78,8 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.paths.blip2 = ""               # LAVIS EVA ViT-g + BLIP-2 Q-Former .pth
     c.paths.imagebind = ""           # imagebind_huge.pth
     c.paths.llama_proj_model = ""    # MiniGPT-4 checkpoint, initialises llama_proj (stage 1)
-    c.paths.ckpt = ""                # stage-1 vision-branch checkpoint (stage 2)
-    c.paths.ckpt_2 = ""              # stage-1 audio-branch checkpoint
+    c.paths.ckpt = ""                # an earlier run's workdir whose trained params start this one (stage 2: stage 1's)
+    c.paths.ckpt_2 = ""              # a second one, applied after ckpt (e.g. the other branch's run)
     c.paths.prompt_path = ""
 
     c.data = ml_collections.ConfigDict()

@@ -11,7 +11,8 @@ soft tokens of other, frozen media beside the trained one's in every prompt, in 
 
 `config.model.overrides` (tower name -> {field: value}) changes fields of a tower preset, e.g. the
 demo's own small towers; `config.paths.ckpt` names an earlier stage's trainer workdir whose trained
-params start this run (the reference's stage-2 `ckpt`).
+params start this run (the reference's stage-2 `ckpt`), `config.paths.ckpt_2` a second one applied
+after it (the reference's `ckpt_2`: e.g. the other branch's run, for a run that holds both).
 """
 from __future__ import annotations
 
@@ -106,6 +107,11 @@ class PretrainedPaths:
     blip2: str = ""         # LAVIS BLIP-2 .pth (EVA ViT-g + ln_vision + Q-Former)
     imagebind: str = ""     # imagebind_huge.pth
     ckpt: str = ""          # an earlier stage's trainer workdir: its trained params start this run
+    ckpt_2: str = ""        # a second one, applied after `ckpt` (its params replace ckpt's where both have them)
+
+    @property
+    def ckpts(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.ckpt, self.ckpt_2) if p)
 
     @classmethod
     def from_config(cls, config) -> "PretrainedPaths":
@@ -136,8 +142,8 @@ class VideoLlamaTask:
         if paths.imagebind and c.audio_qformer is not None:
             names += [n for n, cfg in (("audio_encoder", c.imagebind_audio),
                                        ("audio_vision_encoder", c.imagebind_vision)) if cfg is not None]
-        if paths.ckpt:
-            names += list(stage_params(paths.ckpt, metadata_only=True))
+        for ckpt in paths.ckpts:
+            names += list(stage_params(ckpt, metadata_only=True))
         return tuple(dict.fromkeys(names))
 
     def loss_fn(self, params, batch, rng, deterministic):
@@ -164,9 +170,9 @@ class VideoLlamaTask:
             for name, modality in towers.items():
                 params[name] = getattr(weights, modality)
             log.info("loaded ImageBind %s tower(s) from %s", " + ".join(towers.values()), paths.imagebind)
-        if paths.ckpt:
-            params.update(stage_params(paths.ckpt))
-            log.info("started from the trained params of %s", paths.ckpt)
+        for ckpt in paths.ckpts:
+            params.update(stage_params(ckpt))
+            log.info("started from the trained params of %s", ckpt)
         return params
 
 
