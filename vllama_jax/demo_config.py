@@ -64,6 +64,10 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     for branch in ("vision", "audio"):
         for stage in (1, 2):
             c.stages[f"{branch}{stage}"] = fit(4 if quick else 120, 8 if quick else 32, 5e-3)
+    # The video Q-Former learns motion (an order across frames) in stage 1's captions; measured on
+    # the same towers (video tokens alone): 120 steps -> motion 66 %, 240 -> 81 %, 400 -> 97 %
+    # (+16 s). 240 stage-2 steps instead gave 81 % at +65 s.
+    c.stages.vision1.steps = 4 if quick else 400
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 6
     c.eval.batch_size = 8 if quick else 32
