@@ -75,3 +75,39 @@ def test_ckpt_and_ckpt_2_both_start_the_run(tmp_path):
     for name, value in (("video_qformer", 1), ("audio_qformer", 2), ("audio_llama_proj", 2), ("llama_proj", 3)):
         assert all(np.all(np.asarray(x) == value) for x in jax.tree.leaves(started[name])), name
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(started["audio_position_embedding"]))
+
+
+def test_llama_proj_model_initialises_llama_proj(tmp_path):
+    """`paths.llama_proj_model` (MiniGPT-4's `llama_proj.*` alone, the reference's stage 1) replaces
+    llama_proj's init; a later `ckpt` wins over it, as the reference loads its ckpt afterwards."""
+    from vllama_jax.convert import params_checkpoint
+    from vllama_jax.convert.common import save_state_dict
+
+    config = _tiny("vision", 1)
+    task = build_task(config)
+    abstract = task.abstract_params()
+    params = {k: jax.tree.map(lambda x: np.zeros(x.value.shape if hasattr(x, "value") else x.shape, np.float32), v,
+                              is_leaf=lambda x: hasattr(x, "value")) for k, v in abstract.items()}
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal(params["llama_proj"]["kernel"].shape).astype(np.float32)
+    bias = rng.standard_normal(params["llama_proj"]["bias"].shape).astype(np.float32)
+    path = tmp_path / "minigpt4.safetensors"
+    save_state_dict(path, {"llama_proj.weight": kernel.T.copy(), "llama_proj.bias": bias})
+    config.paths.llama_proj_model = str(path)
+    task = build_task(config)
+    assert "llama_proj" in task.pretrained_subtrees()
+    started = task.load_pretrained(params)
+    np.testing.assert_array_equal(started["llama_proj"]["kernel"], kernel)
+    np.testing.assert_array_equal(started["llama_proj"]["bias"], bias)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(started["video_qformer"]))
+
+    later = {"llama_proj": {"kernel": np.ones_like(kernel), "bias": np.ones_like(bias)}}
+    config.paths.ckpt = str(params_checkpoint.save_params(tmp_path / "stage1", later))
+    started = build_task(config).load_pretrained(params)
+    np.testing.assert_array_equal(started["llama_proj"]["kernel"], later["llama_proj"]["kernel"])
+
+    config.paths.ckpt = ""
+    save_state_dict(tmp_path / "wrong.safetensors", {"llama_proj.weight": kernel, "llama_proj.bias": bias})
+    config.paths.llama_proj_model = str(tmp_path / "wrong.safetensors")
+    with pytest.raises(Exception, match=r"wrong\.safetensors.*llama_proj\.weight.*shape"):
+        build_task(config).load_pretrained(params)

@@ -106,6 +106,7 @@ class PretrainedPaths:
     llama_model: str = ""   # HF LLaMA / Vicuna directory
     blip2: str = ""         # LAVIS BLIP-2 .pth (EVA ViT-g + ln_vision + Q-Former)
     imagebind: str = ""     # imagebind_huge.pth
+    llama_proj_model: str = ""  # MiniGPT-4 pretrained_minigpt4.pth: llama_proj alone (the reference's stage 1)
     ckpt: str = ""          # an earlier stage's trainer workdir: its trained params start this run
     ckpt_2: str = ""        # a second one, applied after `ckpt` (its params replace ckpt's where both have them)
 
@@ -139,6 +140,7 @@ class VideoLlamaTask:
         """The top-level subtrees `load_pretrained` fills (the trainer skips their random init)."""
         c, paths = self.config, self.pretrained
         names = (["llama"] if paths.llama_model else []) + (["image_encoder"] if paths.blip2 else [])
+        names += ["llama_proj"] if paths.llama_proj_model else []
         if paths.imagebind and c.audio_qformer is not None:
             names += [n for n, cfg in (("audio_encoder", c.imagebind_audio),
                                        ("audio_vision_encoder", c.imagebind_vision)) if cfg is not None]
@@ -170,6 +172,18 @@ class VideoLlamaTask:
             for name, modality in towers.items():
                 params[name] = getattr(weights, modality)
             log.info("loaded ImageBind %s tower(s) from %s", " + ".join(towers.values()), paths.imagebind)
+        if paths.llama_proj_model:
+            from vllama_jax.convert import video_llama
+            from vllama_jax.convert.common import CheckpointError, read_state_dict
+
+            try:
+                loaded, report = video_llama.params_from_state_dict(read_state_dict(paths.llama_proj_model), c,
+                                                                    components=("llama_proj",))
+            except CheckpointError as e:
+                raise CheckpointError(f"paths.llama_proj_model {paths.llama_proj_model}: {e}") from e
+            params["llama_proj"] = loaded["llama_proj"]
+            log.info("loaded llama_proj from %s: %s", paths.llama_proj_model, report.summary())
+        # After llama_proj_model, as the reference loads its ckpt over it.
         for ckpt in paths.ckpts:
             params.update(stage_params(ckpt))
             log.info("started from the trained params of %s", ckpt)
