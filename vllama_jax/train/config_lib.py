@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_video_query_token = 32
     c.model.num_audio_query_token = 8
     c.model.max_frame_pos = 32
+    # The reference reads fusion_head_layers but never uses it (init_video_Qformer hard-codes 2
+    # layers); ours is the video_qformer preset's num_layers. Kept so reference configs map 1:1.
     c.model.fusion_head_layers = 2
     c.model.equip_audio_branch = False
     c.model.frozen_llama_proj = False
