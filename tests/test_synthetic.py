@@ -81,6 +81,10 @@ def test_audio_has_pitch_and_beep_rate(pitch, rhythm):
     onsets = np.sum(np.diff(envelope.astype(int)) == 1)
     expected = synthetic.RHYTHMS[rhythm] * synthetic.SECONDS
     assert abs(onsets - expected) <= 1
+    # Fixed-length beeps: the faster the rhythm, the more of the clip sounds (5 ms bins: a bin
+    # holds a whole period of the lowest pitch; each beep edge may add one bin).
+    sounding = (np.abs(wave).reshape(-1, sr // 200).max(axis=1) > 0.1).mean()
+    assert abs(sounding - synthetic.BEEP_SECONDS * synthetic.RHYTHMS[rhythm]) < 0.1
 
 
 def test_generation_is_deterministic_and_reused(tmp_path):
