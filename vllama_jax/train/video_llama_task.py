@@ -174,13 +174,8 @@ class VideoLlamaTask:
             log.info("loaded ImageBind %s tower(s) from %s", " + ".join(towers.values()), paths.imagebind)
         if paths.llama_proj_model:
             from vllama_jax.convert import video_llama
-            from vllama_jax.convert.common import CheckpointError, read_state_dict
 
-            try:
-                loaded, report = video_llama.params_from_state_dict(read_state_dict(paths.llama_proj_model), c,
-                                                                    components=("llama_proj",))
-            except CheckpointError as e:
-                raise CheckpointError(f"paths.llama_proj_model {paths.llama_proj_model}: {e}") from e
+            loaded, report = video_llama.load_video_llama(paths.llama_proj_model, c, components=("llama_proj",))
             params["llama_proj"] = loaded["llama_proj"]
             log.info("loaded llama_proj from %s: %s", paths.llama_proj_model, report.summary())
         # After llama_proj_model, as the reference loads its ckpt over it.
