@@ -68,7 +68,7 @@ def _encoder(out_dir: str):
     return TextEncoder(load_tokenizer(build_demo_tokenizer(texts, os.path.join(out_dir, "tok"), 600)))
 
 
-def _timed(paths, encoder, config, batches: int, warmup: int, consume=lambda batch: None) -> float:
+def measure(paths, encoder, config, batches: int, warmup: int, consume=lambda batch: None) -> float:
     """Examples/s of a fresh loader over `batches` batches after `warmup` (startup excluded), each
     batch handed to `consume`."""
     from data_pipelines.loader import make_loader
@@ -85,11 +85,6 @@ def _timed(paths, encoder, config, batches: int, warmup: int, consume=lambda bat
     return batches * config.batch_size / elapsed
 
 
-def measure(paths, encoder, config, batches: int, warmup: int) -> float:
-    """Loader examples/s over `batches` batches after `warmup` batches (startup excluded)."""
-    return _timed(paths, encoder, config, batches, warmup)
-
-
 def consumer(config_name: str, loader_config, encoder):
     """(model config, loader config, batch keys the step takes) for a `benchmarks.train_step`
     config: its LLaMA vocab widened to the tokenizer's, the loader's media-token count and frame
@@ -102,8 +97,8 @@ def consumer(config_name: str, loader_config, encoder):
     model = model.replace(llama=dataclasses.replace(model.llama, vocab_size=vocab))
     loader_config = dataclasses.replace(loader_config, num_media_tokens=model.num_media_tokens(media),
                                         image_size=model.vit.img_size)
-    keys = tuple(synthetic_batch(model, Workload(config_name, loader_config.batch_size,
-                                                 loader_config.num_frames, loader_config.seq_len, media)))
+    # The keys of a batch shaped like the loader's (one row, one frame: the names do not depend on it).
+    keys = tuple(synthetic_batch(model, Workload(config_name, 1, 1, loader_config.seq_len, media)))
     return model, loader_config, keys
 
 
@@ -117,6 +112,8 @@ def against_step(paths, encoder, loader_config, config_name: str, *, rounds: int
     model, loader_config, keys = consumer(config_name, loader_config, encoder)
     first = make_loader(paths, loader_config, encoder, 0, 1)
     batch = {k: v for k, v in next(first).items() if k in keys}
+    if hasattr(first, "close"):
+        first.close()   # its prefetch threads would otherwise decode on beside the timed rounds
     runner = build_runner(config_name, model, batch)
     runner.run(1)
 
@@ -127,9 +124,9 @@ def against_step(paths, encoder, loader_config, config_name: str, *, rounds: int
 
     rates = {"loader": [], "step": [], "step_fed": []}
     for _ in range(rounds):
-        rates["loader"].append(_timed(paths, encoder, loader_config, batches, warmup))
+        rates["loader"].append(measure(paths, encoder, loader_config, batches, warmup))
         rates["step"].append(loader_config.batch_size / runner.run(batches))
-        rates["step_fed"].append(_timed(paths, encoder, loader_config, batches, warmup, fed_step))
+        rates["step_fed"].append(measure(paths, encoder, loader_config, batches, warmup, fed_step))
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"config": config_name, "rounds": rates, "loader_examples_per_s": med["loader"],
             "step_examples_per_s": med["step"], "step_fed_examples_per_s": med["step_fed"],
