@@ -205,9 +205,9 @@ def _clip_ids(ids) -> list[str]:
     return [str(i).rsplit("/", 1)[0] for i in ids]
 
 
-def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, out):
+def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records: list[dict], out):
     """Pretrains and saves the three towers; returns (config.paths entries, histories, the train
-    clips' media arrays, the tower params)."""
+    clips' media arrays, the tower params). `records`: the instruct_train records (`_records`)."""
     from data_pipelines import synthetic
     from vllama_jax import demo_pretrain as DP
     from vllama_jax.train.video_llama_task import model_config
@@ -223,7 +223,6 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, out):
         f = demo.pretrain[name]
         return DP.FitConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, log_every=max(f.steps // 20, 1))
 
-    records = _records(layout.shards("instruct_train"))
     groups = lm_corpus(records, demo.pretrain.lm_renderings, demo.data.num_frames, demo.seed)
     corpus = DP.tokenize_corpus(groups, tokenizer, vconfig.llama.max_position_embeddings)
     out(f"   language model: {sum(map(len, groups))} texts, {int(corpus['attention_mask'].sum())} tokens "
@@ -534,7 +533,7 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
         out(f"   vocab {vocab_size} tokens -> {layout.tokenizer}")
     with phases("pretrain", "tiny towers: LLaMA (text), EVA ViT + image Q-Former (frames), ImageBind audio"), \
             _xla_optimizations(True):
-        paths, tower_hist, media, towers = pretrain_towers(layout, demo, demo_module, vocab_size, out)
+        paths, tower_hist, media, towers = pretrain_towers(layout, demo, demo_module, vocab_size, records, out)
         for name, h in tower_hist.items():
             out(f"   {name}: loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f} ({h[-1]['step']} steps)")
         out(f"   saved: {json.dumps(paths)}")
