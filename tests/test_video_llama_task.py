@@ -51,6 +51,13 @@ def test_train_with_media_puts_frozen_media_beside_the_trained_one():
             train_media(config)
 
 
+def _zero_params(task):
+    """The task's whole param tree, unboxed, as zeros of the right shapes and dtypes."""
+    import flax.linen as nn
+
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.meta.unbox(task.abstract_params()))
+
+
 def test_ckpt_and_ckpt_2_both_start_the_run(tmp_path):
     """A run holding both branches starts from two earlier runs: `paths.ckpt` and `paths.ckpt_2`
     (the reference's names), the second applied after the first."""
@@ -59,9 +66,7 @@ def test_ckpt_and_ckpt_2_both_start_the_run(tmp_path):
     config = _tiny("audio", 2)
     config.model.audio_train_input = "audio"
     task = build_task(config)
-    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), task.abstract_params())
-    params = {k: jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, v,
-                              is_leaf=lambda x: hasattr(x, "value")) for k, v in params.items()}
+    params = _zero_params(task)
     video = {k: jax.tree.map(lambda x: np.full(x.shape, 1, x.dtype), params[k])
              for k in ("video_qformer", "llama_proj")}
     audio = {k: jax.tree.map(lambda x: np.full(x.shape, 2, x.dtype), params[k])
@@ -85,9 +90,7 @@ def test_llama_proj_model_initialises_llama_proj(tmp_path):
 
     config = _tiny("vision", 1)
     task = build_task(config)
-    abstract = task.abstract_params()
-    params = {k: jax.tree.map(lambda x: np.zeros(x.value.shape if hasattr(x, "value") else x.shape, np.float32), v,
-                              is_leaf=lambda x: hasattr(x, "value")) for k, v in abstract.items()}
+    params = _zero_params(task)
     rng = np.random.default_rng(0)
     kernel = rng.standard_normal(params["llama_proj"]["kernel"].shape).astype(np.float32)
     bias = rng.standard_normal(params["llama_proj"]["bias"].shape).astype(np.float32)
