@@ -114,3 +114,11 @@ def test_llama_proj_model_initialises_llama_proj(tmp_path):
     config.paths.llama_proj_model = str(tmp_path / "wrong.safetensors")
     with pytest.raises(Exception, match=r"wrong\.safetensors.*llama_proj\.weight.*shape"):
         build_task(config).load_pretrained(params)
+
+
+def test_a_missing_ckpt_2_is_named():
+    config = _tiny("audio", 2)
+    config.model.audio_train_input = "audio"
+    config.paths.ckpt_2 = "/nonexistent/vision2_run"
+    with pytest.raises(Exception, match="/nonexistent/vision2_run.*does not exist"):
+        build_task(config).pretrained_subtrees()
