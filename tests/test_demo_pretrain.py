@@ -42,6 +42,11 @@ def test_caption_loss_scores_every_frame():
                                     bag_weight=0.0)
     assert float(metrics["acc0"]) == 1.0 and float(metrics["acc1"]) == pytest.approx(5 / 6)
     assert float(loss) == pytest.approx(50.0 / 6, rel=1e-3)         # one frame of six off by 50 nats
+    outputs, batch = (bag[0], (clip, jnp.asarray(frames))), {"bag": bag[1], "labels": labels}
+    weighted, _ = DP.caption_loss(outputs, batch, bag_weight=0.0, attribute_weights=(1.0, 0.1))
+    assert float(weighted) == pytest.approx(5.0 / 6, rel=1e-3)      # the frame head's loss a tenth
+    with pytest.raises(ValueError, match="1 weights for 2 attributes"):
+        DP.caption_loss(outputs, batch, bag_weight=0.0, attribute_weights=(1.0,))
 
 
 def test_attribute_labels_name_the_bad_example():

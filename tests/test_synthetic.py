@@ -68,6 +68,34 @@ def test_shapes_differ_in_area():
     assert areas["circle"] > areas["square"] > areas["cross"] > areas["triangle"]
 
 
+def test_rendering_some_frames_puts_the_object_where_the_full_clip_has_it():
+    attrs = {"colour": "green", "shape": "cross", "motion": "down", "pitch": "low", "rhythm": "slowly"}
+    full = synthetic.render_frames(attrs, np.random.default_rng(4))
+    some = synthetic.render_frames(attrs, np.random.default_rng(4), frame_indices=[3, 11])
+    assert some.shape == (2, 64, 64, 3)
+    colour = synthetic.COLOURS["green"]
+    for k, t in enumerate([3, 11]):
+        np.testing.assert_array_equal(object_pixels(some[k], colour), object_pixels(full[t], colour))
+
+
+def test_tower_clips_are_their_own_balanced_set_in_frame_order():
+    frames, attrs = synthetic.tower_clips(16, 2, seed=0)
+    assert frames.shape == (16, 2, 64, 64, 3) and frames.dtype == np.uint8
+    for name, values in synthetic.ATTRIBUTES.items():
+        assert sorted(a[name] for a in attrs) == sorted(list(values) * 4), name
+    again, same = synthetic.tower_clips(16, 2, seed=0)
+    np.testing.assert_array_equal(frames, again)
+    assert same == attrs
+    assert not np.array_equal(synthetic.tower_clips(16, 2, seed=1)[0], frames)
+    for clip, a in zip(frames, attrs):
+        centres = [np.argwhere(object_pixels(f, synthetic.COLOURS[a["colour"]])).mean(0) for f in clip]
+        dy, dx = centres[1] - centres[0]
+        step = {"left": dx < 0, "right": dx > 0, "up": dy < 0, "down": dy > 0}[a["motion"]]
+        assert step, (a, centres)  # the second frame is later on the object's path
+    with pytest.raises(ValueError, match="num_frames"):
+        synthetic.tower_clips(4, 17)
+
+
 @pytest.mark.parametrize("pitch,rhythm", [("low", "slowly"), ("shrill", "rapidly"), ("medium", "quickly"),
                                           ("high", "steadily")])
 def test_audio_has_pitch_and_beep_rate(pitch, rhythm):
@@ -177,5 +205,5 @@ def test_cli_demo(tmp_path, capsys):
         assert len(ds) == 4
     example = records.decode_example(ds[0]["record"])
     assert example["id"] == "vllama_demo/test/00000/instruct" and example["audio_present"]
-    assert os.path.exists(tmp_path / "vllama_demo" / "media" / "seed0" / "test" / "00000.mp4")
+    assert os.path.exists(tmp_path / "vllama_demo" / "media" / f"v{synthetic.RENDER_VERSION}" / "seed0" / "test" / "00000.mp4")
     assert not os.path.exists(tmp_path / "vllama_demo" / "work-1.0.0")

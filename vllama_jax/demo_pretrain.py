@@ -9,7 +9,9 @@ so it makes small ones from the synthetic train split and freezes them, like the
                   layout, the chat's audio+video message), with the media *described in words*
                   where the soft tokens will go, so the LM learns to answer from its context, the
                   skill a real LLM brings;
-  vision          EVA ViT + ln_vision + image Q-Former on frames: linear heads over the pooled
+  vision          EVA ViT + ln_vision + image Q-Former on frames (the demo renders clips for it,
+                  `synthetic.tower_clips`, as a real tower sees far more images than the data
+                  it is later tuned on): linear heads over the pooled
                   queries of a clip's frames (in order) predict the bag of caption tokens and
                   the caption's motion word, heads on each frame's pooled queries its colour
                   and shape words;
@@ -192,16 +194,20 @@ class CaptionHeads(nn.Module):
         return bag, tuple(attrs)
 
 
-def caption_loss(outputs, batch, bag_weight: float):
+def caption_loss(outputs, batch, bag_weight: float, attribute_weights: Sequence[float] | None = None):
     """`bag_weight` x the bag's sigmoid cross-entropy (summed over the vocab) + the attributes'
-    softmax cross-entropy (summed over attributes); metrics: each attribute's train accuracy."""
+    softmax cross-entropy (a sum over attributes, weighted by `attribute_weights`, default 1);
+    metrics: each attribute's train accuracy."""
     bag_logits, attr_logits = outputs
+    weights = attribute_weights or (1.0,) * len(attr_logits)
+    if len(weights) != len(attr_logits):
+        raise ValueError(f"attribute_weights: {len(weights)} weights for {len(attr_logits)} attributes")
     bag = jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(bag_logits, batch["bag"]), axis=-1))
     metrics, attr = {"bag_loss": bag}, 0.0
-    for j, logits in enumerate(attr_logits):
+    for j, (logits, weight) in enumerate(zip(attr_logits, weights)):
         # Per-frame logits [B, T, values] score every frame against the clip's label.
         labels = jnp.broadcast_to(batch["labels"][:, j].reshape((-1,) + (1,) * (logits.ndim - 2)), logits.shape[:-1])
-        attr += jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        attr += weight * jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
         metrics[f"acc{j}"] = jnp.mean(jnp.argmax(logits, -1) == labels)
     return bag_weight * bag + attr, metrics
 
@@ -243,13 +249,15 @@ class ClipCaptioner(nn.Module):
 
 def pretrain_vision(vit: EvaViTConfig, qformer: QFormerConfig, frames: np.ndarray, bag: np.ndarray,
                     labels: np.ndarray, num_values: Sequence[int], per_frame: Sequence[bool], fit_config: FitConfig,
-                    seed: int, logdir: str | None, bag_weight: float = 1.0):
+                    seed: int, logdir: str | None, bag_weight: float = 1.0,
+                    attribute_weights: Sequence[float] | None = None):
     """frames `[N, T, S, S, 3]` CLIP-normalised, `labels` `[N, A]` (`attribute_labels` of the
     visible attributes), `per_frame` which of them each frame shows; returns the `image_encoder`
     params and the history."""
     model = FrameCaptioner(vit, qformer, bag.shape[1], tuple(num_values), tuple(per_frame))
     params = _init(model, seed, jnp.asarray(frames[:1]))
-    loss = lambda m, p, b, r: caption_loss(m.apply({"params": p}, b["frames"]), b, bag_weight)  # noqa: E731
+    loss = lambda m, p, b, r: caption_loss(m.apply({"params": p}, b["frames"]), b, bag_weight,  # noqa: E731
+                                           attribute_weights)
     arrays = {"frames": frames, "bag": bag, "labels": labels}
     params, history = fit("vision", model, params, loss, arrays, fit_config, seed, logdir)
     return params["image_encoder"], history
