@@ -60,7 +60,7 @@ SIZE, NUM_FRAMES, FPS, SAMPLE_RATE = 64, 16, 4, 16000
 # The shape's size range in pixels (of SIZE): a third to a half of the frame across. The demo's tiny
 # ViT sees shape only from an outline spread over its 8-px patches; with shapes of 8-11 px its
 # held-out shape accuracy stayed at 0.44-0.62 in every recipe tried (it told apart only shapes of
-# different area), at 14-18 px it reaches ~0.97 (docs/STATUS.md, "The demo").
+# different area); at 14-18 px, with the demo's tower recipe, 0.98 (docs/STATUS.md, "The demo").
 RADIUS = (14.0, 18.0)
 # Bumped whenever the rendering changes: media rendered by another version is never reused.
 RENDER_VERSION = 2
@@ -186,8 +186,8 @@ def clip_path(media_dir: str, split: str, index: int, seed: int = 0) -> str:
 
 
 def clip_items(media_dir: str, split: str, num: int, seed: int = 0) -> List[Dict[str, Any]]:
-    """Caption items of one split; their mp4s (`{media_dir}/v{RENDER_VERSION}/seed{seed}/{split}/{i:05d}.mp4`) are
-    rendered by `build_clip_example` in the writer's workers if not there yet."""
+    """Caption items of one split; their mp4s (`clip_path`: `{media_dir}/v{RENDER_VERSION}/seed{seed}/
+    {split}/{i:05d}.mp4`) are rendered by `build_clip_example` in the writer's workers if not there yet."""
     if num < 1:
         raise ValueError(f"num_{split} must be >= 1, got {num}")
     attrs = balanced_attributes(num, np.random.default_rng([seed, SPLIT_SEEDS[split]]))

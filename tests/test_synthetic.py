@@ -132,6 +132,7 @@ def test_generation_is_deterministic_and_reused(tmp_path):
     synthetic.render_clip(a[0])
     assert os.stat(a[0]["path"]).st_mtime_ns == stamp  # existing media is reused
     assert "seed5" in a[0]["path"] and "seed6" in c[0]["path"]  # a new seed never reuses old files
+    assert f"v{synthetic.RENDER_VERSION}" in a[0]["path"]  # nor does a new renderer
 
 
 def test_demo_splits_through_the_writer(tmp_path):
@@ -205,5 +206,6 @@ def test_cli_demo(tmp_path, capsys):
         assert len(ds) == 4
     example = records.decode_example(ds[0]["record"])
     assert example["id"] == "vllama_demo/test/00000/instruct" and example["audio_present"]
-    assert os.path.exists(tmp_path / "vllama_demo" / "media" / f"v{synthetic.RENDER_VERSION}" / "seed0" / "test" / "00000.mp4")
+    media = tmp_path / "vllama_demo" / "media"
+    assert os.path.exists(synthetic.clip_path(str(media), "test", 0))
     assert not os.path.exists(tmp_path / "vllama_demo" / "work-1.0.0")

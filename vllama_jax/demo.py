@@ -279,7 +279,8 @@ def tower_clips(demo):
     n, t = raw.shape[:2]
     frames = V.eval_transform(raw.reshape(n * t, *raw.shape[2:]), demo.data.image_size)
     values = {a: synthetic.ATTRIBUTES[a] for a in synthetic.VISUAL}
-    return frames.reshape(n, t, *frames.shape[1:]), (DP.attribute_labels(attrs, values), [len(v) for v in values.values()])
+    labels = DP.attribute_labels(attrs, values), [len(v) for v in values.values()]
+    return frames.reshape(n, t, *frames.shape[1:]), labels
 
 
 def _tokenizer(path):
