@@ -35,6 +35,7 @@ import numpy as np
 from data_pipelines import records, shards
 from data_pipelines.adapters.common import MediaOptions, build_example, item
 from data_pipelines.media import write_mp4
+from data_pipelines.video import sample_indices
 
 NAME = "vllama_demo"
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (230, 210, 40)}
@@ -126,6 +127,8 @@ def render_frames(attrs: Dict[str, str], rng: np.random.Generator,
     colour = np.array(COLOURS[attrs["colour"]], np.float32) * rng.uniform(0.85, 1.0)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     times = range(NUM_FRAMES) if frame_indices is None else [int(t) for t in frame_indices]
+    if not all(0 <= t < NUM_FRAMES for t in times):
+        raise ValueError(f"render_frames: frame_indices must lie in [0, {NUM_FRAMES}), got {list(times)}")
     frames = np.empty((len(times), SIZE, SIZE, 3), np.uint8)
     for k, t in enumerate(times):
         pos = start + (end - start) * t / (NUM_FRAMES - 1)
@@ -164,8 +167,6 @@ def tower_clips(num: int, num_frames: int, seed: int = 0) -> Tuple[np.ndarray, L
     A pretrained tower has seen far more images than the data it is later tuned on; many short
     clips give the tiny ViT the many shape instances it needs (docs/STATUS.md, "The demo").
     """
-    from data_pipelines.video import sample_indices
-
     if num < 1 or not 1 <= num_frames <= NUM_FRAMES:
         raise ValueError(f"tower_clips: need num >= 1 and 1 <= num_frames <= {NUM_FRAMES}, got {num}, {num_frames}")
     attrs = balanced_attributes(num, np.random.default_rng([seed, SPLIT_SEEDS["tower"]]))

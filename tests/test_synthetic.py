@@ -76,6 +76,8 @@ def test_rendering_some_frames_puts_the_object_where_the_full_clip_has_it():
     colour = synthetic.COLOURS["green"]
     for k, t in enumerate([3, 11]):
         np.testing.assert_array_equal(object_pixels(some[k], colour), object_pixels(full[t], colour))
+    with pytest.raises(ValueError, match=r"frame_indices must lie in \[0, 16\), got \[3, 16\]"):
+        synthetic.render_frames(attrs, np.random.default_rng(4), frame_indices=[3, 16])
 
 
 def test_tower_clips_are_their_own_balanced_set_in_frame_order():

@@ -410,14 +410,14 @@ def sample_dialogues(model, layout: Layout, demo, out) -> list[dict]:
     gen = dict(do_sample=False, max_new_tokens=demo.eval.max_new_tokens)
     for ex in records[:demo.eval.sample_dialogues]:
         split, index = ex["meta"]["split"], int(ex["id"].split("/")[-2])
-        mp4 = Path(synthetic.clip_path(str(layout.media), split, index, demo.seed))
+        mp4 = synthetic.clip_path(str(layout.media), split, index, demo.seed)
         chat.reset()
-        turns = [("upload", str(mp4), chat.upload_video(str(mp4)))]
+        turns = [("upload", mp4, chat.upload_video(mp4))]
         for attr in synthetic.ATTRIBUTES:
             chat.ask(synthetic.QUESTIONS[attr])
             answer = chat.answer(**gen)
             turns.append((attr, synthetic.QUESTIONS[attr], answer, ex["meta"][attr]))
-        dialogues.append({"mp4": str(mp4), "turns": turns, "prompt": chat.prompt})
+        dialogues.append({"mp4": mp4, "turns": turns, "prompt": chat.prompt})
     return dialogues
 
 
