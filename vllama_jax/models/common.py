@@ -7,6 +7,7 @@ converters in `vllama_jax.convert` do the transposes. Every parameter carries lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -87,22 +88,88 @@ def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], ax
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-              bias: jax.Array | None = None, dtype: Dtype = jnp.float32) -> jax.Array:
-    """Softmax attention over `[batch, length, heads, head_dim]` inputs, softmax in float32.
+              dtype: Dtype = jnp.float32, *, scale: float = 1.0, probs_multiplier: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
+    """Softmax attention, logits and softmax in float32: q `[B, Lq, H, D]`, k/v `[B, S, KV, D]`.
 
-    `mask` broadcasts to `[batch, heads, q_len, kv_len]` (True = attend); `bias` is added to the
-    logits. `q` must already be scaled (towers differ in where they scale). Fully masked rows
-    give zeros rather than NaN.
+    Grouped-query when KV < H: query head h reads kv head h // (H/KV) (HF's `repeat_kv`), without
+    repeating k/v. `mask` broadcasts to `[B, H, Lq, S]` (True = attend); fully masked rows give
+    zeros rather than NaN. `scale` multiplies the float32 logits (towers that pre-scale q pass 1).
+    `probs_multiplier` (broadcasting to `[B, H, Lq, S]`) multiplies the probabilities: attention
+    dropout's scaled keep mask.
+
+    `implementation`: 'einsum' (one einsum per product, autodiff), or 'batched' (the heads folded
+    into the batch, 3-D batched matmuls, a hand-written backward). None picks 'batched' on CPU,
+    where XLA runs multi-batch-dim einsums and their autodiff transposes slowly (measured on 2 cores,
+    fwd+bwd: ImageBind audio 32x229 tokens, 4 heads of 12: 0.17 -> 0.12 s, forward 0.095 -> 0.017 s;
+    causal LM 8x256, 4x16: 0.050 -> 0.031 s), 'einsum' elsewhere (not measured on accelerators).
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        weights = jnp.where(mask, weights, 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v.astype(dtype))
+    b, lq, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    if h % kv or k.shape[0] != b or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}: expected q [B, Lq, H, D], "
+                         f"k/v [B, S, KV, D] with KV dividing H")
+    impl = implementation or ("batched" if jax.default_backend() == "cpu" else "einsum")
+    if impl not in ("batched", "einsum"):
+        raise ValueError(f"attention: implementation must be 'batched' or 'einsum', got {impl!r}")
+    g = h // kv
+    if impl == "einsum":
+        qg = q.reshape(b, lq, kv, g, d)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+        scores = lambda x: None if x is None else jnp.broadcast_to(x, (b, h, lq, s)).reshape(b, kv, g, lq, s)  # noqa: E731
+        probs = _masked_softmax(logits, scores(mask))
+        if probs_multiplier is not None:
+            probs = probs * scores(probs_multiplier)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(dtype), v.astype(dtype))
+        return out.reshape(b, lq, h, v.shape[-1])
+    # [B, Lq, H, D] -> [B*KV, G*Lq, D]; [B, S, KV, D] -> [B*KV, S, D]; [B, H, Lq, S] -> [B*KV, G*Lq, S]
+    rows = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * lq, d)
+    cols = lambda x: x.transpose(0, 2, 1, 3).reshape(b * kv, s, x.shape[-1])  # noqa: E731
+    scores = lambda x: None if x is None else jnp.broadcast_to(x, (b, h, lq, s)).reshape(b * kv, g * lq, s)  # noqa: E731
+    out = _batched_attention(rows, cols(k), cols(v), scores(mask), scores(probs_multiplier), scale, dtype)
+    return out.reshape(b, kv, g, lq, -1).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, -1)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.where(mask, probs, 0.0)
+
+
+def _batched_forward(q, k, v, mask, multiplier, scale, dtype):
+    logits = jnp.matmul(q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32) * scale
+    probs = _masked_softmax(logits, mask)
+    weights = probs if multiplier is None else probs * multiplier
+    return jnp.matmul(weights.astype(dtype), v.astype(dtype)), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _batched_attention(q, k, v, mask, multiplier, scale, dtype):
+    """`[N, M, D] x [N, S, D] x [N, S, Dv] -> [N, M, Dv]`; mask / multiplier `[N, M, S]` or None."""
+    return _batched_forward(q, k, v, mask, multiplier, scale, dtype)[0]
+
+
+def _batched_attention_fwd(q, k, v, mask, multiplier, scale, dtype):
+    out, probs = _batched_forward(q, k, v, mask, multiplier, scale, dtype)
+    return out, (q, k, v, mask, multiplier, probs)
+
+
+def _batched_attention_bwd(scale, dtype, residuals, grad):
+    q, k, v, mask, multiplier, probs = residuals
+    f32 = jnp.float32
+    weights = probs if multiplier is None else probs * multiplier
+    dv = jnp.matmul(jnp.swapaxes(weights, 1, 2).astype(dtype), grad.astype(dtype), preferred_element_type=f32)
+    dweights = jnp.matmul(grad.astype(dtype), jnp.swapaxes(v, 1, 2).astype(dtype), preferred_element_type=f32)
+    dprobs = dweights if multiplier is None else dweights * multiplier
+    # Softmax backward; masked entries have probs 0, so their logits get no gradient.
+    dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) * scale
+    dq = jnp.matmul(dlogits.astype(q.dtype), k, preferred_element_type=f32)
+    dk = jnp.matmul(jnp.swapaxes(dlogits, 1, 2).astype(q.dtype), q, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_batched_attention.defvjp(_batched_attention_fwd, _batched_attention_bwd)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax.models import scan as layer_scan
-from vllama_jax.models.common import Dense, Dtype, Preset, constrain, param
+from vllama_jax.models.common import Dense, Dtype, Preset, attention, constrain, param
 
 KV_CACHE_AXES = ("batch", "kv_length", "kv_heads", "kv")
 
@@ -218,24 +218,6 @@ class Embed(nn.Module):
         return jnp.dot(x, jnp.asarray(self.embedding, self.dtype).T)
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Dtype) -> jax.Array:
-    """Causal/padded attention with grouped KV heads, without materializing repeated k/v.
-
-    q `[B, Lq, H, D]`, k/v `[B, S, KV, D]`, mask `[B, Lq, S]` (True = attend). Query head h reads kv
-    head h // (H/KV), as HF's `repeat_kv`. Logits and softmax in float32; fully masked rows give zeros.
-    """
-    b, lq, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, lq, kv, h // kv, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (d ** -0.5)
-    m = mask[:, None, None, :, :]
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.where(m, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(dtype), v.astype(dtype))
-    return out.reshape(b, lq, h, d)
-
-
 def _dense(config: LlamaConfig, features: int, axes, name: str | None = None) -> Dense:
     return Dense(features, axes, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
                  kernel_init=nn.initializers.normal(config.initializer_range), name=name)
@@ -263,7 +245,9 @@ class LlamaAttention(nn.Module):
             cache_v = constrain(jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start),
                                 KV_CACHE_AXES)
             k, v = cache_k, cache_v
-        out = gqa_attention(q, k, v, mask, c.dtype).reshape(b, l, c.num_heads * c.head_dim)
+        # Grouped KV heads read without repeating them; mask [B, Lq, S] for every head.
+        out = attention(q, k, v, mask[:, None], c.dtype, scale=c.head_dim ** -0.5)
+        out = out.reshape(b, l, c.num_heads * c.head_dim)
         out = _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out)
         return out, cache_k, cache_v
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vllama_jax.models.common import Dense, Dtype, LayerNorm, Preset, constrain, param
+from vllama_jax.models.common import Dense, Dtype, LayerNorm, Preset, attention, constrain, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,22 +72,6 @@ PRESETS = {
 }
 
 
-def _attend(q, k, v, mask, drop, dtype):
-    """Softmax attention over `[batch, len, heads, head_dim]` with dropout on the probabilities.
-
-    `q` is pre-scaled; `mask` broadcasts to `[batch, heads, q_len, kv_len]` (True = attend). Rows
-    with nothing to attend to give zeros.
-    """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        weights = jnp.where(mask, weights, 0.0)
-    weights = drop(weights)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v.astype(dtype))
-
-
 class BertAttention(nn.Module):
     """Multi-head (self or cross) attention + `LayerNorm(x + dropout(output(attn)))`.
 
@@ -108,8 +92,11 @@ class BertAttention(nn.Module):
         q = split(dense(cfg.hidden_size, ("embed", "heads"), name="query")(x))
         k = split(dense(cfg.hidden_size, (kv_in, "heads"), name="key")(context))
         v = split(dense(cfg.hidden_size, (kv_in, "heads"), name="value")(context))
-        drop = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=deterministic)
-        y = _attend(q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype), k, v, mask, drop, cfg.dtype)
+        keep = None   # dropout on the attention probabilities: its scaled keep mask
+        if not deterministic and cfg.attention_dropout > 0:
+            shape = (q.shape[0], cfg.num_heads, q.shape[1], k.shape[1])
+            keep = nn.Dropout(cfg.attention_dropout)(jnp.ones(shape, jnp.float32), deterministic=False)
+        y = attention(q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype), k, v, mask, cfg.dtype, probs_multiplier=keep)
         y = dense(cfg.hidden_size, ("heads", "embed"), name="output")(y.reshape(*y.shape[:2], cfg.hidden_size))
         y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(y + x)
