@@ -113,20 +113,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     if impl not in ("batched", "einsum"):
         raise ValueError(f"attention: implementation must be 'batched' or 'einsum', got {impl!r}")
     g = h // kv
+    # mask / multiplier [B, H, Lq, S] -> [B, KV, G, Lq, S] (query head h = kv head h // G, group h % G)
+    mask, mult = (None if x is None else jnp.broadcast_to(x, (b, h, lq, s)).reshape(b, kv, g, lq, s)
+                  for x in (mask, probs_multiplier))
     if impl == "einsum":
         qg = q.reshape(b, lq, kv, g, d)
         logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-        scores = lambda x: None if x is None else jnp.broadcast_to(x, (b, h, lq, s)).reshape(b, kv, g, lq, s)  # noqa: E731
-        probs = _masked_softmax(logits, scores(mask))
-        if probs_multiplier is not None:
-            probs = probs * scores(probs_multiplier)
+        probs = _masked_softmax(logits, mask)
+        probs = probs if mult is None else probs * mult
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(dtype), v.astype(dtype))
         return out.reshape(b, lq, h, v.shape[-1])
-    # [B, Lq, H, D] -> [B*KV, G*Lq, D]; [B, S, KV, D] -> [B*KV, S, D]; [B, H, Lq, S] -> [B*KV, G*Lq, S]
+    # q -> [B*KV, G*Lq, D]; k, v -> [B*KV, S, D]; mask, multiplier -> [B*KV, G*Lq, S]
     rows = q.reshape(b, lq, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * lq, d)
     cols = lambda x: x.transpose(0, 2, 1, 3).reshape(b * kv, s, x.shape[-1])  # noqa: E731
-    scores = lambda x: None if x is None else jnp.broadcast_to(x, (b, h, lq, s)).reshape(b * kv, g * lq, s)  # noqa: E731
-    out = _batched_attention(rows, cols(k), cols(v), scores(mask), scores(probs_multiplier), scale, dtype)
+    flat = lambda x: None if x is None else x.reshape(b * kv, g * lq, s)  # noqa: E731
+    out = _batched_attention(rows, cols(k), cols(v), flat(mask), flat(mult), scale, dtype)
     return out.reshape(b, kv, g, lq, -1).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, -1)
 
 
