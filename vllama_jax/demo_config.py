@@ -108,8 +108,8 @@ def joint_stage(branch: str, stage: int) -> bool:
     stage 2, with the vision2 run's video tokens after its own, as the chat and the eval present
     them (not the reference, whose audio branch only ever trains alone: the demo's two-layer LM
     does not learn on its own to read audio tokens placed next to video tokens; measured: pitch
-    100 % with the audio tokens alone, 33 % with both). It trains on the questions about what is
-    heard only, as every run on the text of its own medium (demo.train_stage)."""
+    100 % with the audio tokens alone, 33 % with both). It trains on the questions about both
+    media (demo.train_stage)."""
     return branch == "audio" and stage == 2
 
 
