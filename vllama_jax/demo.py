@@ -243,10 +243,6 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     # The instruct records read above are the same clips (same id but its last part, same meta).
     metas = dict(zip(_clip_ids([r["id"] for r in records]), (r["meta"] for r in records)))
 
-    def labels(names):
-        values = {a: synthetic.ATTRIBUTES[a] for a in names}
-        return DP.attribute_labels([metas[i] for i in ids], values), [len(v) for v in values.values()]
-
     tower_frames, tower_labels = tower_clips(demo)
     out(f"   image tower: {len(tower_frames)} rendered clips of {tower_frames.shape[1]} frames")
     # No caption bag of words for the image tower (a zero-width bag): at the audio tower's weight
@@ -260,8 +256,9 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
         attribute_weights=[demo.pretrain.attribute_weights.get(a, 1.0) for a in synthetic.VISUAL])
     del tower_frames
     audio, histories["audio"] = DP.pretrain_audio(
-        vconfig.imagebind_audio, media["audio"], bag, *labels(synthetic.AUDIO), fit_config("audio"), demo.seed + 2,
-        str(layout.tensorboard / "pretrain_audio"), bag_weight=demo.pretrain.bag_weight)
+        vconfig.imagebind_audio, media["audio"], bag, *_labels([metas[i] for i in ids], synthetic.AUDIO),
+        fit_config("audio"), demo.seed + 2, str(layout.tensorboard / "pretrain_audio"),
+        bag_weight=demo.pretrain.bag_weight)
     paths = DP.save_towers(str(layout.towers), llama=(llama, vconfig.llama), tokenizer_dir=str(layout.tokenizer),
                            image_encoder=(image_encoder, vconfig.vit, vconfig.image_qformer),
                            audio=(audio, vconfig.imagebind_audio), vision_config=None, seed=demo.seed)
@@ -274,14 +271,20 @@ def tower_clips(demo):
     value counts) of the visible attributes."""
     from data_pipelines import synthetic
     from data_pipelines import video as V
-    from vllama_jax import demo_pretrain as DP
 
     raw, attrs = synthetic.tower_clips(demo.pretrain.vision_clips, demo.pretrain.vision_frames, demo.seed)
     n, t = raw.shape[:2]
     frames = V.eval_transform(raw.reshape(n * t, *raw.shape[2:]), demo.data.image_size)
-    values = {a: synthetic.ATTRIBUTES[a] for a in synthetic.VISUAL}
-    labels = DP.attribute_labels(attrs, values), [len(v) for v in values.values()]
-    return frames.reshape(n, t, *frames.shape[1:]), labels
+    return frames.reshape(n, t, *frames.shape[1:]), _labels(attrs, synthetic.VISUAL)
+
+
+def _labels(metas, names):
+    """(`demo_pretrain.attribute_labels` of the attributes `names`, each one's number of values)."""
+    from data_pipelines import synthetic
+    from vllama_jax import demo_pretrain as DP
+
+    values = {a: synthetic.ATTRIBUTES[a] for a in names}
+    return DP.attribute_labels(metas, values), [len(v) for v in values.values()]
 
 
 def _tokenizer(path):
