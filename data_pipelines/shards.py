@@ -15,7 +15,8 @@
 Shard files follow TFDS's naming (`<dataset>-<split>.array_record-00000-of-00004`) and hold each
 record wrapped in the one-feature tf.train.Example TFDS stores (`records.wrap_tf_example`), so the
 same files serve `tfds.data_sources` (via `tfds_builders`) and plain array_record / grain readers
-(`records.decode_example` unwraps). Records are written with `group_size:1` for random access.
+(`records.decode_example` unwraps). Records are written with `group_size:1` for random access and
+snappy compression (WRITER_OPTIONS).
 """
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ from tqdm import tqdm
 from data_pipelines import records
 
 SKIPPABLE_ERRORS = (ValueError, OSError, EOFError)
-WRITER_OPTIONS = "group_size:1"
+# Snappy, not ArrayRecord's default brotli: on the demo's records (uint8 frames + float fbank,
+# ~450 KB) brotli wrote 512 records in 3.3 s and read them in 0.6 s, snappy in 0.3 s / 0.25 s, for
+# files 27 % larger (zstd:1: 1.2 s / 0.5 s, 15 % larger). The demo writes ~3,500 such records
+# (~22 s of brotli), and input pipelines decompress every record each epoch.
+WRITER_OPTIONS = "group_size:1,snappy"
 DEFAULT_EXAMPLES_PER_SHARD = 256
 
 
