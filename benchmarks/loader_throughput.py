@@ -36,12 +36,13 @@ def _write_shards(out_dir: str, num_examples: int, num_shards: int, seed: int = 
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from data_pipelines.records import DEFAULT_STORED_FRAMES, encode_example, encode_jpeg, make_example
+    from data_pipelines.shards import WRITER_OPTIONS
 
     rng = np.random.default_rng(seed)
     # Smooth random images compress like video frames do; white noise would inflate JPEG sizes.
     base = rng.integers(0, 255, (num_examples, 9, 12, 3), dtype=np.uint8)
     paths = [os.path.join(out_dir, f"bench-{k:05d}-of-{num_shards:05d}.array_record") for k in range(num_shards)]
-    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    writers = [ArrayRecordWriter(p, WRITER_OPTIONS) for p in paths]
     from PIL import Image
 
     for i in range(num_examples):

@@ -12,6 +12,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import synthetic
 from data_pipelines.records import encode_example, encode_jpeg, make_example
+from data_pipelines.shards import WRITER_OPTIONS
 from vllama_jax import evaluate as E
 from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for
 from vllama_jax.inference import InferenceModel, save_params_msgpack
@@ -156,7 +157,7 @@ def world(tmp_path_factory):
     tok_dir = build_demo_tokenizer(corpus * 3, d / "tokenizer", vocab_size=420)
     records = clip_records(3, rng)
     shard = str(d / "demo-test-00000-of-00001.array_record")
-    writer = ArrayRecordWriter(shard, "group_size:1")
+    writer = ArrayRecordWriter(shard, WRITER_OPTIONS)
     for ex in records:
         writer.write(encode_example(ex))
     writer.close()

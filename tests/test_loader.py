@@ -8,6 +8,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data_pipelines import loader as L
 from data_pipelines import prompts as P
 from data_pipelines.records import encode_example, encode_jpeg, make_example
+from data_pipelines.shards import WRITER_OPTIONS
 from data_pipelines.tokenizer import TextEncoder, TokenizerError, build_demo_tokenizer, load_tokenizer
 
 CFG = L.LoaderConfig.preset("tiny")  # B=2, L=48, T=4, 32x32 frames, 4 media tokens
@@ -36,7 +37,7 @@ def conv_example(i, rng, media="image"):
 
 def write_shards(path_prefix, examples, num_shards=2):
     paths = [f"{path_prefix}-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
-    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    writers = [ArrayRecordWriter(p, WRITER_OPTIONS) for p in paths]
     for i, ex in enumerate(examples):
         writers[i % num_shards].write(ex if isinstance(ex, bytes) else encode_example(ex))
     for w in writers:
