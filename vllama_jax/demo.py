@@ -348,7 +348,7 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
     # run beside the video tokens (demo_config.joint_stage) on the questions about both, so it also
     # learns how its tokens affect the visual answers. (On the heard questions only, that effect
     # went untrained: seed 0 audio+video visual 90.1 -> 92.2 %, but seed 1 79.7 %, shape 58 %.)
-    view = "" if len(task.media) > 1 else ("_seen" if branch == "vision" else "_heard")
+    view = "" if demo_module.joint_stage(branch, stage) else ("_seen" if branch == "vision" else "_heard")
     split = f"{'caption' if stage == 1 else 'instruct'}{view}_train"
     text = {k: [] for k in ("input_ids", "attention_mask", "targets", "media_mask", "frame_mask")}
     ids = []
