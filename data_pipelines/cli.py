@@ -21,6 +21,7 @@ import sys
 from typing import List, Optional
 
 from data_pipelines import shards, synthetic
+from data_pipelines.audio import check_channels
 
 SOURCE_DIR_FLAGS = {
     "webvid2m": ("video_dir",),
@@ -45,6 +46,10 @@ def _media_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=None, help="frames stored per video (default 16)")
     parser.add_argument("--short-side", type=int, default=None, help="stored frame short side (default 256)")
     parser.add_argument("--no-audio", action="store_true", help="store no fbank (audio_present=False)")
+    parser.add_argument("--audio-channels", default=None, type=check_channels,
+                        help="how a multichannel track is read: 'imagebind' (default, the original's: "
+                             "all-channel mean removal, fbank of channel 0), 'mix', or a channel index; "
+                             "stored in each record's meta")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +85,8 @@ def _builder_kwargs(args) -> dict:
     changes = {k: v for k, v in (("num_frames", args.frames), ("short_side", args.short_side)) if v is not None}
     if args.no_audio:
         changes["audio"] = False
+    if args.audio_channels is not None:
+        changes["audio_channels"] = args.audio_channels
     kwargs["options"] = dataclasses.replace(options, **changes)
     kwargs["source_dir"] = args.source
     kwargs["source_kwargs"] = {f: getattr(args, f) for f in SOURCE_DIR_FLAGS[args.dataset] if getattr(args, f)}
