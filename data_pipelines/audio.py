@@ -61,12 +61,26 @@ DEFAULT_CHANNELS = IMAGEBIND_CHANNELS
 
 
 class AudioDecodeError(ValueError):
-    """An audio/video file could not be read or decoded."""
+    """An audio/video file could not be read or decoded. `category` groups it in shard reports."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, category: str = "undecodable"):
         self.path = str(path)
         self.reason = reason
+        self.category = category  # "missing" | "undecodable" | "truncated" | "corrupt"
         super().__init__(f"cannot decode audio from {self.path!r}: {reason}")
+
+
+# Decoded audio shorter than the container declares by more than this fraction is a cut file
+# (AAC priming / padding and rounding cost a few tens of ms on intact files).
+TRUNCATION_TOLERANCE = 0.1
+
+
+def _declared_seconds(container, stream) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1e6
+    return 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,21 +130,34 @@ def _decode_all_channels(path: str) -> tuple[np.ndarray, int] | None:
     import av  # noqa: PLC0415  (PyAV is heavy; only decoding needs it)
 
     try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            chunks, rate = [], None
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, TypeError, ValueError) as e:
+        raise AudioDecodeError(path, f"expected a readable audio or video container ({e})") from e
+    with container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        declared = _declared_seconds(container, stream)
+        chunks, rate, decoded = [], None, 0
+        try:
             for frame in container.decode(stream):
                 if rate is not None and frame.sample_rate != rate:
                     raise AudioDecodeError(
                         path, f"sample rate changes mid-stream ({rate} -> {frame.sample_rate} Hz)")
                 rate = frame.sample_rate
                 chunks.append(_frame_to_float(frame))
-    except AudioDecodeError:
-        raise
-    except (av.error.FFmpegError, OSError, TypeError, ValueError) as e:
-        raise AudioDecodeError(path, f"expected a readable audio or video container ({e})") from e
+                decoded += frame.samples
+        except AudioDecodeError:
+            raise
+        except (av.error.FFmpegError, OSError, TypeError, ValueError) as e:
+            if not chunks:
+                raise AudioDecodeError(path, f"expected a readable audio or video container ({e})") from e
+            of = f" of {declared:.1f} s" if declared else ""
+            raise AudioDecodeError(path, f"decode error mid-stream after {decoded / rate:.1f} s{of} "
+                                         f"({type(e).__name__}: {e})", "corrupt") from e
+    if chunks and declared and decoded / rate < (1 - TRUNCATION_TOLERANCE) * declared:
+        raise AudioDecodeError(path, f"truncated: decoded {decoded / rate:.1f} s of {declared:.1f} s "
+                                     f"of audio (the container declares the full length)", "truncated")
     if not chunks:
         return np.zeros((1, 0), np.float32), int(stream.rate or SAMPLE_RATE)
     return np.concatenate(chunks, axis=1), int(rate)
@@ -146,7 +173,7 @@ def decode_audio(path, sample_rate: int = SAMPLE_RATE,
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)")
+        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)", "missing")
     decoded = _decode_all_channels(path)
     if decoded is None:
         return np.zeros((0,), np.float32), sample_rate
@@ -412,7 +439,7 @@ def load_audio_clips(path, num_clips: int = 8, clip_seconds: float = 2.0,
     channels = check_channels(channels)
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)")
+        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)", "missing")
     decoded = _decode_all_channels(path)
     if decoded is None or decoded[0].shape[1] == 0:
         return AudioClips(np.zeros((num_clips, 1, num_mel_bins, num_frames), np.float32),

@@ -93,6 +93,19 @@ def _builder_kwargs(args) -> dict:
     return kwargs
 
 
+def summary_line(name: str, split: str, report: dict, report_path: str, top: int = 3) -> str:
+    """One line per split: what was written, what was skipped and why (most frequent reasons
+    first), and the report file that lists every skipped item with its path and error."""
+    line = f"{name}/{split}: wrote {report['num_written']} of {report['num_inputs']} items"
+    if report["num_skipped"]:
+        reasons = sorted(report["skipped_by_category"].items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{k} {v}" for k, v in reasons[:top])
+        rest = len(reasons) - top
+        more = f", {rest} more reason{'s' * (rest > 1)}" if rest > 0 else ""
+        line += f"; skipped {report['num_skipped']} ({shown}{more}); each skipped item and why: {report_path}"
+    return line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from data_pipelines import tfds_builders
@@ -106,8 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         manual_dir=kwargs.get("source_dir"), max_examples_per_split=args.max_examples))
     summary = {}
     for split in builder.info.splits:
-        with open(os.path.join(builder.data_dir, shards.report_filename(name, split))) as f:
+        report_path = os.path.join(builder.data_dir, shards.report_filename(name, split))
+        with open(report_path) as f:
             report = json.load(f)
+        print(summary_line(name, split, report, report_path))
         summary[split] = {k: report[k] for k in ("num_inputs", "num_written", "num_skipped",
                                                  "skipped_by_category", "num_no_audio")}
     print(json.dumps({"dataset": name, "dir": os.fspath(builder.data_dir), "splits": summary}, indent=1))

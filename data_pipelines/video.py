@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from fractions import Fraction
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import av
+import av.filter
 import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image
@@ -42,7 +43,8 @@ class MediaDecodeError(ValueError):
     def __init__(self, path, reason: str, category: str = "undecodable"):
         self.path = str(path)
         self.reason = reason
-        self.category = category  # "missing" | "empty" | "undecodable": the report groups by it
+        # "missing" | "empty" | "undecodable" | "truncated" | "corrupt": the report groups by it
+        self.category = category
         super().__init__(f"cannot decode {self.kind} {self.path!r}: {reason}")
 
 
@@ -176,28 +178,97 @@ def _duration(pts: List[int], stream) -> int:
     return pts[-1] - pts[0] + max(period, 1)
 
 
+# A file is truncated when it holds fewer frames (or less time) than its container declares by
+# more than this fraction: container frame counts and durations are exact for intact files up to a
+# frame or two (edit lists, a last frame's duration), a cut file misses a large part.
+TRUNCATION_TOLERANCE = 0.1
+
+
+def _declared(container, stream) -> tuple[int, float]:
+    """(frames, seconds) the container declares for the video stream; 0 where it says nothing.
+    The container-wide duration counts only when the video is the file's only stream (with an
+    audio track it may be the longer audio's)."""
+    frames = int(stream.frames or 0)
+    seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    if not seconds and container.duration and len(container.streams) == 1:
+        seconds = container.duration / 1e6
+    return frames, seconds
+
+
+def _check_complete(path: str, container, stream, pts: List[int], duration: int, tb: float) -> None:
+    """VideoDecodeError('truncated: ...') when far fewer frames / seconds are there than declared."""
+    frames, seconds = _declared(container, stream)
+    have_s = duration * tb
+    short_frames = frames and len(pts) < (1 - TRUNCATION_TOLERANCE) * frames
+    short_time = seconds and have_s < (1 - TRUNCATION_TOLERANCE) * seconds
+    if short_frames or short_time:
+        declared_s = seconds or frames * have_s / max(len(pts), 1)
+        of_frames = f", {len(pts)} of {frames} frames" if frames else ""
+        raise VideoDecodeError(path, f"truncated: decoded {have_s:.1f} s of {declared_s:.1f} s{of_frames} "
+                                     f"(the container declares the full length; the file is cut short)",
+                               "truncated")
+
+
 def _rotation_quarters(frame) -> int:
     # av's frame.rotation is the display matrix angle: counter-clockwise degrees for display.
     angle = int(getattr(frame, "rotation", 0) or 0)
     return int(round(angle / 90.0)) % 4
 
 
-def _display_array(frame, quarters: int, sar, reformatter) -> np.ndarray:
-    # One reformatter per video reuses its swscale context (frame.to_ndarray builds one per call).
-    image = reformatter.reformat(frame, format="rgb24").to_ndarray()
-    if sar is not None and sar not in (0, 1):
-        # Anamorphic storage: stretch to the display aspect before anything else sees the pixels.
-        width = max(int(round(image.shape[1] * float(sar))), 1)
-        image = np.asarray(Image.fromarray(image).resize((width, image.shape[0]), Image.BICUBIC))
-    return np.ascontiguousarray(np.rot90(image, quarters)) if quarters else image
+class _NativeSize:
+    """Frames at their stored size, stretched to the display aspect (anamorphic), then rotated."""
+
+    def __init__(self, stream):
+        self.sar = stream.sample_aspect_ratio
+        # One reformatter per video reuses its swscale context (frame.to_ndarray builds one per call).
+        self.reformatter = VideoReformatter()
+
+    def __call__(self, frame, quarters: int) -> np.ndarray:
+        image = self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+        if self.sar is not None and self.sar not in (0, 1):
+            width = max(int(round(image.shape[1] * float(self.sar))), 1)
+            image = np.asarray(Image.fromarray(image).resize((width, image.shape[0]), Image.BICUBIC))
+        return np.ascontiguousarray(np.rot90(image, quarters)) if quarters else image
 
 
-def _decode_targets(path: str, container, stream, targets: np.ndarray):
-    """For each target pts (ascending), the last decoded frame with pts <= target, and the rotation."""
+# Display rotation (counter-clockwise quarter turns) as FFmpeg transpose filters.
+_TRANSPOSES = {1: ("cclock",), 2: ("clock", "clock"), 3: ("clock",)}
+
+
+class _ScaledInFFmpeg:
+    """Frames scaled to exactly height x width inside FFmpeg, as decord's VideoReader(height=,
+    width=) does: a filter graph `scale=W:H` (libavfilter's default scaler flags in the FFmpeg
+    4.1 decord 0.6.0 ships, bilinear; pixel aspect ignored, aspect squashed) converting to rgb24
+    in the same swscale pass (BT.601 limited range for untagged video, the frame's tags otherwise).
+    Rotation is applied before scaling with transpose filters, as newer decord does."""
+
+    def __init__(self, stream, size):
+        self.stream, self.height, self.width = stream, int(size[0]), int(size[1])
+        self.graph, self.quarters = None, None
+
+    def _build(self, quarters: int):
+        graph = av.filter.Graph()
+        nodes = [graph.add_buffer(template=self.stream)]
+        nodes += [graph.add("transpose", t) for t in _TRANSPOSES.get(quarters, ())]
+        nodes += [graph.add("scale", f"{self.width}:{self.height}:flags=bilinear"),
+                  graph.add("format", "rgb24"), graph.add("buffersink")]
+        for a, b in zip(nodes, nodes[1:]):
+            a.link_to(b)
+        graph.configure()
+        self.graph, self.quarters = graph, quarters
+
+    def __call__(self, frame, quarters: int) -> np.ndarray:
+        if self.graph is None or quarters != self.quarters:
+            self._build(quarters)
+        self.graph.push(frame)
+        return self.graph.pull().to_ndarray()
+
+
+def _decode_targets(path: str, container, stream, targets: np.ndarray, convert, total_s: float = 0.0):
+    """For each target pts (ascending), the last decoded frame with pts <= target, and the rotation.
+    A decoder error anywhere before the last target is a VideoDecodeError ('corrupt')."""
     out: List[Optional[np.ndarray]] = [None] * len(targets)
     quarters, prev, next_target = 0, None, 0
-    sar = stream.sample_aspect_ratio
-    reformatter = VideoReformatter()
     try:
         for frame in container.decode(stream):
             if frame.pts is None:
@@ -205,17 +276,23 @@ def _decode_targets(path: str, container, stream, targets: np.ndarray):
             if prev is None:
                 quarters = _rotation_quarters(frame)
             while next_target < len(targets) and frame.pts > targets[next_target] and prev is not None:
-                out[next_target] = _display_array(prev, quarters, sar, reformatter)
+                out[next_target] = convert(prev, quarters)
                 next_target += 1
             if next_target == len(targets):
                 break
             prev = frame
     except av.FFmpegError as e:
-        raise VideoDecodeError(path, f"decoding failed ({type(e).__name__}: {e})") from e
+        if prev is None:
+            raise VideoDecodeError(path, f"decoding failed ({type(e).__name__}: {e})") from e
+        tb = float(stream.time_base or 0)
+        at = (prev.pts - (stream.start_time or 0)) * tb if tb else 0.0
+        of = f" of {total_s:.1f} s" if total_s else ""
+        raise VideoDecodeError(path, f"decode error mid-stream after {at:.1f} s{of} "
+                                     f"({type(e).__name__}: {e})", "corrupt") from e
     if prev is None:
         raise VideoDecodeError(path, "no decodable video frames")
     if next_target < len(targets):
-        last = _display_array(prev, quarters, sar, reformatter)
+        last = convert(prev, quarters)
         for i in range(next_target, len(targets)):
             out[i] = last
     return out, quarters * 90
@@ -223,13 +300,19 @@ def _decode_targets(path: str, container, stream, targets: np.ndarray):
 
 def decode_video(path: str, num_frames: int = 8, sampling: str = "uniform",
                  rng: Optional[np.random.Generator] = None,
-                 short_side: Optional[int] = None) -> DecodedVideo:
+                 short_side: Optional[int] = None,
+                 size: Optional[Tuple[int, int]] = None) -> DecodedVideo:
     """Decodes `num_frames` frames of `path` sampled by time, in display orientation.
 
-    `short_side` resizes (bicubic, aspect kept) so the shorter side has that many pixels.
-    Raises VideoDecodeError (a ValueError naming the path) for missing, empty, undecodable or
-    frameless files.
+    `size=(height, width)` scales each frame to exactly that inside FFmpeg, the frames the
+    original's decord `VideoReader(height=, width=)` gives (aspect and pixel aspect ignored).
+    Otherwise frames keep their display size, and `short_side` resizes (bicubic, aspect kept) so
+    the shorter side has that many pixels. Raises VideoDecodeError (a ValueError naming the path)
+    for missing, empty, undecodable or frameless files, files holding far fewer frames than their
+    container declares ('truncated'), and decoder errors before the last sampled frame ('corrupt').
     """
+    if size is not None and short_side:
+        raise ValueError("decode_video: pass size or short_side, not both")
     path = os.fspath(path)
     container = _open(path)
     with container:
@@ -242,11 +325,13 @@ def decode_video(path: str, num_frames: int = 8, sampling: str = "uniform",
         indices = sample_by_time(pts, duration, num_frames, sampling, rng)
         targets = np.asarray(pts, np.int64)[indices]
         tb = float(stream.time_base) if stream.time_base else 1.0
+        _check_complete(path, container, stream, pts, duration, tb)
     # Reopen rather than seek: seeking to the very start is unreliable for some containers.
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        frames, rotation = _decode_targets(path, container, stream, targets)
+        convert = _NativeSize(stream) if size is None else _ScaledInFFmpeg(stream, size)
+        frames, rotation = _decode_targets(path, container, stream, targets, convert, duration * tb)
     frames = np.stack(frames)
     if short_side:
         frames = resize_short_side(frames, short_side)

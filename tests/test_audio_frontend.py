@@ -459,3 +459,20 @@ def test_channel_choices_on_mono_agree(tmp_path):
                                   A.waveform_to_clips(stereo[1], SR, 4))
     np.testing.assert_allclose(A.waveform_to_clips(stereo, SR, 4, channels="mix"),
                                A.waveform_to_clips(stereo.mean(0), SR, 4), atol=1e-5)
+
+
+def test_damaged_files(tmp_path):
+    from media_fixtures import damaged_files
+
+    files = damaged_files(tmp_path)
+    assert abs(A.load_audio_clips(files["good"]).duration_s - 5.0) < 0.1
+    # the cut's last audio packet is partial: the decoder fails there, 1.x s into 5 s
+    with pytest.raises(A.AudioDecodeError, match=r"cut\.mp4.*(truncated: decoded|decode error mid-stream after) "
+                                                 r"\d\.\d s of 5\.0 s") as e:
+        A.load_audio_clips(files["cut"])
+    assert e.value.category in ("truncated", "corrupt")
+    with pytest.raises(A.AudioDecodeError, match=r"corrupt\.mp4.*decode error mid-stream after \d\.\d s of 5\.0 s"):
+        A.load_audio_clips(files["corrupt"])
+    with pytest.raises(A.AudioDecodeError, match=r"empty\.mp4"):
+        A.load_audio_clips(files["empty"])
+
