@@ -26,7 +26,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only a parity reference / conversion backend, never a core dependency.
     "torch": ["torch==2.13.0"],
-    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2"],
+    # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
+    # manylinux wheel, bundles its own FFmpeg 4.1; the parity tests skip where it is missing).
+    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2",
+             "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'"],
 }
 
 setup(
