@@ -317,3 +317,56 @@ def test_damaged_files_are_errors_that_say_what_was_expected(tmp_path):
     with pytest.raises(V.VideoDecodeError, match=r"empty\.mp4.*empty file \(0 bytes\)") as e:
         V.decode_video(files["empty"], 8)
     assert e.value.category == "empty"
+
+
+@pytest.mark.parametrize("bframes", [0, 3])
+def test_seeking_to_keyframes_gives_the_sequentially_decoded_frames(tmp_path, bframes):
+    """decode_video seeks to the keyframe before each target when that skips frames; the frames
+    must be exactly those of decoding everything in order (and decord's)."""
+    import av
+
+    path = str(tmp_path / f"gop_b{bframes}.mp4")
+    w, h, n = 96, 64, 60
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=12)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.options = {"g": "7", "bf": str(bframes), "preset": "veryfast"}
+        for t in range(n):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[:, :, 0] = 4 * t
+            img[(t * 3) % h:(t * 3) % h + 10, (t * 5) % w:(t * 5) % w + 10] = 255
+            frame = av.VideoFrame.from_ndarray(img, "rgb24")
+            frame.pts = t
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with V._open(path) as c:  # with B-frames, x264 makes non-reference pictures the decoder skips
+        stream = c.streams.video[0]
+        length = V._h264_length_size(stream)
+        skippable = sum(V._h264_non_reference(bytes(p), length) for p in c.demux(stream) if p.size)
+    assert length == 4 and (skippable >= n // 6 if bframes else skippable == 0)
+    for size in (None, (40, 50)):
+        for num in (3, 8, 17):
+            with V._open(path) as c:
+                stream = c.streams.video[0]
+                pts, keyframes = V._packet_pts(path, c, stream)
+            assert len(keyframes) >= n // 7
+            targets = np.asarray(pts)[V.sample_by_time(pts, V._duration(pts, stream), num)]
+            with V._open(path) as c:  # the plain way: decode every frame, keep the targets
+                stream = c.streams.video[0]
+                convert = V._NativeSize(stream) if size is None else V._ScaledInFFmpeg(stream, size)
+                every = {f.pts: convert(f, 0) for f in c.decode(stream)}
+            plain = np.stack([every[t] for t in targets])
+            runs = []
+            for kf in (keyframes, []):
+                with V._open(path) as c:
+                    stream = c.streams.video[0]
+                    convert = V._NativeSize(stream) if size is None else V._ScaledInFFmpeg(stream, size)
+                    runs.append(np.stack(V._decode_targets(path, c, stream, targets, kf, convert)[0]))
+            np.testing.assert_array_equal(runs[0], plain)
+            np.testing.assert_array_equal(runs[1], plain)
+            decoded = V.decode_video(path, num, size=size)
+            np.testing.assert_array_equal(decoded.frames, runs[0])
+            levels = np.median(decoded.frames[..., 0].reshape(num, -1), axis=1)  # the marker is small
+            assert np.abs(levels / 4 - decoded.indices).max() < 0.9  # neighbours are 4 levels apart
