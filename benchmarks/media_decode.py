@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--reps", type=int, default=7)
-X
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch's default; on a loaded 2-core box its pool spin-waits)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch

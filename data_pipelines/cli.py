@@ -45,6 +45,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _media_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=None, help="frames stored per video (default 16)")
     parser.add_argument("--short-side", type=int, default=None, help="stored frame short side (default 256)")
+    parser.add_argument("--frame-size", type=int, default=None,
+                        help="store video frames scaled to NxN while decoding, as the original's decord "
+                             "reader gives them (e.g. 224; replaces --short-side for videos)")
     parser.add_argument("--no-audio", action="store_true", help="store no fbank (audio_present=False)")
     parser.add_argument("--audio-channels", default=None, type=check_channels,
                         help="how a multichannel track is read: 'imagebind' (default, the original's: "
@@ -82,7 +85,8 @@ def _builder_kwargs(args) -> dict:
         kwargs["source_kwargs"] = dict(num_train=args.num_train, num_test=args.num_test, seed=args.seed)
         return kwargs
     options = MediaOptions()
-    changes = {k: v for k, v in (("num_frames", args.frames), ("short_side", args.short_side)) if v is not None}
+    changes = {k: v for k, v in (("num_frames", args.frames), ("short_side", args.short_side),
+                                 ("frame_size", args.frame_size)) if v is not None}
     if args.no_audio:
         changes["audio"] = False
     if args.audio_channels is not None:

@@ -229,3 +229,21 @@ def test_cli_skips_damaged_videos_and_reports_why(tmp_path, capsys):
         sorted(glob.glob(os.path.join(out, "webvid2m", "1.0.0", "webvid2m-train.array_record*"))))]
     assert [e["id"] for e in examples] == ["webvid2m/good"]
     assert examples[0]["audio_present"] and examples[0]["meta"]["audio_channels"] == "imagebind"
+
+
+def test_frame_size_stores_the_frames_decord_gives(tmp_path):
+    """MediaOptions(frame_size=S): frames scaled in FFmpeg at decode time (the original's reader),
+    then JPEG: within JPEG rounding of decode_video(size=(S, S))."""
+    from data_pipelines import video
+
+    y, x = np.mgrid[0:36, 0:64]
+    smooth = np.stack([np.stack([(2 * x + 9 * t) % 256, 3 * y, x + y], -1) for t in range(6)]).astype(np.uint8)
+    path = write_mp4(str(tmp_path / "v.mp4"), smooth, 6)  # JPEG keeps smooth frames close
+    it = webvid.item(id="v", media="video", path=path, kind="caption", caption="c")
+    options = MediaOptions(num_frames=4, frame_size=24, num_audio_clips=2)
+    example = build_example(it, options)
+    frames = records.decode_frames(records.decode_example(records.encode_example(example)))
+    direct = video.decode_video(path, 4, size=(24, 24)).frames
+    assert frames.shape == direct.shape == (4, 24, 24, 3)
+    assert np.abs(frames.astype(int) - direct).mean() < 2.0
+    assert example["meta"]["frame_scaling"].startswith("ffmpeg bilinear 24x24")
