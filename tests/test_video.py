@@ -298,6 +298,9 @@ def test_scaled_decode_rotation_and_errors(tmp_path, rotation):
     assert same.rotation == native.rotation == rotation
     np.testing.assert_array_equal(same.frames, native.frames)
     assert V.decode_video(path, 2, size=(20, 30)).frames.shape == (2, 20, 30, 3)
+    decord = pytest.importorskip("decord")  # the original's reader turns the frames the same way
+    ref = decord.VideoReader(path, height=40, width=36).get_batch([0]).asnumpy()
+    assert np.abs(V.decode_video(path, 1, size=(40, 36)).frames.astype(int) - ref).max() <= 1
     with pytest.raises(ValueError, match="size or short_side"):
         V.decode_video(path, 2, size=(20, 30), short_side=16)
 
