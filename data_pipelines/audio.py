@@ -167,7 +167,9 @@ def decode_audio(path, sample_rate: int = SAMPLE_RATE,
                  channel: int | None = None) -> tuple[np.ndarray, int]:
     """Decodes the first audio track of a video or audio file to float32 mono at `sample_rate`.
 
-    channel=None averages the channels; channel=k takes channel k (ImageBind uses 0).
+    channel=None averages the channels; channel=k takes channel k. A listening / inspection helper:
+    what the towers are fed comes from `load_audio_clips` (default: ImageBind's multichannel
+    handling, which no single mono waveform reproduces).
     A file without an audio track gives an empty waveform. Raises AudioDecodeError when the
     file is missing or undecodable.
     """
