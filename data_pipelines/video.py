@@ -4,7 +4,12 @@ Decoding (PyAV) samples frames by presentation time, so variable-frame-rate file
 evenly in time; for constant-rate files the result equals the reference's index sampling
 (`np.arange(0, vlen, vlen / n).astype(int)` in `video_llama/processors/video_processor.py`).
 Display-matrix rotation is applied; clips with fewer frames than asked repeat frames (the
-reference silently returns fewer frames, which its datasets then reject).
+reference silently returns fewer frames, which its datasets then reject). `size=(h, w)` scales
+inside FFmpeg while decoding, giving exactly the frames of the reference's decord
+`VideoReader(height=h, width=w)` (chat and `load_video` use it). Only the frames the sampled
+ones depend on are decoded (keyframe seeks, h264 non-reference pictures skipped). Files far
+shorter than their container declares, or with decoder errors, are VideoDecodeErrors
+(categories 'truncated' / 'corrupt'). docs/MEDIA.md compares every path with the original.
 
 Transforms (pure numpy + PIL, for the loader to apply to decoded JPEG frames):
   eval_transform   resize to 224x224 bicubic, aspect not kept (alpro_video_eval / blip2_image_eval)
@@ -540,12 +545,13 @@ def load_video(path: str, num_frames: int = 8, train: bool = False,
                rng: Optional[np.random.Generator] = None, size: int = IMAGE_SIZE) -> np.ndarray:
     """Reference-style clip straight from a file: float32 [num_frames,size,size,3].
 
-    train: headtail sampling + random resized crop; eval: uniform sampling + resize.
+    Frames are scaled to size x size while decoding, as the reference's decord reader does;
+    train: headtail sampling + a random resized crop of those frames; eval: uniform sampling.
     """
     if train and rng is None:
         raise ValueError("load_video(train=True) needs an rng (np.random.Generator)")
-    decoded = decode_video(path, num_frames, "headtail" if train else "uniform", rng)
-    return train_transform(decoded.frames, rng, size) if train else eval_transform(decoded.frames, size)
+    decoded = decode_video(path, num_frames, "headtail" if train else "uniform", rng, size=(size, size))
+    return train_transform(decoded.frames, rng, size) if train else normalize(decoded.frames)
 
 
 def load_image_clip(path: str, train: bool = False, rng: Optional[np.random.Generator] = None,

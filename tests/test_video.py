@@ -214,6 +214,8 @@ def test_train_transform_crop_is_a_zoom(tmp_path):
 def test_load_video_and_image_clip(tmp_path):
     path = write_mp4(str(tmp_path / "c.mp4"), numbered_frames(20), fps=10)
     assert V.load_video(path).shape == (8, 224, 224, 3)
+    np.testing.assert_array_equal(V.load_video(path, 4, size=32),
+                                  V.normalize(V.decode_video(path, 4, size=(32, 32)).frames))
     assert V.load_video(path, 4, train=True, rng=np.random.default_rng(0)).shape == (4, 224, 224, 3)
     img = write_image(str(tmp_path / "a.jpg"), np.full((40, 50, 3), 99, np.uint8))
     assert V.load_image_clip(img, train=True, rng=np.random.default_rng(0)).shape == (1, 224, 224, 3)
