@@ -3,8 +3,9 @@
 Instruction dialogues run from tens to hundreds of tokens; padding every row to `seq_len` spends
 most of a stage-2 step on pads. `PackedBatchIterDataset` replaces `.batch(B)`: it takes the
 loader's padded rows one by one and places each in the first of the batch's B rows that still has
-room for its tokens and a free example slot (at most E = `max_examples` per row); the first
-example that fits nowhere closes the batch and opens the next one.
+room for its tokens and a free example slot (at most E = `max_examples` per row); an example that
+fits nowhere is held for the next batch, which is emitted when full or when `lookahead` examples
+are held.
 
 Packed batch (B rows, E example slots per row, L = seq_len, K media tokens per example):
   input_ids, attention_mask, targets, media_mask   [B, L]  the examples' tokens one after another,
@@ -24,9 +25,10 @@ grain's own packers (`grain.experimental.FirstFitPackIterDataset`, ...) concaten
 along its leading axis, which suits token features but not a fixed number of media slots per row
 with a presence mask, hence this transformation.
 
-Checkpointing: the iterator's state is its parent's state before the example it holds back (the
-one that opened the next batch), so `set_state` re-reads that example and the batches that follow
-are exactly the ones an uninterrupted iterator would have produced.
+Checkpointing: the iterator's state is its parent's state before the oldest example it holds back
+plus which later-read examples it already emitted, so `set_state` re-reads the held examples,
+drops the emitted ones, and the batches that follow are exactly the ones an uninterrupted
+iterator would have produced.
 """
 from __future__ import annotations
 
@@ -111,69 +113,106 @@ def _grain():
 
 
 class PackedBatchIterDataset(_grain().IterDataset):
-    """`parent` (an IterDataset of padded loader rows) -> packed batches of `batch_size` rows."""
+    """`parent` (an IterDataset of padded loader rows) -> packed batches of `batch_size` rows.
+
+    An example that fits no row of the batch being built is held back for the next batch; the batch
+    is emitted when its rows are full or `lookahead` examples are held. Examples are emitted in a
+    different order than read, deterministically (a function of the parent's sequence alone).
+    """
 
     def __init__(self, parent, batch_size: int, seq_len: int, max_examples: int, pad_id: int,
-                 drop_remainder: bool = True):
+                 drop_remainder: bool = True, lookahead: int = 8):
         super().__init__(parent)
-        if batch_size < 1 or seq_len < 1 or max_examples < 1:
-            raise ValueError(f"packing needs positive batch_size, seq_len, max_examples; got "
-                             f"{batch_size}, {seq_len}, {max_examples}")
+        if min(batch_size, seq_len, max_examples, lookahead) < 1:
+            raise ValueError(f"packing needs positive batch_size, seq_len, max_examples, lookahead; got "
+                             f"{batch_size}, {seq_len}, {max_examples}, {lookahead}")
         self.batch_size, self.seq_len, self.max_examples = batch_size, seq_len, max_examples
-        self.pad_id, self.drop_remainder = pad_id, drop_remainder
+        self.pad_id, self.drop_remainder, self.lookahead = pad_id, drop_remainder, lookahead
 
     def __iter__(self):
         return PackedBatchIterator(self._parent.__iter__(), self)
 
     def __str__(self) -> str:
         return (f"PackedBatchIterDataset(batch_size={self.batch_size}, seq_len={self.seq_len}, "
-                f"max_examples={self.max_examples})")
+                f"max_examples={self.max_examples}, lookahead={self.lookahead})")
 
 
 class PackedBatchIterator(_grain().DatasetIterator):
+    """State: the parent's state before the oldest held example, and which of the examples read
+    after it were already emitted (`skip`, read offsets from there): restoring re-reads the held
+    examples, drops the emitted ones, and continues exactly as the saved iterator would have."""
+
     def __init__(self, parent, spec: PackedBatchIterDataset):
         super().__init__(parent)
         self._spec = spec
-        self._held: dict | None = None         # the example that opened the next batch
-        self._held_state: dict | None = None   # the parent's state before it was read
+        self._held: list[tuple[int, dict, dict]] = []   # (read number, parent state before it, example)
+        self._reads = 0                                 # read number of the next parent element
+        self._emitted: set[int] = set()                 # read numbers emitted after the oldest held one
+        self._skip: set[int] = set()                    # read numbers to drop after set_state
+        self._exhausted = False
+
+    def _read(self):
+        """(read number, parent state before it, example), skipping already-emitted ones."""
+        while True:
+            state = copy.deepcopy(self._parent.get_state())
+            example = next(self._parent)
+            n, self._reads = self._reads, self._reads + 1
+            if n in self._skip:
+                self._skip.discard(n)
+                self._emitted.add(n)
+                continue
+            return n, state, example
 
     def __next__(self) -> dict[str, np.ndarray]:
         s = self._spec
-        examples, rows = [], []
+        examples, rows, placed = [], [], []
         used, counts = [0] * s.batch_size, [0] * s.batch_size
-        exhausted = False
-        while True:
-            if self._held is not None:
-                example, self._held, self._held_state = self._held, None, None
-                state_before = None
-            else:
-                state_before = copy.deepcopy(self._parent.get_state())
-                try:
-                    example = next(self._parent)
-                except StopIteration:
-                    exhausted = True
-                    break
-            n = example_length(example)
-            r = first_fit(used, counts, n, s.seq_len, s.max_examples)
-            if r is None:
-                # Opens the next batch; `state_before` is never None here (a held example always
-                # fits the empty batch it starts).
-                self._held, self._held_state = example, state_before
+        queue, held = list(self._held), []
+
+        def full():
+            return all(c >= s.max_examples or u >= s.seq_len for u, c in zip(used, counts))
+
+        while len(held) < s.lookahead and not full():
+            if queue:
+                item = queue.pop(0)
+            elif self._exhausted:
                 break
-            used[r] += n
+            else:
+                try:
+                    item = self._read()
+                except StopIteration:
+                    self._exhausted = True
+                    break
+            r = first_fit(used, counts, example_length(item[2]), s.seq_len, s.max_examples)
+            if r is None:
+                held.append(item)
+                continue
+            used[r] += example_length(item[2])
             counts[r] += 1
-            examples.append(example)
+            examples.append(item[2])
             rows.append(r)
-        if not examples or (exhausted and s.drop_remainder):
+            placed.append(item[0])
+        self._held = held + queue
+        if not examples or (self._exhausted and s.drop_remainder and not full()):
+            self._held = []   # drop_remainder: the data ran out before this batch filled
             raise StopIteration
+        oldest = self._held[0][0] if self._held else self._reads
+        self._emitted = {n for n in self._emitted | set(placed) if n > oldest}
         return pack_batch(examples, rows, s.batch_size, s.seq_len, s.max_examples, s.pad_id)
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": copy.deepcopy(self._held_state if self._held is not None else self._parent.get_state())}
+        if not self._held:
+            # Skips still pending after a restore lie ahead of the parent's current position.
+            return {"parent": copy.deepcopy(self._parent.get_state()),
+                    "skip": sorted(n - self._reads for n in self._skip)}
+        first, state, _ = self._held[0]
+        skip = sorted(n - first for n in self._emitted | self._skip if n > first)
+        return {"parent": copy.deepcopy(state), "skip": skip}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._held, self._held_state = None, None
+        self._held, self._emitted, self._exhausted = [], set(), False
+        self._reads, self._skip = 0, set(int(n) for n in state.get("skip", ()))
 
     def __str__(self) -> str:
         return f"PackedBatchIterator({self._spec})"

@@ -203,8 +203,9 @@ def check_media_mask(media_mask: Any, num_tokens: int, example_mask: Any = None)
         num_tokens * np.asarray(example_mask).sum(axis=1)
     bad = np.nonzero(counts != want)[0]
     if bad.size:
+        expected = num_tokens if example_mask is None else want[bad[:8]].tolist()
         raise ValueError(f"media_mask: rows {bad[:8].tolist()} have {counts[bad[:8]].tolist()} media positions, "
-                         f"expected {want[bad[:8]].tolist()} (one per soft token of the requested media"
+                         f"expected {expected} (one per soft token of the requested media"
                          f"{'' if example_mask is None else ', per example in the row'})")
 
 
