@@ -3,7 +3,7 @@
 * packed vs padded: the trainer's step (`benchmarks.train_step.build_runner`) on the `small`
   towers at stage-2 geometry (seq_len 512, LLaVA-Instruct images: one frame per example), one
   batch padded (one example per row, as `pack=False` loads) and one packed by
-  `data_pipelines.packing` (first fit, up to `--max-examples` per row), same B and L. Figures: s/step,
+  `data_pipelines.packing` (first fit with look-ahead, up to `--max-examples` per row), same B and L. Figures: s/step,
   non-pad tokens per step and per second, examples per second, XLA's per-step memory of each
   compiled step, and the fraction of the in-process matmul peak of the packed step.
   Tokens per step are averaged over a long simulated stream (`--stream` examples through the same
@@ -54,22 +54,28 @@ def stage2_lengths(n: int, seq_len: int, media_tokens: int, seed: int = 0) -> np
     return np.minimum(1 + media_tokens + np.maximum(text.round().astype(int), 8), seq_len)
 
 
-def stream_tokens_per_batch(lengths: np.ndarray, batch_size: int, seq_len: int, max_examples: int) -> dict:
-    """Mean non-pad tokens and examples per batch, padded (one per row) and packed (first fit)."""
-    from data_pipelines.packing import assign_rows
+def packed_batches(rows, batch_size: int, seq_len: int, max_examples: int):
+    """The loader's packing transformation (`data_pipelines.packing`) over in-memory rows."""
+    import grain
 
+    from data_pipelines.packing import PackedBatchIterDataset
+
+    ds = grain.MapDataset.source(rows).to_iter_dataset()
+    return iter(PackedBatchIterDataset(ds, batch_size, seq_len, max_examples, pad_id=0, drop_remainder=True))
+
+
+def stream_tokens_per_batch(lengths: np.ndarray, batch_size: int, seq_len: int, max_examples: int) -> dict:
+    """Mean non-pad tokens and examples per batch, padded (one per row) and packed (the loader's
+    packer over the whole stream of lengths)."""
     padded = lengths[: len(lengths) // batch_size * batch_size]
-    packed_tokens, packed_examples, i = [], [], 0
-    while True:
-        rows = assign_rows(lengths[i:].tolist(), batch_size, seq_len, max_examples)
-        if i + len(rows) >= len(lengths):   # the stream ran out inside this batch: not a full one
-            break
-        packed_tokens.append(int(lengths[i:i + len(rows)].sum()))
-        packed_examples.append(len(rows))
-        i += len(rows)
+    rows = [{"input_ids": np.zeros(seq_len, np.int32), "attention_mask": (np.arange(seq_len) < n).astype(np.int32),
+             "targets": np.zeros(seq_len, np.int32), "media_mask": np.zeros(seq_len, bool)} for n in lengths]
+    packed = [(int(b["attention_mask"].sum()), int(b["example_mask"].sum()))
+              for b in packed_batches(rows, batch_size, seq_len, max_examples)]
     return {"padded_tokens": float(padded.sum()) / (len(padded) // batch_size),
             "padded_examples": float(batch_size),
-            "packed_tokens": float(np.mean(packed_tokens)), "packed_examples": float(np.mean(packed_examples))}
+            "packed_tokens": float(np.mean([t for t, _ in packed])),
+            "packed_examples": float(np.mean([e for _, e in packed]))}
 
 
 def example_rows(config, lengths, seq_len: int, num_frames: int, seed: int = 0) -> list[dict]:
@@ -94,16 +100,14 @@ def example_rows(config, lengths, seq_len: int, num_frames: int, seed: int = 0) 
 
 def measure(steps: int, rounds: int, batch_size: int, seq_len: int, max_examples: int, stream: int) -> dict:
     from benchmarks.train_step import bench_configs, build_runner, interleaved, load_average, matmul_peak, summarize
-    from data_pipelines.packing import assign_rows, example_length, pack_batch
 
     config = bench_configs()["small"]
     k = config.num_media_tokens(("video",))
     lengths = stage2_lengths(stream, seq_len, k)
     mean = stream_tokens_per_batch(lengths, batch_size, seq_len, max_examples)
     # The timed batches: the stream's first examples, padded and packed.
-    rows = example_rows(config, lengths[: batch_size * max_examples], seq_len, num_frames=1)
-    placed = assign_rows([example_length(r) for r in rows], batch_size, seq_len, max_examples)
-    packed = pack_batch(rows[: len(placed)], placed, batch_size, seq_len, max_examples, pad_id=0)
+    rows = example_rows(config, lengths[: 4 * batch_size * max_examples], seq_len, num_frames=1)
+    packed = next(packed_batches(rows, batch_size, seq_len, max_examples))
     padded = {key: np.stack([r[key] for r in rows[:batch_size]]) for key in rows[0]}
 
     chunked = dataclasses.replace(config, loss_chunk=128)
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-examples", type=int, default=4)
+    ap.add_argument("--max-examples", type=int, default=2)
     ap.add_argument("--stream", type=int, default=4000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -113,8 +113,9 @@ class LoaderConfig(Preset):
     keep_ids: bool = False
     # Several examples per row (`data_pipelines.packing`): up to `max_examples_per_row` examples
     # and their media per row, segment ids keeping them apart; batches then have media slots [B, E, ...].
+    # The towers encode all B*E slots (empty ones too): keep E near the examples a row holds.
     pack: bool = False
-    max_examples_per_row: int = 4
+    max_examples_per_row: int = 2
 
     @classmethod
     def presets(cls):
@@ -446,7 +447,7 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),
-        pack=bool(d.get("pack", False)), max_examples_per_row=int(d.get("max_examples_per_row", 4)))
+        pack=bool(d.get("pack", False)), max_examples_per_row=int(d.get("max_examples_per_row", 2)))
 
 
 def _encoder_from(config) -> TextEncoder:

@@ -103,7 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 0               # padded text length (0: from max_txt_len)
     c.data.num_query_placeholders = 32   # <ImageHere> tokens per visual input in the prompt
     c.data.pack = False              # several examples per row (data_pipelines.packing)
-    c.data.max_examples_per_row = 4  # with pack: example (media) slots per row
+    # With pack: example (media) slots per row. The frozen towers encode every slot, empty or not,
+    # so keep it near the examples a row holds: stage 2's LLaVA-like lengths in 512-token rows
+    # average 1.4 per row, and 2 slots pack as densely as 4 (benchmarks/packing.py).
+    c.data.max_examples_per_row = 2
 
     c.freeze = ml_collections.ConfigDict()
     c.freeze.preset = "vision_branch"   # vllama_jax.train.partition.TRAINABLE_PRESETS
