@@ -151,12 +151,15 @@ def measure(config_name: str, steps: int, rounds: int) -> dict:
         times["torch"].append(run_torch(steps))
         times["ours_cached"].append(cached.run(steps))
     sec = {k: summarize(v)["median_s"] for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     return {
         "config": config_name, "batch_size": work.batch_size, "num_frames": work.num_frames,
         "seq_len": work.seq_len, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "eval_loss_ours": ours_eval, "eval_loss_torch": torch_eval, "eval_loss_abs_diff": abs(ours_eval - torch_eval),
         "step_s": sec, "step_s_all": times,
         "torch_over_ours": sec["torch"] / sec["ours"], "torch_over_ours_cached": sec["torch"] / sec["ours_cached"],
+        "step_s_best": best, "torch_over_ours_best_rounds": best["torch"] / best["ours"],
+        "torch_over_ours_cached_best_rounds": best["torch"] / best["ours_cached"],
         "ours_step_gflop": (ours.flops or 0) / 1e9,
         "load_avg_1m": load_average(),
     }
