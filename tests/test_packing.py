@@ -160,3 +160,25 @@ def test_chunked_loss_never_holds_full_logits():
     logits_bytes = b * (length - 1) * vocab * 4
     assert full >= logits_bytes
     assert chunked <= 3 * b * chunk * vocab * 4 < logits_bytes, (full, chunked)
+
+
+@pytest.mark.parametrize("scan_layers,tied", [(True, True), (False, False)])
+def test_llama_segments_equal_separate_rows_and_head_kernel(scan_layers, tied):
+    """Two sequences packed in one row (scanned + remat'd layers, or unrolled) give each one's
+    logits alone; `head_kernel` is the projection `head` applies (tied or not)."""
+    from vllama_jax.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig.preset("tiny", scan_layers=scan_layers, remat=scan_layers, tie_word_embeddings=tied)
+    model = Llama(cfg)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(3, cfg.vocab_size, (1, 7)), rng.integers(3, cfg.vocab_size, (1, 5))
+    packed = jnp.asarray(np.concatenate([a, b, np.zeros((1, 4), int)], axis=1), jnp.int32)
+    seg = jnp.asarray([[1] * 7 + [2] * 5 + [0] * 4])
+    params = model.init(jax.random.key(0), packed)
+    out = model.apply(params, packed, attention_mask=(seg > 0).astype(jnp.int32), segment_ids=seg,
+                      return_hidden=True)
+    alone = [model.apply(params, jnp.asarray(x, jnp.int32)).logits for x in (a, b)]
+    assert_close(out.logits[:, :7], alone[0], atol=1e-4, what="first segment")
+    assert_close(out.logits[:, 7:12], alone[1], atol=1e-4, what="second segment")
+    kernel = model.apply(params, method=Llama.head_kernel)
+    assert_close(out.hidden_states @ kernel, out.logits, atol=1e-4, what="head_kernel")

@@ -378,7 +378,7 @@ class Llama(nn.Module):
         """The output projection `[hidden, vocab]` (the embedding's transpose when tied), param dtype."""
         if self.config.tie_word_embeddings:
             return self.embed_tokens.embedding.T
-        return self.lm_head.variables["params"]["kernel"]
+        return nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states → float32 logits over the vocab."""
