@@ -13,7 +13,8 @@ which is the stage-1/2 vision-branch step of the original (`video_llama.py` forw
 the video Q-Former, its query tokens, the position table and llama_proj). Their eval-mode losses
 are compared first (same weights and batch: they must agree to float32 rounding), then both train
 steps (dropout on in the trained Q-Former, as in training) are timed in alternating rounds. torch
-runs at its default thread count. Also timed: our step trained from the frozen-feature cache
+runs at its default thread count (one per core), or with `--threads 1` both libraries on one thread:
+on a loaded 2-core machine torch's OpenMP pool spin-waits for a busy core, which pinning avoids. Also timed: our step trained from the frozen-feature cache
 (`vllama_jax.train.feature_cache`), which the original cannot do.
 
     python -m benchmarks.torch_step --config small
@@ -170,9 +171,21 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=("tiny_224", "small"), default="small")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="0: each library's default (torch: one per core); 1: torch and XLA single-threaded")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads == 1:
+        # Before jax starts: XLA's CPU client reads its thread pools' size once.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        import torch
+
+        torch.set_num_threads(1)
+    elif args.threads > 1:
+        ap.error("--threads: 0 (defaults) or 1")
     result = measure(args.config, args.steps, args.rounds)
+    result["threads"] = args.threads or "default"
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as f:
