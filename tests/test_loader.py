@@ -334,3 +334,23 @@ def test_packed_iterator_state_restores_exactly(shards, encoder):
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert any(skips), "no restore point had examples held back: the test does not exercise the skip state"
+
+
+@pytest.mark.slow
+def test_packed_worker_processes_resume_exactly(shards, encoder):
+    """pack=True under mp_prefetch (2 worker processes): the packer pickles into the workers and
+    a restore replays the remaining packed batches (~30 s here)."""
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, max_examples_per_row=3,
+                              worker_count=2)
+    spec = L.DatasetSpec(shards["caption"])
+    it = L.make_loader(spec, cfg, encoder, 0, 1)
+    first = [next(it) for _ in range(2)]
+    state = it.get_state()
+    rest = list(it)
+    it.close()
+    resumed = L.make_loader(spec, cfg, encoder, 0, 1)
+    resumed.set_state(state)
+    again = list(resumed)
+    resumed.close()
+    assert len(rest) > 0 and _packed_ids(again) == _packed_ids(rest)
+    assert len(set(_packed_ids(first) + _packed_ids(rest))) == len(_packed_ids(first) + _packed_ids(rest))
