@@ -135,12 +135,13 @@ def test_chunked_loss_function_with_a_tied_head():
     def full(h, w):
         return causal_lm_loss(h @ w, targets)[0]
 
-    def chunked(h, w):
-        return chunked_causal_lm_loss(h, w, targets, 3)[0]
+    for size in (3, 100):   # 8 shifted positions: chunks of 3 (last one padded), one chunk of 8
+        def chunked(h, w):
+            return chunked_causal_lm_loss(h, w, targets, size)[0]
 
-    assert_close(chunked(hidden, kernel), full(hidden, kernel), atol=1e-5, what="loss")
-    for a, b in zip(jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(full, (0, 1))(hidden, kernel)):
-        assert_close(a, b, atol=1e-5, what="grad")
+        assert_close(chunked(hidden, kernel), full(hidden, kernel), atol=1e-5, what="loss")
+        for a, b in zip(jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(full, (0, 1))(hidden, kernel)):
+            assert_close(a, b, atol=1e-5, what="grad")
 
 
 def test_chunked_loss_never_holds_full_logits():

@@ -240,6 +240,7 @@ def chunked_causal_lm_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Ar
     labels, valid = shifted_labels(targets, segment_ids)
     h = hidden[:, :-1]
     b, n, d = h.shape
+    chunk = max(1, min(chunk, n))   # a short sequence is one chunk, not padded up to `chunk`
     pad = -n % chunk
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
     labels, valid = (jnp.pad(x, ((0, 0), (0, pad))) for x in (labels, valid))
