@@ -13,6 +13,10 @@ jax; the loader spawns workers) and writes its JSON; this script collects them:
   efficiency      scan_layers compile time, remat policies, donation, dot_product_attention
   loader          grain pipeline examples/s on synthetic 224 px shards, and against the uncached
                   tiny_224 train step timed in the same process (benchmarks/loader_throughput.py)
+  packing         stage-2 step on packed vs padded batches (LLaVA-Instruct-derived lengths), chunked vs
+                  full-logits loss, the packed step's fraction of the matmul peak (benchmarks/packing.py)
+  torch_step      our step vs the same composite in PyTorch (same weights and batch) and the cached
+                  step (benchmarks/torch_step.py; when torch and transformers are installed)
   decode          KV-cache generate tokens/s vs uncached and HF (benchmarks/decode.py, when present)
   media           8 frames + 8 audio clips of a 720p h264 clip: ours vs decord and ImageBind's audio
                   path, same process (benchmarks/media_decode.py; needs decord, the test extra's)
@@ -23,6 +27,7 @@ each part, and the ratios inside one part are the figures to compare.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,6 +58,10 @@ def parts(quick: bool) -> dict[str, list[str]]:
                    "--num-examples", "32", "--batches", "3" if quick else "6",
                    "--against-step", "tiny_224", "--rounds", rounds],
     }
+    out["packing"] = [py, "-m", "benchmarks.packing", "--steps", steps, "--rounds", rounds]
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+        out["torch_step"] = [py, "-m", "benchmarks.torch_step", "--config", "small", "--steps", steps,
+                             "--rounds", rounds]
     if os.path.isfile(os.path.join(ROOT, "benchmarks", "decode.py")):
         out["decode"] = [py, "benchmarks/decode.py", "--reps", "3"]
     out["media"] = [py, "benchmarks/media_decode.py", "--reps", "5", "--seconds", "6" if quick else "10"]
@@ -143,6 +152,28 @@ def table(results: dict) -> str:
             add(f"loader vs uncached train step, {step['config']} (same process)", "step fed by loader / fixed batch",
                 f"{step['step_fed_examples_per_s']:.1f} / {step['step_examples_per_s']:.1f} examples/s "
                 f"({step['fed_over_fixed']:.2f})")
+    pk = get("packing")
+    if pk:
+        tag = (f"stage-2 packing, {pk['config']} (B={pk['batch_size']}, L={pk['seq_len']}, "
+               f"<= {pk['max_examples_per_row']} examples/row)")
+        add(tag, "step padded / packed", f"{pk['step_s']['padded'] * 1e3:.0f} / {pk['step_s']['packed'] * 1e3:.0f} ms")
+        add(tag, "non-pad tokens/step padded / packed",
+            f"{pk['stream_padded_tokens']:.0f} / {pk['stream_packed_tokens']:.0f}")
+        add(tag, "non-pad tokens/s packed / padded", f"{pk['packed_over_padded_tokens_per_s']:.2f}x")
+        add(tag, "step memory padded / packed", f"{pk['memory_bytes']['padded'] / 2**20:.0f} / "
+            f"{pk['memory_bytes']['packed'] / 2**20:.0f} MiB")
+        add(tag, "packed: fraction of matmul peak", f"{pk['packed_fraction_of_peak']:.1%} "
+            f"({pk['packed_gflop_per_s']:.0f} of {pk['peak_gflop_per_s']:.0f} GFLOP/s)")
+        add(tag, "step memory full logits / chunked loss",
+            f"{pk['memory_bytes']['padded_full_logits'] / 2**20:.0f} / {pk['memory_bytes']['padded'] / 2**20:.0f} MiB "
+            f"(time {pk['full_logits_over_chunked_step_s']:.2f}x)")
+    ts = get("torch_step")
+    if ts:
+        tag = f"vs PyTorch, {ts['config']} (B={ts['batch_size']}, T={ts['num_frames']}, L={ts['seq_len']})"
+        add(tag, "eval loss |ours - torch|", f"{ts['eval_loss_abs_diff']:.1e} (loss {ts['eval_loss_ours']:.4f})")
+        add(tag, "step torch / ours / ours cached", f"{ts['step_s']['torch'] * 1e3:.0f} / "
+            f"{ts['step_s']['ours'] * 1e3:.0f} / {ts['step_s']['ours_cached'] * 1e3:.0f} ms")
+        add(tag, "torch / ours", f"{ts['torch_over_ours']:.2f}x (cached: {ts['torch_over_ours_cached']:.1f}x)")
     decode = get("decode")
     if decode:
         for k, v in decode["results"].items():

@@ -139,6 +139,7 @@ class StepRunner:
     flops: float | None = None
     init_compile_s: float | None = None    # the param init's (when the runner initialised them)
     mesh: Any = None                       # where `batch` lives (a new batch goes through shard_batch)
+    memory_bytes: int | None = None        # XLA's buffer assignment: arguments + outputs - aliases + temporaries
 
     def run(self, n: int) -> float:
         import jax
@@ -195,13 +196,16 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
+    mem = compiled.memory_analysis()
+    memory = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
 
     def call(state, frozen, batch):
         with jax.set_mesh(mesh):
             return compiled(state, frozen, batch)
 
     del jnp
-    return StepRunner(name, call, state, frozen, batch, compile_s, flops, init_compile_s, mesh)
+    return StepRunner(name, call, state, frozen, batch, compile_s, flops, init_compile_s, mesh, memory)
 
 
 def interleaved(runners: Sequence[StepRunner], rounds: int, steps: int,

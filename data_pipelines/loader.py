@@ -25,6 +25,9 @@ Batch (per process; `batch_size` rows), the contract with the model:
                   bos, prompt, media and padding
   media_mask      bool [B,L], exactly num_media_tokens consecutive True per row
   example_id      str [B] only with keep_ids=True (not for the device)
+With `pack=True` rows hold several examples (`data_pipelines.packing`): the token fields as above
+plus segment_ids [B,L], and frames / frame_mask / audio / audio_mask / example_id per example slot
+[B,E,...] with example_mask [B,E].
 Known differences from the reference: batches may mix datasets (the reference draws whole batches
 from one dataset, LAVIS MultiIterLoader); the caption prompt is drawn per example (reference: per
 batch); attention_mask is 1 on unk tokens too (reference: `input_ids != pad` = 0 there).
@@ -108,6 +111,11 @@ class LoaderConfig(Preset):
     worker_count: int = 0            # >0: mp_prefetch worker processes
     worker_buffer_size: int = 2      # batches each worker holds ready
     keep_ids: bool = False
+    # Several examples per row (`data_pipelines.packing`): up to `max_examples_per_row` examples
+    # and their media per row, segment ids keeping them apart; batches then have media slots [B, E, ...].
+    # The towers encode all B*E slots (empty ones too): keep E near the examples a row holds.
+    pack: bool = False
+    max_examples_per_row: int = 2
 
     @classmethod
     def presets(cls):
@@ -116,7 +124,8 @@ class LoaderConfig(Preset):
     def __post_init__(self):
         if self.conv_style not in P.CONV_STYLES:
             raise LoaderError(f"conv_style must be one of {P.CONV_STYLES}, got {self.conv_style!r}")
-        for name in ("batch_size", "seq_len", "num_frames", "image_size", "num_media_tokens", "max_txt_len"):
+        for name in ("batch_size", "seq_len", "num_frames", "image_size", "num_media_tokens", "max_txt_len",
+                     "max_examples_per_row"):
             if getattr(self, name) < 1:
                 raise LoaderError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -334,7 +343,13 @@ def make_dataset(datasets, config: LoaderConfig, encoder: TextEncoder, shard_ind
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in specs])
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.prefetch_buffer_size))
-    it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    if config.pack:
+        from data_pipelines.packing import PackedBatchIterDataset
+
+        it = PackedBatchIterDataset(it, config.batch_size, config.seq_len, config.max_examples_per_row,
+                                    encoder.pad_id, config.drop_remainder)
+    else:
+        it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
     if config.worker_count > 0:
         _use_default_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
@@ -360,12 +375,16 @@ def make_loader(datasets, config: LoaderConfig, encoder: TextEncoder, shard_inde
 def batch_spec(config: LoaderConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shapes and dtypes of one batch (for `jax.ShapeDtypeStruct`s before data exists)."""
     b, t, s, L = config.batch_size, config.num_frames, config.image_size, config.seq_len
-    return {
-        "frames": ((b, t, s, s, 3), np.float32), "frame_mask": ((b, t), np.bool_),
-        "audio": ((b, config.num_audio_clips, 1, 128, 204), np.float32), "audio_mask": ((b,), np.bool_),
+    slots = (b, config.max_examples_per_row) if config.pack else (b,)
+    spec = {
+        "frames": ((*slots, t, s, s, 3), np.float32), "frame_mask": ((*slots, t), np.bool_),
+        "audio": ((*slots, config.num_audio_clips, 1, 128, 204), np.float32), "audio_mask": (slots, np.bool_),
         "input_ids": ((b, L), np.int32), "attention_mask": ((b, L), np.int32),
         "targets": ((b, L), np.int32), "media_mask": ((b, L), np.bool_),
     }
+    if config.pack:
+        spec.update(segment_ids=((b, L), np.int32), example_mask=(slots, np.bool_))
+    return spec
 
 
 # ---------------------------------------------------------------------------- trainer entry points
@@ -427,7 +446,8 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
         conv_style=str(m.chat_format), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
-        read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)))
+        read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),
+        pack=bool(d.get("pack", False)), max_examples_per_row=int(d.get("max_examples_per_row", 2)))
 
 
 def _encoder_from(config) -> TextEncoder:

@@ -57,6 +57,27 @@ def test_table_shows_the_loader_against_the_step_of_the_same_run():
     assert "60.0 / 12.0 examples/s (5.00x)" in text and "10.0 / 12.0 examples/s (0.83)" in text
 
 
+def test_table_shows_packing_and_pytorch_rows():
+    mib = 2 ** 20
+    results = {
+        "packing": {"returncode": 0, "result": {
+            "config": "small", "batch_size": 4, "seq_len": 512, "max_examples_per_row": 2,
+            "step_s": {"padded": 2.0, "packed": 2.2, "padded_full_logits": 2.4},
+            "stream_padded_tokens": 1300.0, "stream_packed_tokens": 1800.0, "packed_over_padded_tokens_per_s": 1.26,
+            "memory_bytes": {"padded": 100 * mib, "packed": 110 * mib, "padded_full_logits": 400 * mib},
+            "packed_fraction_of_peak": 0.5, "packed_gflop_per_s": 60.0, "peak_gflop_per_s": 120.0,
+            "full_logits_over_chunked_step_s": 1.2}},
+        "torch_step": {"returncode": 0, "result": {
+            "config": "small", "batch_size": 2, "num_frames": 8, "seq_len": 128, "eval_loss_abs_diff": 1e-6,
+            "eval_loss_ours": 10.4, "step_s": {"torch": 1.5, "ours": 1.4, "ours_cached": 0.4},
+            "torch_over_ours": 1.07, "torch_over_ours_cached": 3.75}},
+    }
+    text = run.table(results)
+    assert "1.26x" in text and "100 / 110 MiB" in text and "400 / 100 MiB (time 1.20x)" in text
+    assert "50.0% (60 of 120 GFLOP/s)" in text
+    assert "1500 / 1400 / 400 ms" in text and "1.07x (cached: 3.8x)" in text
+
+
 @pytest.mark.slow
 def test_loader_against_step_feeds_the_loaders_batches_to_the_step(tmp_path):
     import dataclasses

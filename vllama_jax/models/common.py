@@ -89,6 +89,7 @@ def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], ax
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
               dtype: Dtype = jnp.float32, *, scale: float = 1.0, probs_multiplier: jax.Array | None = None,
+              segment_ids: tuple[jax.Array, jax.Array] | None = None,
               implementation: str | None = None) -> jax.Array:
     """Softmax attention, logits and softmax in float32: q `[B, Lq, H, D]`, k/v `[B, S, KV, D]`.
 
@@ -96,7 +97,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     repeating k/v. `mask` broadcasts to `[B, H, Lq, S]` (True = attend); fully masked rows give
     zeros rather than NaN. `scale` multiplies the float32 logits (towers that pre-scale q pass 1).
     `probs_multiplier` (broadcasting to `[B, H, Lq, S]`) multiplies the probabilities: attention
-    dropout's scaled keep mask.
+    dropout's scaled keep mask. `segment_ids` `(q_segments [B, Lq], kv_segments [B, S])`: a query
+    attends only to keys of its own segment (packed rows: several examples in one row), ANDed
+    into `mask`.
 
     `implementation`: 'einsum' (one einsum per product, autodiff), or 'batched' (the heads folded
     into the batch, 3-D batched matmuls, a hand-written backward). None picks 'batched' on CPU,
@@ -113,6 +116,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     if impl not in ("batched", "einsum"):
         raise ValueError(f"attention: implementation must be 'batched' or 'einsum', got {impl!r}")
     g = h // kv
+    if segment_ids is not None:
+        mask = _and_masks(mask, segment_mask(*segment_ids)[:, None])
     # mask / multiplier [B, H, Lq, S] -> [B, KV, G, Lq, S] (query head h = kv head h // G, group h % G)
     mask, mult = (None if x is None else jnp.broadcast_to(x, (b, h, lq, s)).reshape(b, kv, g, lq, s)
                   for x in (mask, probs_multiplier))
@@ -129,6 +134,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     flat = lambda x: None if x is None else x.reshape(b * kv, g * lq, s)  # noqa: E731
     out = _batched_attention(rows, cols(k), cols(v), flat(mask), flat(mult), scale, dtype)
     return out.reshape(b, kv, g, lq, -1).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, -1)
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
+    """`[B, Lq, S]` True where query and key belong to the same segment (same id)."""
+    if q_segments.ndim != 2 or kv_segments.ndim != 2 or q_segments.shape[0] != kv_segments.shape[0]:
+        raise ValueError(f"segment_ids must be ([B, Lq], [B, S]), got {q_segments.shape}, {kv_segments.shape}")
+    return q_segments[:, :, None] == kv_segments[:, None, :]
+
+
+def _and_masks(a: jax.Array | None, b: jax.Array) -> jax.Array:
+    return b if a is None else jnp.logical_and(a, b)
 
 
 def _masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -227,7 +227,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, segment_ids=None):
         c = self.config
         b, l, _ = x.shape
         q = _dense(c, c.num_heads * c.head_dim, ("embed", "heads"), "q_proj")(x)
@@ -245,8 +245,10 @@ class LlamaAttention(nn.Module):
             cache_v = constrain(jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start),
                                 KV_CACHE_AXES)
             k, v = cache_k, cache_v
-        # Grouped KV heads read without repeating them; mask [B, Lq, S] for every head.
-        out = attention(q, k, v, mask[:, None], c.dtype, scale=c.head_dim ** -0.5)
+        # Grouped KV heads read without repeating them; mask [B, Lq, S] for every head; packed
+        # rows (segment_ids, no cache) attend within their own example only.
+        segments = None if segment_ids is None else (segment_ids, segment_ids)
+        out = attention(q, k, v, mask[:, None], c.dtype, scale=c.head_dim ** -0.5, segment_ids=segments)
         out = out.reshape(b, l, c.num_heads * c.head_dim)
         out = _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out)
         return out, cache_k, cache_v
@@ -271,11 +273,11 @@ class LlamaBlock(nn.Module):
     scan_form: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, segment_ids=None):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)  # noqa: E731
         h, cache_k, cache_v = LlamaAttention(c, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask, cache_k, cache_v, index)
+            norm("input_layernorm")(x), cos, sin, mask, cache_k, cache_v, index, segment_ids)
         x = x + h
         x = x + LlamaMLP(c, name="mlp")(norm("post_attention_layernorm")(x))
         x = constrain(x, ("batch", "length", "embed"))
@@ -334,6 +336,14 @@ class LlamaOutput:
     cache: KVCache | None             # the advanced cache when one was passed in
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """RoPE positions of packed rows `[B, L]`: they restart at 0 wherever the segment id changes."""
+    idx = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
 def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
     """RoPE position of each token = real tokens before it (+ `offset [B]`); pads get 0 or the last."""
     pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1 + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
@@ -351,8 +361,8 @@ class Llama(nn.Module):
         if c.remat:
             block = layer_scan.remat(LlamaBlock, c.remat_policy, prevent_cse=not c.scan_layers)
         if c.scan_layers:
-            # Per layer: cos, sin, mask and the write index are shared, the cache is sliced.
-            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast)
+            # Per layer: cos, sin, mask, the write index and segment ids are shared, the cache is sliced.
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast)
             self.layers = layer_scan.scan(block, c.num_layers, in_axes)(c, scan_form=True)
         else:
             self.layers = [block(c) for _ in range(c.num_layers)]
@@ -364,6 +374,12 @@ class Llama(nn.Module):
         """Token embeddings `[B, L, hidden]` in the compute dtype; ids must be in [0, vocab)."""
         return self.embed_tokens(input_ids)
 
+    def head_kernel(self) -> jax.Array:
+        """The output projection `[hidden, vocab]` (the embedding's transpose when tied), param dtype."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding.T
+        return nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
+
     def head(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states → float32 logits over the vocab."""
         logits = self.embed_tokens.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
@@ -372,11 +388,13 @@ class Llama(nn.Module):
     def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  cache: KVCache | None = None, return_hidden: bool = False,
-                 return_logits: bool = True) -> LlamaOutput:
+                 return_logits: bool = True, segment_ids: jax.Array | None = None) -> LlamaOutput:
         """Forward over `input_ids [B, L]` or `inputs_embeds [B, L, hidden]` (exactly one).
 
         attention_mask `[B, L]` in {0, 1}; positions `[B, L]` int (default: derived from the mask and,
         with a cache, the real tokens already in it); cache: a `KVCache` to write this chunk into.
+        segment_ids `[B, L]` int (packed rows, no cache): tokens attend only within their segment, and
+        default positions restart at 0 at each segment's start.
         """
         c = self.config
         x = self._inputs(input_ids, inputs_embeds)
@@ -384,9 +402,14 @@ class Llama(nn.Module):
         token_mask = _check_bl(attention_mask, (b, l), "attention_mask", default=True).astype(bool)
         if positions is not None:
             positions = _check_bl(positions, (b, l), "positions")
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training forwards, not with a KV cache")
+            segment_ids = _check_bl(segment_ids, (b, l), "segment_ids").astype(jnp.int32)
         if cache is None:
             if positions is None:
-                positions = positions_from_mask(token_mask)
+                positions = (positions_from_mask(token_mask) if segment_ids is None
+                             else positions_from_segments(segment_ids))
             causal = jnp.arange(l)[:, None] >= jnp.arange(l)[None, :]
             mask = causal[None] & token_mask[:, None, :]
             index, new_mask = None, None
@@ -404,12 +427,12 @@ class Llama(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         if c.scan_layers:
             ck, cv = (cache.k, cache.v) if cache is not None else (None, None)
-            x, (new_k, new_v) = self.layers(x, cos, sin, mask, ck, cv, index)
+            x, (new_k, new_v) = self.layers(x, cos, sin, mask, ck, cv, index, segment_ids)
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 ck, cv = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-                x, ck, cv = layer(x, cos, sin, mask, ck, cv, index)
+                x, ck, cv = layer(x, cos, sin, mask, ck, cv, index, segment_ids)
                 new_k.append(ck)
                 new_v.append(cv)
             new_k, new_v = tuple(new_k), tuple(new_v)

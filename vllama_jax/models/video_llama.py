@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from vllama_jax.models.blip2 import Blip2ImageEncoder
-from vllama_jax.models.common import Dense, Preset, param
+from vllama_jax.models.common import Dense, Preset, constrain, param
 from vllama_jax.models.imagebind import ImageBindAudio, ImageBindAudioConfig, ImageBindVision, ImageBindVisionConfig
 from vllama_jax.models.llama import Llama, LlamaConfig, LlamaOutput
 from vllama_jax.models.qformer import QFormer, QFormerConfig
@@ -37,6 +37,8 @@ from vllama_jax.models.vit import EvaViTConfig
 
 IGNORE_INDEX = -100
 MEDIA = ("video", "audio", "audio_from_frames")
+# Batch keys that a packed batch holds per example slot, `[B, E, ...]`.
+PACKED_MEDIA_KEYS = ("frames", "frame_mask", "audio", "audio_mask")
 
 # torch.nn.Linear / nn.Embedding defaults, which the reference's randomly initialised heads use.
 torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -60,8 +62,13 @@ class VideoLlamaConfig(Preset):
     imagebind_vision: ImageBindVisionConfig | None = None
     max_frame_pos: int = 32
     max_audio_pos: int = 8
+    # > 0: the loss computes the vocabulary logits `loss_chunk` positions at a time (forward and
+    # backward), never `[B, L, vocab]` at once; 0: from the full logits.
+    loss_chunk: int = 0
 
     def __post_init__(self):
+        if self.loss_chunk < 0:
+            raise ValueError(f"VideoLlamaConfig.loss_chunk must be >= 0 (0: full logits), got {self.loss_chunk}")
         if self.image_qformer.encoder_width != self.vit.width:
             raise ValueError(f"VideoLlamaConfig: image_qformer.encoder_width {self.image_qformer.encoder_width} "
                              f"!= vit.width {self.vit.width}")
@@ -178,31 +185,80 @@ def splice_media(embeds: jax.Array, soft: jax.Array, media_mask: jax.Array) -> j
     """Puts `soft [B,K,D]` into `embeds [B,L,D]` at the True positions of `media_mask [B,L]`, in order.
 
     Every row must have exactly K True positions (the loader guarantees it; `check_media_mask`
-    verifies it on host arrays).
+    verifies it on host arrays); a packed row holds its examples' soft tokens one example after
+    the other (`[B, E*K, D]`) and uses the first n*K of them (n examples in the row).
     """
     idx = jnp.clip(jnp.cumsum(media_mask.astype(jnp.int32), axis=1) - 1, 0, soft.shape[1] - 1)
     gathered = jnp.take_along_axis(soft, idx[..., None], axis=1)
     return jnp.where(media_mask[..., None], gathered.astype(embeds.dtype), embeds)
 
 
-def check_media_mask(media_mask: Any, num_tokens: int) -> None:
-    """Host-side check that each row has exactly `num_tokens` media positions (skipped when traced)."""
-    if isinstance(media_mask, jax.core.Tracer):
+def check_media_mask(media_mask: Any, num_tokens: int, example_mask: Any = None) -> None:
+    """Host-side check that each row has exactly `num_tokens` media positions (skipped when traced);
+    packed rows (`example_mask [B, E]`) `num_tokens` per example they hold."""
+    if isinstance(media_mask, jax.core.Tracer) or isinstance(example_mask, jax.core.Tracer):
         return
     counts = np.asarray(media_mask).sum(axis=1)
-    bad = np.nonzero(counts != num_tokens)[0]
+    want = np.full_like(counts, num_tokens) if example_mask is None else \
+        num_tokens * np.asarray(example_mask).sum(axis=1)
+    bad = np.nonzero(counts != want)[0]
     if bad.size:
+        expected = num_tokens if example_mask is None else want[bad[:8]].tolist()
         raise ValueError(f"media_mask: rows {bad[:8].tolist()} have {counts[bad[:8]].tolist()} media positions, "
-                         f"expected {num_tokens} (one per soft token of the requested media)")
+                         f"expected {expected} (one per soft token of the requested media"
+                         f"{'' if example_mask is None else ', per example in the row'})")
 
 
-def causal_lm_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """HF-style shifted cross-entropy: position i predicts `targets[:, i+1]`; returns (mean, count)."""
-    logits, labels = logits[:, :-1], targets[:, 1:]
+def shifted_labels(targets: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """HF's shift: position i predicts `targets[:, i+1]`. Returns (labels [B, L-1] with ignored ones
+    set to 0, valid [B, L-1]); in packed rows no position predicts the next example's first token."""
+    labels = targets[:, 1:]
     valid = labels != IGNORE_INDEX
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+    if segment_ids is not None:
+        valid &= segment_ids[:, 1:] == segment_ids[:, :-1]
+    return jnp.where(valid, labels, 0), valid
+
+
+def causal_lm_loss(logits: jax.Array, targets: jax.Array,
+                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """HF-style shifted cross-entropy: position i predicts `targets[:, i+1]`; returns (mean, count)."""
+    labels, valid = shifted_labels(targets, segment_ids)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), labels)
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(count, 1), count
+
+
+def chunked_causal_lm_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int,
+                           dtype: Any = jnp.float32,
+                           segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`causal_lm_loss(hidden @ kernel, targets)` without holding the `[B, L, vocab]` logits.
+
+    A scan over `chunk` positions at a time: each chunk's logits `[B, chunk, vocab]` (matmul in
+    `dtype`, cross-entropy in float32, as `Llama.head`) are reduced to a sum at once, and under
+    `jax.checkpoint` the backward recomputes them per chunk instead of keeping them.
+    """
+    labels, valid = shifted_labels(targets, segment_ids)
+    h = hidden[:, :-1]
+    b, n, d = h.shape
+    chunk = max(1, min(chunk, n))   # a short sequence is one chunk, not padded up to `chunk`
+    pad = -n % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    labels, valid = (jnp.pad(x, ((0, 0), (0, pad))) for x in (labels, valid))
+    chunks = lambda x: x.reshape(b, -1, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def chunk_sum(kernel, h_c, y_c, v_c):
+        logits = jnp.dot(h_c.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_c)
+        return jnp.sum(jnp.where(v_c, ce, 0.0))
+
+    def body(total, xs):
+        return total + chunk_sum(kernel, *xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(h), chunks(labels), chunks(valid)))
+    count = jnp.sum(valid)
+    return total / jnp.maximum(count, 1), count
 
 
 class VideoLlama(nn.Module):
@@ -299,24 +355,47 @@ class VideoLlama(nn.Module):
     # ------------------------------------------------------------------ LLM
     def embed_inputs(self, batch: Mapping[str, jax.Array], media: Sequence[str],
                      deterministic: bool = True) -> jax.Array:
-        """LLaMA input embeddings with the media soft tokens spliced in: `[B, L, d_llm]`."""
+        """LLaMA input embeddings with the media soft tokens spliced in: `[B, L, d_llm]`.
+
+        A packed batch (`segment_ids` present, see `data_pipelines.packing`) holds up to E examples
+        per row and their media as `[B, E, ...]` (`example_mask [B, E]`): the media of all B*E slots
+        are encoded as one batch and each row's examples' soft tokens fill its media positions in
+        order (empty slots are encoded but never spliced).
+        """
         media_mask = batch["media_mask"].astype(bool)
-        check_media_mask(media_mask, self.config.num_media_tokens(media))
+        packed = "segment_ids" in batch
+        check_media_mask(media_mask, self.config.num_media_tokens(media),
+                         batch["example_mask"] if packed else None)
         ids = jnp.where(media_mask, 0, batch["input_ids"])
         embeds = self.llama.embed(ids)
         if not media:
             return embeds
-        return splice_media(embeds, self.encode_media(batch, media, deterministic), media_mask)
+        if not packed:
+            return splice_media(embeds, self.encode_media(batch, media, deterministic), media_mask)
+        b, e = batch["example_mask"].shape
+        flat = {k: batch[k].reshape(b * e, *batch[k].shape[2:]) for k in PACKED_MEDIA_KEYS if k in batch}
+        soft = self.encode_media(flat, media, deterministic)
+        return splice_media(embeds, soft.reshape(b, e * soft.shape[1], soft.shape[2]), media_mask)
 
     def __call__(self, batch: Mapping[str, jax.Array], media: Sequence[str] = ("video",),
-                 deterministic: bool = True) -> LlamaOutput:
+                 deterministic: bool = True, return_logits: bool = True,
+                 return_hidden: bool = False) -> LlamaOutput:
         embeds = self.embed_inputs(batch, media, deterministic)
-        return self.llama(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        return self.llama(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                          segment_ids=batch.get("segment_ids"), return_logits=return_logits,
+                          return_hidden=return_hidden)
 
     def loss(self, batch: Mapping[str, jax.Array], media: Sequence[str] = ("video",),
              deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits = self(batch, media, deterministic).logits
-        loss, count = causal_lm_loss(logits, batch["targets"])
+        """Mean next-token cross-entropy over the batch's target tokens (packed or not: the same
+        tokens give the same loss); with `config.loss_chunk` the logits are never all held."""
+        c, segments = self.config, batch.get("segment_ids")
+        if not c.loss_chunk:
+            loss, count = causal_lm_loss(self(batch, media, deterministic).logits, batch["targets"], segments)
+        else:
+            hidden = self(batch, media, deterministic, return_logits=False, return_hidden=True).hidden_states
+            loss, count = chunked_causal_lm_loss(hidden, self.llama.head_kernel(), batch["targets"],
+                                                 c.loss_chunk, c.llama.dtype, segments)
         return loss, {"num_tokens": count}
 
     def available_media(self) -> tuple[str, ...]:

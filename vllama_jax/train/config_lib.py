@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.chat_format = "vicuna"
     c.model.remat = False            # rematerialise tower blocks in the backward pass
     c.model.dropout = 0.1
+    # Loss logits over the vocab computed this many positions at a time (0: all [B, L, vocab] at once).
+    c.model.loss_chunk = 128
 
     c.paths = ml_collections.ConfigDict()
     c.paths.llama_model = ""         # HF LLaMA/Vicuna directory (weights + tokenizer)
@@ -100,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0          # grain worker processes (0: threads only)
     c.data.seq_len = 0               # padded text length (0: from max_txt_len)
     c.data.num_query_placeholders = 32   # <ImageHere> tokens per visual input in the prompt
+    c.data.pack = False              # several examples per row (data_pipelines.packing)
+    # With pack: example (media) slots per row. The frozen towers encode every slot, empty or not,
+    # so keep it near the examples a row holds: stage 2's LLaVA-like lengths in 512-token rows
+    # average 1.4 per row, and 2 slots pack as densely as 4 (benchmarks/packing.py).
+    c.data.max_examples_per_row = 2
 
     c.freeze = ml_collections.ConfigDict()
     c.freeze.preset = "vision_branch"   # vllama_jax.train.partition.TRAINABLE_PRESETS

@@ -446,6 +446,9 @@ def from_config(config, task) -> tuple[CachedFeatureTask, BatchIterator]:
     fc = config.feature_cache
     if not fc.get("path"):
         raise ValueError("config.feature_cache.path must name the cache directory (built there if absent)")
+    if config.data.get("pack", False):
+        raise ValueError("config.data.pack: the feature cache's iterator batches one example per row; "
+                         "train from the cache with pack=False (or packed without the cache)")
     outputs = outputs_for_media(tuple(task.media))
     path = cache_dir(str(fc.path))
     if os.path.isfile(os.path.join(path, "meta.json")):

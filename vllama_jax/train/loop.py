@@ -182,7 +182,10 @@ def _chain(first, rest):
 
 
 def _global_batch_size(host_batch) -> int:
-    # Each process passes its own rows.
+    # Each process passes its own rows; packed rows (data.pack) hold example_mask.sum() examples
+    # (this process' count, taken as every process').
+    if isinstance(host_batch, dict) and "example_mask" in host_batch:
+        return int(np.sum(host_batch["example_mask"])) * jax.process_count()
     return int(np.shape(jax.tree.leaves(host_batch)[0])[0]) * jax.process_count()
 
 

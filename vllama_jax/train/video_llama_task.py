@@ -68,6 +68,7 @@ def model_config(config) -> VideoLlamaConfig:
         imagebind_vision=(preset(ImageBindVisionConfig, "imagebind_vision", image_size=int(config.data.image_size),
                                  dtype=dtype) if from_frames else None),
         max_frame_pos=int(m.max_frame_pos),
+        loss_chunk=int(m.get("loss_chunk", 0)),
     )
 
 
