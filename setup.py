@@ -26,7 +26,11 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only a parity reference / conversion backend, never a core dependency.
     "torch": ["torch==2.13.0"],
-    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2"],
+    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2",
+             # vllama-web's handler and browser tests (Chromium itself comes from apt in .ci/run).
+             "gradio>=6.0,<7", "playwright>=1.50,<2"],
+    # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
+    "web": ["gradio>=6.0,<7"],
 }
 
 setup(
@@ -44,6 +48,7 @@ setup(
             "vllama-train=vllama_jax.train.cli:main",
             "vllama-convert=vllama_jax.convert.cli:main",
             "vllama-chat=vllama_jax.chat:main",
+            "vllama-web=vllama_jax.web:main",
             "vllama-eval=vllama_jax.evaluate:main",
             "vllama-plan=vllama_jax.plan:main",
         ],
