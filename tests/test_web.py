@@ -84,8 +84,9 @@ def test_upload_ask_streams_the_answer_then_restart(served, handlers):
     steps = _drain(handlers.ask(chat, QUESTION, history, 1, 1.0))
     answer = _last_reply(steps[-1][1])
     # Streamed: one update per generated token, the last one the recorded answer.
-    assert len(steps) == len(chat.last_tokens) >= 1
+    assert len(steps) - (answer == web.EMPTY_ANSWER) == len(chat.last_tokens) >= 1
     assert [h["content"] for h in steps[-1][1][-2:]] == [QUESTION, answer]
+    answer = "" if answer == web.EMPTY_ANSWER else answer
     assert chat.conv.messages[-1] == ["Assistant", answer]
     assert steps[-1][2]["value"] == ""
     # The same turn through Chat.answer (one jit, same seed and settings) gives the same text.
@@ -201,7 +202,7 @@ def test_page_answers_in_chromium(quick_demo, served, handlers, tmp_path):
             bot = page.locator("#chatbot")
             bot.get_by_text("Received.", exact=False).first.wait_for()
             box = page.locator("#question textarea")
-            page.wait_for_function("() => !document.querySelector('#question textarea').disabled")
+            page.wait_for_function("() => !document.querySelector('#question textarea').disabled", polling=500)
             box.fill(QUESTION)
             box.press("Enter")
             # The answer is the bot message after the question; wait until it has text and the
@@ -211,7 +212,7 @@ def test_page_answers_in_chromium(quick_demo, served, handlers, tmp_path):
                           const i = t.lastIndexOf(q);
                           return i >= 0 && t.slice(i + q.length).trim().length > 0
                                  && document.querySelector('#question textarea').value === ''; }""",
-                arg=QUESTION)
+                arg=QUESTION, polling=500)
             page.wait_for_timeout(1000)
             text = bot.inner_text()
             shot = tmp_path / "web_demo.png"
@@ -225,12 +226,15 @@ def test_page_answers_in_chromium(quick_demo, served, handlers, tmp_path):
             proc.kill()
     answer = text[text.rindex(QUESTION) + len(QUESTION):].strip()
     assert answer and not answer.startswith("Error"), text
-    # The page shows what the model answers to the same upload and question (same seed, settings).
-    twin = handlers.new_chat()
-    twin.upload_video(clip, audio=True)
-    twin.ask(QUESTION)
-    expected = twin.answer()
-    assert expected.strip() and expected.strip() in answer, (expected, text)
+    # The page shows what the handlers answer in-process to the same upload and question (same
+    # seed and settings; compared on letters and digits, as the page renders the text as markdown).
+    chat, history, _, _ = handlers.upload(None, clip, None, True, [])
+    expected = _last_reply(list(handlers.ask(chat, QUESTION, history, 1, 1.0))[-1][1])
+    assert _plain(answer) == _plain(expected), (expected, text)
     assert shot.stat().st_size > 10_000
     if os.environ.get("VLLAMA_WEB_SCREENSHOT"):
         shutil.copy(shot, os.environ["VLLAMA_WEB_SCREENSHOT"])
+
+
+def _plain(text: str) -> str:
+    return "".join(c for c in text if c.isalnum())

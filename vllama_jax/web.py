@@ -31,6 +31,7 @@ from vllama_jax.inference import InferenceModel
 TITLE = "Video-LLaMA (vllama_jax)"
 TEMPLATE_NAMES = {"vicuna": "Vicuna (###Human: ... ###Assistant:)", LLAMA_2: "Llama-2 ([INST] ... [/INST])"}
 WAITING = "Please upload your video or image first"
+EMPTY_ANSWER = "(the model's answer is empty)"
 # The reference's limits for the answer window (Chat.answer: max_length 2000, max_new_tokens 300).
 MAX_LENGTH, MAX_NEW_TOKENS = 2000, 300
 
@@ -114,8 +115,12 @@ class Handlers:
             return
         history += [_message("user", question), _message("assistant", "")]
         try:
+            text = ""
             for text in chat.reply_stream(question, num_beams=int(num_beams), temperature=float(temperature)):
                 history[-1] = _message("assistant", text)
+                yield chat, list(history), gr.update(value="")
+            if not text.strip():   # say so, rather than leave a blank bubble that looks like no answer
+                history[-1] = _message("assistant", EMPTY_ANSWER)
                 yield chat, list(history), gr.update(value="")
         except ChatError as e:
             history[-1] = _message("assistant", f"Error: {e}")
