@@ -86,11 +86,11 @@ class Handlers:
         history = list(history or [])
         if video and image:
             history.append(_message("assistant", "Error: one input at a time: clear the video or the image"))
-            return chat, history, gr.update(), self._notes(chat)
+            return chat, history, gr.update(), self.notes(chat)
         path = video or image
         if not path:
             history.append(_message("assistant", f"Error: {WAITING.lower()}"))
-            return chat, history, gr.update(), self._notes(chat)
+            return chat, history, gr.update(), self.notes(chat)
         kind = "video" if video else "image"
         history.append(_message("user", f"[{kind}: {os.path.basename(path)}{' with its sound' if video and audio else ''}]"))
         fresh = self.new_chat()
@@ -99,9 +99,9 @@ class Handlers:
             reply = fresh.upload_video(path, audio=bool(audio)) if video else fresh.upload_image(path)
         except ChatError as e:
             history.append(_message("assistant", f"Error: {e}"))
-            return chat, history, gr.update(), self._notes(chat)
+            return chat, history, gr.update(), self.notes(chat)
         history.append(_message("assistant", f"{reply}\n\n{fresh.media_notes[-1]}"))
-        return fresh, history, gr.update(interactive=True, placeholder="Type and press Enter"), self._notes(fresh)
+        return fresh, history, gr.update(interactive=True, placeholder="Type and press Enter"), self.notes(fresh)
 
     def ask(self, chat: Chat | None, question: str, history: list | None, num_beams: float,
             temperature: float) -> Iterator[tuple]:
@@ -127,9 +127,9 @@ class Handlers:
             yield chat, history, gr.update(value=question)
 
     def restart(self, chat: Chat | None):
-        """-> (chat, history, question box, media notes, video, image, upload note): all cleared."""
+        """-> (chat, history, question box, media notes, video, image): all cleared."""
         gr = _gr()
-        return (None, [], gr.update(value="", interactive=False, placeholder=WAITING), self._notes(None),
+        return (None, [], gr.update(value="", interactive=False, placeholder=WAITING), self.notes(None),
                 None, None)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -139,7 +139,8 @@ class Handlers:
             raise ChatError(f"{os.path.basename(path)} is {os.path.getsize(path) / 2**20:.1f} MiB, over the "
                             f"{self.max_upload_bytes / 2**20:.0f} MiB upload limit")
 
-    def _notes(self, chat: Chat | None) -> str:
+    def notes(self, chat: Chat | None) -> str:
+        """The side panel: the template and what each upload of this conversation read."""
         lines = [f"**Template:** {self.template} (from the checkpoint's config)"]
         if chat is not None and chat.media_notes:
             lines += ["**Media:**"] + [f"- {n}" for n in chat.media_notes]
@@ -164,7 +165,7 @@ def build_app(handlers: Handlers, examples: Sequence[str] = (), description: str
                 restart = gr.Button("Restart", elem_id="restart")
                 num_beams = gr.Slider(1, 10, value=1, step=1, label="beam search numbers", elem_id="beams")
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", elem_id="temperature")
-                notes = gr.Markdown(handlers._notes(None), elem_id="media-notes")
+                notes = gr.Markdown(handlers.notes(None), elem_id="media-notes")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Video-LLaMA", elem_id="chatbot", height=480)
                 question = gr.Textbox(label="User", placeholder=WAITING, interactive=False, elem_id="question")
