@@ -103,6 +103,8 @@ class GenerationConfig:
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"GenerationConfig.early_stopping must be True, False or 'never', got "
                              f"{self.early_stopping!r}")
+        if self.early_stopping != "never":   # 1 / 0 read as True / False (the decoder tests `is True`)
+            object.__setattr__(self, "early_stopping", bool(self.early_stopping))
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"GenerationConfig.stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
