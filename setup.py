@@ -28,8 +28,12 @@ EXTRAS = {
     "torch": ["torch==2.13.0"],
     # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
     # manylinux wheel, bundles its own FFmpeg 4.1; the parity tests skip where it is missing).
+    # gradio + playwright: vllama-web's handler and browser tests (Chromium comes from apt in .ci/run).
     "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2",
-             "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'"],
+             "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'",
+             "gradio>=6.0,<7", "playwright>=1.50,<2"],
+    # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
+    "web": ["gradio>=6.0,<7"],
 }
 
 setup(
@@ -47,6 +51,7 @@ setup(
             "vllama-train=vllama_jax.train.cli:main",
             "vllama-convert=vllama_jax.convert.cli:main",
             "vllama-chat=vllama_jax.chat:main",
+            "vllama-web=vllama_jax.web:main",
             "vllama-eval=vllama_jax.evaluate:main",
             "vllama-plan=vllama_jax.plan:main",
         ],

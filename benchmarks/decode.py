@@ -6,6 +6,10 @@
     hf cached        transformers LlamaForCausalLM.generate(use_cache=True) on the same weights,
                      exported with vllama_jax.convert.hf_llama.save_hf
     hf uncached      the same with use_cache=False
+    ours beam K      generate(num_beams=K) (the cache holds B*K rows, gathered per beam every step)
+    hf beam K        HF generate(num_beams=K, do_sample=False) on the same weights
+
+tokens/s counts the tokens returned (B x new tokens), so a beam row is K times the model work.
 
 All greedy, no eos (every row makes exactly --new-tokens tokens), fixed shapes. Each method runs
 once to warm up (compilation, torch's first-call costs), then --reps timed runs; the median is
@@ -48,7 +52,8 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for both XLA and torch (0: each library's default)")
-    p.add_argument("--skip-hf", action="store_true", help="only our two decoders")
+    p.add_argument("--beams", type=int, default=4, help="beam-search rows with this many beams (0: none)")
+    p.add_argument("--skip-hf", action="store_true", help="only our decoders")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -163,6 +168,11 @@ def main(argv=None) -> int:
                                  args.reps))
     uncached = _uncached_fn(config, args.new_tokens)
     record("ours_uncached", *_time(lambda: uncached(params, ids).block_until_ready(), args.reps))
+    beam = f"ours_beam{args.beams}"
+    if args.beams > 1:
+        beam_gen = gen.replace(num_beams=args.beams)
+        record(beam, *_time(lambda: generate(params, config, beam_gen, input_ids=ids).tokens.block_until_ready(),
+                            args.reps))
 
     if not args.skip_hf:
         import torch
@@ -185,20 +195,32 @@ def main(argv=None) -> int:
                                       pad_token_id=0)[:, args.prompt_len:].numpy()
         record("hf_cached", *_time(lambda: hf(True), args.reps))
         record("hf_uncached", *_time(lambda: hf(False), args.reps))
+        if args.beams > 1:
+            def hf_beam():
+                with torch.no_grad():
+                    return model.generate(t_ids, attention_mask=t_mask, max_new_tokens=args.new_tokens,
+                                          min_new_tokens=args.new_tokens, do_sample=False, num_beams=args.beams,
+                                          pad_token_id=0)[:, args.prompt_len:].numpy()
+            record(f"hf_beam{args.beams}", *_time(hf_beam, args.reps))
 
-    base = results["ours_cached"]["tokens_per_s"]
-    ratios = {f"ours_cached/{k}": base / v["tokens_per_s"] for k, v in results.items() if k != "ours_cached"}
-    match = {k: float(np.mean(v == tokens["ours_cached"])) for k, v in tokens.items() if k != "ours_cached"}
+    # Greedy rows against ours_cached, beam rows against ours_beam (what each should reproduce).
+    against = {k: beam if "beam" in k else "ours_cached" for k in results}
+    ratios = {f"{against[k]}/{k}": results[against[k]]["tokens_per_s"] / v["tokens_per_s"]
+              for k, v in results.items() if k != against[k]}
+    if beam in results:
+        ratios[f"ours_cached/{beam}"] = results["ours_cached"]["tokens_per_s"] / results[beam]["tokens_per_s"]
+    match = {k: float(np.mean(v == tokens[against[k]])) for k, v in tokens.items() if k != against[k]}
     print("ratios (tokens/s, same run):")
     for k, v in ratios.items():
         print(f"  {k:<28} {v:6.2f}x")
-    print("tokens equal to ours_cached: " + ", ".join(f"{k} {v:.0%}" for k, v in match.items()))
+    print("tokens equal to ours (greedy to ours_cached, beams to ours_beam): "
+          + ", ".join(f"{k} {v:.0%}" for k, v in match.items()))
     print(f"uptime: {_uptime()}")
     if args.json:
         out = {"config": {"preset": args.preset, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
                           "vocab_size": config.vocab_size},
                "threads": args.threads, "batch": args.batch, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "reps": args.reps,
+               "new_tokens": args.new_tokens, "reps": args.reps, "beams": args.beams,
                "results": results, "ratios": ratios, "tokens_match": match, "uptime": _uptime(),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "jax_devices": [str(d) for d in jax.devices()]}}

@@ -31,3 +31,23 @@ def assert_close(actual, expected, atol=1e-4, rtol=0.0, what=""):
     tol = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
     return err
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `vllama-demo --quick` run per session (~2 min on 2 cores), shared by the tests that need a
+    trained demo checkpoint: .summary, .text (what it printed), .workdir, and the jax compile
+    settings before and after it (.settings = (before, after))."""
+    import json
+    from types import SimpleNamespace
+
+    from vllama_jax import demo
+
+    names = ("jax_disable_most_optimizations", "jax_compilation_cache_dir")
+    before = {k: jax.config.values[k] for k in names}
+    workdir = tmp_path_factory.mktemp("quick_demo") / "run"
+    lines = []
+    summary = demo.run_demo(str(workdir), seed=0, quick=True, workers=1, out=lines.append)
+    assert json.loads((workdir / "summary.json").read_text())["seed"] == 0
+    return SimpleNamespace(summary=summary, text="\n".join(lines), workdir=str(workdir),
+                           settings=(before, {k: jax.config.values[k] for k in names}))

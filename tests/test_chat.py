@@ -205,6 +205,42 @@ def test_max_length_keeps_the_latest_positions(world):
     assert any("exceeds the max length" in w for w in warnings)
 
 
+def test_streamed_answer_is_the_answer_and_errors_roll_back(world):
+    f = world["files"]
+
+    def started(**kw):
+        chat = make_chat(world, **kw)
+        chat.upload_video_without_audio(f["av"])
+        return chat
+    chat, twin = started(), started()
+    assert chat.media_notes == ["video av.mp4: The video contains 4 frames sampled at 0.0, 0.5, 1.0, 1.5 "
+                                "seconds. No sound used."]
+    chat.ask("What colour is the object?")
+    texts = list(chat.answer_stream(num_beams=2))
+    twin.ask("What colour is the object?")
+    assert texts[-1] == twin.answer(num_beams=2)
+    assert chat.conv.messages == twin.conv.messages and chat.last_tokens == twin.last_tokens
+    assert len(texts) == len(chat.last_tokens)
+    # An abandoned stream records no answer.
+    chat.ask("And the shape?")
+    it = chat.answer_stream()
+    next(it)
+    it.close()
+    assert chat.conv.messages[-1] == ["Human", "And the shape?"]
+    # overflow="error": an over-long turn is refused and reply_stream puts the conversation back.
+    chat = started(overflow="error")
+    chat.max_length = 20
+    before = [list(m) for m in chat.conv.messages]
+    with pytest.raises(C.ChatError, match="over this model's limit of 20"):
+        list(chat.reply_stream("What colour is the object?"))
+    assert chat.conv.messages == before
+    with pytest.raises(C.ChatError, match="empty"):
+        list(chat.reply_stream("  "))
+    assert chat.conv.messages == before
+    with pytest.raises(ValueError, match="overflow"):
+        make_chat(world, overflow="drop")
+
+
 # ---------------------------------------------------------------------------------- bad inputs
 
 def test_bad_inputs_give_clear_errors_and_keep_the_session(world):

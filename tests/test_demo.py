@@ -40,14 +40,12 @@ def _check_outputs(summary, text):
     assert "Close your eyes, open your ears" in dialogue["prompt"]     # the chat's audio+video upload
 
 
-def test_quick_demo_runs_every_phase(tmp_path):
-    import jax
-
-    settings = ("jax_disable_most_optimizations", "jax_compilation_cache_dir")
-    before = {k: jax.config.values[k] for k in settings}
-    summary, text = _run(tmp_path, "--quick")
+def test_quick_demo_runs_every_phase(quick_demo):
+    """The session's quick demo run (conftest.quick_demo, shared with the web demo's tests)."""
+    summary, text = quick_demo.summary, quick_demo.text
     # The demo's compile settings were its own: restored for the rest of the process.
-    assert {k: jax.config.values[k] for k in settings} == before
+    before, after = quick_demo.settings
+    assert after == before
     _check_outputs(summary, text)
     # Only what the paper trains changed in each run: the trained params of the vision runs
     # hold the vision branch only, those of the audio runs the audio branch only.

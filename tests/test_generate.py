@@ -9,7 +9,7 @@ from conftest import assert_close
 from vllama_jax import sharding
 from vllama_jax.convert.hf_llama import load_hf
 from vllama_jax.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationConfig, apply_repetition_penalty,
-                                 generate, make_stop_tables, pad_prompts, stop_step, token_texts, top_k_filter,
+                                 generate, make_stop_tables, pad_prompts, stop_step, stream, token_texts, top_k_filter,
                                  top_p_filter)
 from vllama_jax.models.llama import Llama
 
@@ -247,6 +247,108 @@ def test_repetition_penalty_greedy_equals_hf(tiny, prompts, greedy):
     assert (np.asarray(greedy.tokens[2:]) != expected).any()   # the penalty changed something
 
 
+# ---------------------------------------------------------------------------------- beam search
+
+def _hf_beams(model, ids, mask, **kw):
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                             max_new_tokens=N_NEW, pad_token_id=0, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, **kw)
+    scores = out.get("sequences_scores")
+    return out.sequences[:, ids.shape[1]:].numpy(), None if scores is None else scores.numpy()
+
+
+@pytest.mark.parametrize("num_beams,early_stopping,length_penalty,eos_rows", [
+    (1, False, 1.0, (0,)),
+    (2, False, 1.0, (0,)),
+    (2, True, 0.0, (1, 2)),
+    (4, False, 1.0, (0,)),
+    (4, True, -0.5, (1, 2)),
+    (4, "never", 2.0, (1, 2)),
+])
+def test_beam_search_equals_hf_generate(tiny, prompts, greedy, num_beams, early_stopping, length_penalty, eos_rows):
+    """Tokens (and beam scores) of HF `generate(num_beams=k, do_sample=False)` on the same weights,
+    with eos ids taken from the greedy output so hypotheses finish early in some rows."""
+    model, config, params = tiny
+    g = np.asarray(greedy.tokens)
+    eos = tuple(int(g[r, 3 + r]) for r in eos_rows)
+    ids, mask = _left_padded(*prompts)
+    want, want_scores = _hf_beams(model, ids, mask, num_beams=num_beams, early_stopping=early_stopping,
+                                  length_penalty=length_penalty, eos_token_id=list(eos))
+    gen = GenerationConfig(max_new_tokens=N_NEW, num_beams=num_beams, early_stopping=early_stopping,
+                           length_penalty=length_penalty, eos_token_ids=eos)
+    out = generate(params, config, gen, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    rows = out.rows()
+    for i, row in enumerate(rows):
+        assert row == want[i, :len(row)].tolist(), (i, row, want[i])
+        # HF pads a shorter hypothesis with its fill value (eos when pad is 0) up to the batch's longest.
+        assert len(row) == want.shape[1] or len(set(want[i, len(row):].tolist())) == 1
+        assert int(out.finish_reason[i]) == (FINISH_EOS if row[-1] in eos else FINISH_LENGTH)
+    assert max(len(r) for r in rows) == want.shape[1]
+    if num_beams > 1:
+        np.testing.assert_allclose(np.asarray(out.scores), want_scores, rtol=1e-5, atol=1e-5)
+    if (num_beams, length_penalty) in ((2, 1.0), (4, -0.5)):
+        assert min(len(r) for r in rows) < N_NEW      # some hypothesis ended on eos
+    if num_beams == 4:
+        assert rows != g.tolist()                       # beams found something greedy did not
+
+
+def test_beam_search_stop_string_acts_like_its_eos_token(tiny, prompts, greedy):
+    """A stop string that only one token's text holds ends hypotheses exactly where that token as
+    eos does (the stop automaton's pending state follows the beams)."""
+    _, config, params = tiny
+    tok = int(np.asarray(greedy.tokens)[0, 3])
+    texts = ["z"] * config.vocab_size
+    texts[tok] = "#"
+    ids, mask = jnp.asarray(prompts[0]), jnp.asarray(prompts[1])
+    base = GenerationConfig(max_new_tokens=N_NEW, num_beams=3, length_penalty=0.0)
+    by_eos = generate(params, config, base.replace(eos_token_ids=(tok,)), input_ids=ids, attention_mask=mask)
+    by_stop = generate(params, config, base.replace(stop_strings=("###",)), input_ids=ids, attention_mask=mask,
+                       stop_tables=make_stop_tables(("###",), texts))
+    assert min(int(n) for n in by_eos.num_tokens) < N_NEW
+    # "###" needs three "#" in a row where eos needs one: compare against the automaton's own rule.
+    for row_eos, row_stop in zip(by_eos.rows(), by_stop.rows()):
+        text = "".join(texts[t] for t in row_stop)
+        assert ("###" in text) == (row_stop[-3:] == [tok] * 3)
+    texts_single = ["z"] * config.vocab_size
+    texts_single[tok] = "###"
+    by_stop1 = generate(params, config, base.replace(stop_strings=("###",)), input_ids=ids, attention_mask=mask,
+                        stop_tables=make_stop_tables(("###",), texts_single))
+    assert by_stop1.rows() == by_eos.rows()
+    np.testing.assert_array_equal(np.asarray(by_stop1.scores), np.asarray(by_eos.scores))
+    reasons = np.asarray(by_stop1.finish_reason)
+    assert ((reasons == FINISH_STOP) == (np.asarray(by_eos.finish_reason) == FINISH_EOS)).all()
+
+
+def test_beam_sampling_is_deterministic_per_rng(tiny, prompts):
+    _, config, params = tiny
+    ids, mask = jnp.asarray(prompts[0]), jnp.asarray(prompts[1])
+    gen = GenerationConfig(max_new_tokens=N_NEW, num_beams=2, do_sample=True, temperature=1.5, top_p=0.9)
+    a, b, c = (generate(params, config, gen, input_ids=ids, attention_mask=mask, rng=jax.random.key(s))
+               for s in (1, 1, 2))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_stream_ends_with_what_generate_returns(tiny, prompts, num_beams):
+    _, config, params = tiny
+    ids, mask = jnp.asarray(prompts[0]), jnp.asarray(prompts[1])
+    gen = GenerationConfig(max_new_tokens=N_NEW, num_beams=num_beams, do_sample=num_beams == 1, top_k=20)
+    whole = generate(params, config, gen, input_ids=ids, attention_mask=mask, rng=jax.random.key(7))
+    steps = list(stream(params, config, gen, input_ids=ids, attention_mask=mask, rng=jax.random.key(7)))
+    assert len(steps) == N_NEW
+    assert [int(n) for n in steps[0].num_tokens] == [1, 1, 1]
+    assert [int(s.num_tokens.max()) for s in steps] == list(range(1, N_NEW + 1))
+    for name in ("tokens", "num_tokens", "finish_reason") + (("scores",) if num_beams > 1 else ()):
+        np.testing.assert_array_equal(np.asarray(getattr(steps[-1], name)), np.asarray(getattr(whole, name)))
+    if num_beams == 1:   # greedy / sampled rows only grow
+        for before, after in zip(steps, steps[1:]):
+            for r0, r1 in zip(before.rows(), after.rows()):
+                assert r1[:len(r0)] == r0
+
+
 # ---------------------------------------------------------------------------------- sharding
 
 def test_sharded_generation_equals_single_device(tiny):
@@ -285,7 +387,9 @@ def test_bad_inputs_raise(tiny):
     with pytest.raises(ValueError, match="inputs_embeds must be"):
         generate(params, config, gen, inputs_embeds=jnp.ones((2, 4, 3)))
     for bad in (dict(max_new_tokens=0), dict(top_p=0.0), dict(temperature=0.0), dict(top_k=-1),
-                dict(stop_strings=("",))):
+                dict(stop_strings=("",)), dict(num_beams=0), dict(early_stopping="sometimes")):
         with pytest.raises(ValueError, match="GenerationConfig"):
             GenerationConfig(**bad)
     assert GenerationConfig(eos_token_ids=2, stop_strings="###").eos_token_ids == (2,)
+    with pytest.raises(ValueError, match="more than the vocab"):
+        generate(params, config, GenerationConfig(max_new_tokens=2, num_beams=config.vocab_size), input_ids=ids)

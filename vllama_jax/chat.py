@@ -18,6 +18,11 @@ Generation defaults are the reference's `Chat.answer` with HF's sampling default
 (do_sample, top_p 0.9, top_k 50, temperature 1, max_new_tokens 300), stopping on eos and, for
 Vicuna, on the text `###` (the reference stops on the ids of "###" and "##"+"#").
 
+`answer_stream` yields the answer's text as it grows, token by token (`generate.stream`);
+`reply_stream` asks and streams in one go, and on any `ChatError` puts the conversation back as
+it was before the question (what a web page wants). `overflow="error"` turns the reference's
+silent cut of an over-long conversation into a `ChatError`.
+
 Inputs that cannot be used (missing file, not a video, empty question...) raise `ChatError`
 and leave the conversation as it was. A video without an audio track falls back to the frames
 only, as the reference does, and says so.
@@ -29,13 +34,13 @@ import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for
+from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for, stream
 from vllama_jax.inference import InferenceModel
 from vllama_jax.models.video_llama import VideoLlama
 
@@ -202,7 +207,7 @@ class Chat:
 
     def __init__(self, model: InferenceModel, *, generation: GenerationConfig | None = None,
                  max_length: int = 2000, seed: int = 0, bucket: int = 64, use_audio: bool = True,
-                 mesh=None, log: Callable[[str], None] | None = None):
+                 mesh=None, log: Callable[[str], None] | None = None, overflow: str = "truncate"):
         self.model = model
         self.config = model.config
         self.params = model.params
@@ -213,6 +218,10 @@ class Chat:
         self.bucket = int(bucket)
         self.mesh = mesh
         self.use_audio = use_audio
+        if overflow not in ("truncate", "error"):
+            raise ValueError(f"overflow must be 'truncate' (the reference: keep the latest positions) or "
+                             f"'error', got {overflow!r}")
+        self.overflow = overflow
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self._rng = jax.random.key(seed)
         self._turn = 0
@@ -226,6 +235,7 @@ class Chat:
         """Forgets the conversation and the uploaded media."""
         self.conv = new_conversation(self.style)
         self.media: list[jax.Array] = []   # the reference's img_list: [1, K, d_llm] per placeholder
+        self.media_notes: list[str] = []   # one line per upload: what was read (frame times, sound)
         self._audio_only_message = False
 
     @property
@@ -253,15 +263,18 @@ class Chat:
                 why = str(e)
         video = self._video_tokens(frames)
         self.conv.system = ""
+        name = os.path.basename(str(path))
         if fbank is None:
             self.media.append(video)
             self.conv.append_message(self.conv.roles[0], "<Video><ImageHere></Video> " + msg)
+            self.media_notes.append(f"video {name}: {msg.strip()} No sound used.")
             if use_audio:
                 self.log(f"{path}: {why}; using the video frames only")
                 return f"{RECEIVED} ({why}: the video frames only)"
             return RECEIVED
         self.media += [self._audio_tokens(fbank), video]
         self.conv.append_message(self.conv.roles[0], AUDIO_VIDEO_MESSAGE)
+        self.media_notes.append(f"video {name}: {msg.strip()} Sound: {len(fbank)} clips of its audio track.")
         return RECEIVED
 
     def upload_video_without_audio(self, path: str) -> str:
@@ -273,6 +286,7 @@ class Chat:
         self.media.append(self._video_tokens(frames))
         self.conv.system = IMAGE_SYSTEM
         self.conv.append_message(self.conv.roles[0], "<Image><ImageHere></Image> ")
+        self.media_notes.append(f"image {os.path.basename(str(path))}")
         return RECEIVED
 
     def upload_audio(self, path: str) -> str:
@@ -285,6 +299,7 @@ class Chat:
         self.media.append(self._audio_tokens(fbank))
         self.conv.system = ""
         self.conv.append_message(self.conv.roles[0], AUDIO_MESSAGE)
+        self.media_notes.append(f"sound of {os.path.basename(str(path))}: {len(fbank)} clips")
         self._audio_only_message = True
         return RECEIVED
 
@@ -332,8 +347,44 @@ class Chat:
     def answer(self, **overrides: Any) -> str:
         """Generates the assistant's reply to the pending question and records it.
 
-        overrides: GenerationConfig fields (max_new_tokens, temperature, top_p, do_sample...).
+        overrides: GenerationConfig fields (max_new_tokens, temperature, top_p, do_sample, num_beams...).
         """
+        gen, embeds = self._open_reply(overrides)
+        try:
+            out = generate(**self._generate_args(embeds, gen))
+        except BaseException:
+            self.conv.messages.pop()
+            raise
+        return self._close_reply(out.rows()[0])
+
+    def answer_stream(self, **overrides: Any) -> Iterator[str]:
+        """`answer`, yielding the reply's text after every generated token (with beams, the leading
+        beam's); the last yield is the recorded answer. Abandoning the iteration records nothing."""
+        gen, embeds = self._open_reply(overrides)
+        finished = False
+        try:
+            for out in stream(**self._generate_args(embeds, gen)):
+                tokens = out.rows()[0]
+                yield self._decode(tokens)
+            finished = True
+        finally:
+            if not finished:
+                self.conv.messages.pop()
+        self._close_reply(tokens)
+
+    def reply_stream(self, question: str, **overrides: Any) -> Iterator[str]:
+        """`ask` + `answer_stream`; a `ChatError` (empty or over-long question, bad setting) leaves
+        the conversation as it was before the question."""
+        saved = self.conv.copy(), self._audio_only_message
+        try:
+            self.ask(question)
+            yield from self.answer_stream(**overrides)
+        except (ChatError, GeneratorExit):
+            self.conv, self._audio_only_message = saved
+            raise
+
+    def _open_reply(self, overrides: dict) -> tuple[GenerationConfig, jax.Array]:
+        """Opens the assistant's slot; (generation settings, context embeddings, cut to max_length)."""
         msgs = self.conv.messages
         if not msgs or msgs[-1][0] != self.conv.roles[0]:
             raise ChatError("ask a question first")
@@ -344,29 +395,34 @@ class Chat:
         self.conv.append_message(self.conv.roles[1], None)
         try:
             embeds = self.context_embeds()
+            total = embeds.shape[1] + gen.max_new_tokens
+            if total > self.max_length and self.overflow == "error":
+                raise ChatError(f"the conversation is {embeds.shape[1]} positions and the answer may take "
+                                f"{gen.max_new_tokens} more: over this model's limit of {self.max_length}. Ask a "
+                                "shorter question or restart")
         except BaseException:
             msgs.pop()
             raise
-        total = embeds.shape[1] + gen.max_new_tokens
         if total > self.max_length:
             self.log("Warning: The number of tokens in current conversation exceeds the max length. "
                      "The model will not see the contexts outside the range.")
             embeds = embeds[:, total - self.max_length:]
-        try:
-            tokens = self._generate(embeds, gen)
-        except BaseException:
-            msgs.pop()
-            raise
-        self.last_tokens = tokens
+        return gen, embeds
+
+    def _decode(self, tokens: list[int]) -> str:
         if tokens and tokens[0] == 0:      # a leading <unk>, as the reference strips it
             tokens = tokens[1:]
         if tokens and tokens[0] == 1:      # and a leading <s>
             tokens = tokens[1:]
-        text = clean_answer(self.tokenizer.decode(tokens, skip_special_tokens=False), self.conv)
-        msgs[-1][1] = text
+        return clean_answer(self.tokenizer.decode(tokens, skip_special_tokens=False), self.conv)
+
+    def _close_reply(self, tokens: list[int]) -> str:
+        self.last_tokens = tokens
+        text = self._decode(tokens)
+        self.conv.messages[-1][1] = text
         return text
 
-    def _generate(self, embeds: jax.Array, gen: GenerationConfig) -> list[int]:
+    def _generate_args(self, embeds: jax.Array, gen: GenerationConfig) -> dict:
         rows, mask = pad_prompts([np.asarray(embeds[0])], multiple=self.bucket, side="left")
         tables = None
         if gen.stop_strings:
@@ -375,10 +431,9 @@ class Chat:
                 self._stop_tables[key] = stop_tables_for(self.tokenizer, key, self.config.llama.vocab_size)
             tables = self._stop_tables[key]
         self._turn += 1
-        out = generate(self.params["llama"], self.config.llama, gen, inputs_embeds=jnp.asarray(rows),
-                       attention_mask=jnp.asarray(mask), rng=jax.random.fold_in(self._rng, self._turn),
-                       stop_tables=tables, mesh=self.mesh)
-        return out.rows()[0]
+        return dict(params=self.params["llama"], config=self.config.llama, gen=gen, inputs_embeds=jnp.asarray(rows),
+                    attention_mask=jnp.asarray(mask), rng=jax.random.fold_in(self._rng, self._turn),
+                    stop_tables=tables, mesh=self.mesh)
 
 
 # ------------------------------------------------------------------------------------ terminal program
@@ -434,9 +489,9 @@ def run_terminal(chat: Chat, lines, out=sys.stdout) -> None:
     say("bye")
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vllama-chat", description="Chat with a trained Video-LLaMA about a video.")
-    p.add_argument("--checkpoint", required=True, nargs="+",
+def add_model_arguments(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    """The checkpoint / config / tokenizer options `load_model` reads (vllama-chat, vllama-web)."""
+    p.add_argument("--checkpoint", required=checkpoint_required, nargs="+",
                    help="trainer workdir(s) (vision run, then audio run), a `vllama-convert import` params "
                         "checkpoint, or a params .msgpack file")
     p.add_argument("--config", default=None,
@@ -445,6 +500,19 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the config / next to the file)")
     p.add_argument("--conv-style", choices=(VICUNA, LLAMA_2), default=None)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
+def load_model(args: argparse.Namespace) -> InferenceModel:
+    """The model `add_model_arguments`' options name (raises `inference.LoadError`)."""
+    from vllama_jax.inference import load_for_inference
+
+    return load_for_inference(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0],
+                              args.config, tokenizer=args.tokenizer, step=args.step, conv_style=args.conv_style)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vllama-chat", description="Chat with a trained Video-LLaMA about a video.")
+    add_model_arguments(p)
     p.add_argument("--video", default=None, help="upload this video first")
     p.add_argument("--no-audio", action="store_true", help="never use the audio track")
     p.add_argument("--max-new-tokens", type=int, default=300)
@@ -457,14 +525,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
     """Console entry point `vllama-chat`."""
-    from vllama_jax.inference import LoadError, load_for_inference
+    from vllama_jax.inference import LoadError
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     try:
-        model = load_for_inference(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0],
-                                   args.config, tokenizer=args.tokenizer, step=args.step,
-                                   conv_style=args.conv_style)
+        model = load_model(args)
     except LoadError as e:
         print(f"vllama-chat: {e}", file=sys.stderr)
         return 2

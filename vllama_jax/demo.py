@@ -445,6 +445,20 @@ def write_chat_config(layout: Layout, config) -> str:
     return str(py_path)
 
 
+def chat_paths(workdir: str = "./vllama_demo_run") -> dict:
+    """What `vllama-chat` / `vllama-web` load after a demo run in `workdir`: the vision2 + audio2
+    runs (`checkpoint`), the chat config, and the held-out test clips of the run's seed."""
+    from data_pipelines import synthetic
+
+    layout = Layout(workdir)
+    seed = 0
+    if (layout.root / "summary.json").is_file():
+        seed = int(json.loads((layout.root / "summary.json").read_text()).get("seed", 0))
+    test_dir = Path(synthetic.clip_path(str(layout.media), "test", 0, seed)).parent
+    return {"checkpoint": [str(layout.run("vision2")), str(layout.run("audio2"))],
+            "config": str(layout.root / "chat_config.py"), "clips": sorted(glob.glob(str(test_dir / "*.mp4")))}
+
+
 def plot_losses(histories: dict[str, list[dict]], path: Path) -> str:
     import matplotlib
 
@@ -633,4 +647,6 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     test_mp4 = synthetic.clip_path(str(layout.media), "test", 0, demo.seed)
     out(f"   chat             vllama-chat --checkpoint {layout.run('vision2')} {layout.run('audio2')} "
         f"--config {chat_config} --video {test_mp4}")
+    web = "vllama-web" if layout.root == Path("./vllama_demo_run").resolve() else f"vllama-web --demo {layout.root}"
+    out(f"   web demo         {web}   (then open http://127.0.0.1:7860)")
     return summary
