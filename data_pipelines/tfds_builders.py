@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import records, shards, synthetic
-from data_pipelines.adapters import ADAPTERS
+from data_pipelines.adapters import ADAPTERS, folder
 from data_pipelines.adapters.common import MediaOptions, build_example
 
 FEATURES = tfds.features.FeaturesDict({records.RECORD_FEATURE: tfds.features.Tensor(shape=(), dtype=np.object_)})
@@ -178,6 +178,24 @@ class VllamaDemo(ShardedBuilder):
     def _write_splits(self, source_dir, limit):
         return synthetic.write_splits(source_dir, self.work_dir, limit=limit, **self._source_kwargs,
                                       **self._write_kwargs())
+
+
+class Folder(ShardedBuilder, skip_registration=True):
+    """Your own media folder + captions / instruction files (adapters/folder.py); `folder_builder`
+    makes the class of a named dataset (the name is the directory and the shard files' prefix)."""
+
+    DESCRIPTION = folder.__doc__
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Source dir: the media folder; source_kwargs captions=FILE (csv/jsonl) "
+                                    "and/or instructions=[LLaVA / VideoChat json, ...].")
+
+    def _split_items(self, source_dir):
+        return folder.splits(source_dir, name=self.name, **self._source_kwargs)
+
+
+def folder_builder(name: str = folder.DEFAULT_NAME) -> type:
+    """The builder class of a folder dataset called `name` (not registered with TFDS)."""
+    return type(f"Folder_{folder.check_name(name)}", (Folder,), {"name": name, "__module__": __name__},
+                skip_registration=True)
 
 
 BUILDERS = {b.name: b for b in (Webvid2m, Cc595k, CcSbuAlign, LlavaInstruct150k, VideochatInstruct11k, VllamaDemo)}
