@@ -28,8 +28,14 @@ EXTRAS = {
     "torch": ["torch==2.13.0"],
     # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
     # manylinux wheel, bundles its own FFmpeg 4.1; the parity tests skip where it is missing).
+    # apache-beam: `vllama-prepare-data --beam` (data_pipelines/beam_shards.py), data preparation
+    # on DirectRunner worker processes, Dataflow, Flink or Spark. Optional: the default writer is
+    # a local process pool. (2.77 pins protobuf < 7 and pyarrow < 26 below what pip picks otherwise.)
+    "beam": ["apache-beam>=2.60,<3"],
+    # The test extra has it so CI checks the Beam records equal the single-process writer's.
     "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2",
-             "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'"],
+             "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'",
+             "apache-beam>=2.60,<3"],
 }
 
 setup(

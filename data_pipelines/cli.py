@@ -9,6 +9,7 @@
   vllama-prepare-data folder --media-dir DIR --data-dir DIR [--name my_videos]
       [--captions FILE.csv|FILE.jsonl] [--instructions FILE.json ...] [--require-audio]
       (your own videos / images; see data_pipelines/adapters/folder.py)
+  Any of these but demo: --beam "PIPELINE_OPTIONS" writes through Apache Beam (data_pipelines/beam_shards.py).
 
 Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain),
 with `<dataset>-<split>.report.json` listing skipped inputs. Rerunning an interrupted command
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -56,6 +58,11 @@ def _media_flags(parser: argparse.ArgumentParser) -> None:
                         help="how a multichannel track is read: 'imagebind' (default, the original's: "
                              "all-channel mean removal, fbank of channel 0), 'mix', or a channel index; "
                              "stored in each record's meta")
+    parser.add_argument("--beam", default=None, metavar="PIPELINE_OPTIONS",
+                        help="write through the Apache Beam pipeline (pip install -e '.[beam]') with these "
+                             "pipeline options, e.g. '--direct_num_workers=4 --direct_running_mode=multi_processing' "
+                             "or '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp' "
+                             "(launch/README.md); '' runs Beam's DirectRunner in this process")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +133,8 @@ def _builder_kwargs(args) -> dict:
     if getattr(args, "require_audio", False):
         changes["require_audio"] = True
     kwargs["options"] = dataclasses.replace(options, **changes)
+    if args.beam is not None:
+        kwargs["beam_args"] = shlex.split(args.beam)
     if args.dataset == "folder":
         kwargs["source_dir"] = args.media_dir
         kwargs["source_kwargs"] = dict(captions=args.captions, instructions=list(args.instructions),
