@@ -11,7 +11,8 @@
       (your own videos / images; see data_pipelines/adapters/folder.py)
   Any of these but demo: --beam "PIPELINE_OPTIONS" writes through Apache Beam (data_pipelines/beam_shards.py).
 
-Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain),
+Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain;
+a folder dataset, whose name is not registered, with `tfds.builder_from_directory(DIR/NAME/1.0.0)`),
 with `<dataset>-<split>.report.json` listing skipped inputs. Rerunning an interrupted command
 resumes it (finished shards are kept in DIR/<dataset>/work-1.0.0 until the build completes).
 """

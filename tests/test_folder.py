@@ -97,11 +97,11 @@ def _report(ds_dir):
 def prepared(media, tmp_path_factory):
     ds_dir = _prepare(media, tmp_path_factory.mktemp("out"), "--captions", str(media / "captions.csv"),
                       "--instructions", str(media / "llava.json"), "--instructions", str(media / "videochat.json"))
-    return _records(ds_dir), _report(ds_dir)
+    return _records(ds_dir), _report(ds_dir), ds_dir
 
 
 def test_every_bad_item_has_its_reason_and_every_good_item_is_written(prepared):
-    recs, report = prepared
+    recs, report, _ = prepared
     skipped = {s["id"]: s for s in report["skipped"]}
     by_category = {}
     for s in report["skipped"]:
@@ -154,6 +154,16 @@ def test_every_bad_item_has_its_reason_and_every_good_item_is_written(prepared):
     assert [t["value"] for t in hike["conversations"]] == ["<ImageHere> What happens?", "A hike.",
                                                            "How many people?", "Two."]
     assert hike["meta"]["i"] == "Describe."
+
+
+def test_folder_dataset_is_a_tfds_dataset(prepared):
+    """Not registered by name (the name is the user's): TFDS reads it from its directory."""
+    import tensorflow_datasets as tfds
+
+    recs, _, ds_dir = prepared
+    source = tfds.builder_from_directory(str(ds_dir)).as_data_source()["train"]
+    assert len(source) == len(recs)
+    assert records.decode_example(source[0][records.RECORD_FEATURE])["id"] == recs[0]["id"]
 
 
 def test_records_equal_the_paper_adapters_for_the_same_file(media, tmp_path):
