@@ -1,6 +1,8 @@
 """`shards.write_shards` as an Apache Beam pipeline: the same shard files, records and report.
 
-  items -> (shard, position, item) for shards not yet finished -> Reshuffle -> decode + encode
+  items of the shards not yet finished, written to `<out_dir>/<dataset>-<split>.items.jsonl`
+  (read back by the workers: a job graph holding 2.5 M items would pass runners' size limits)
+  -> (shard, position, item) -> Reshuffle -> decode + encode
   (shards._process, the single-process writer's worker function) -> GroupByKey(shard) -> one
   worker writes each shard (shards._ShardSink: temporary name, rename, sidecar) in input order.
 
@@ -20,13 +22,28 @@ Install: `pip install -e ".[beam]"` (apache-beam is an optional dependency).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from data_pipelines import shards
 
 
-def _keyed(plan: shards.ShardPlan, items: Sequence[Dict[str, Any]]) -> List[Tuple[int, Tuple[int, Dict]]]:
-    return [(i, (j, items[j])) for i in plan.todo for j in range(*plan.bounds[i])]
+def _write_work_list(plan: shards.ShardPlan, items: Sequence[Dict[str, Any]]) -> str:
+    """The todo shards' items, one JSON line each: {"shard", "position", "item"}."""
+    path = os.path.join(plan.out_dir, f"{plan.dataset_name}-{plan.split}.items.jsonl")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in plan.todo:
+            for j in range(*plan.bounds[i]):
+                f.write(json.dumps({"shard": i, "position": j, "item": items[j]}, ensure_ascii=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _keyed(line: str) -> Tuple[int, Tuple[int, Dict]]:
+    entry = json.loads(line)
+    return entry["shard"], (entry["position"], entry["item"])
 
 
 class _Decode:
@@ -64,9 +81,11 @@ def write_shards(items: Sequence[Dict[str, Any]], out_dir: str, *, decode_fn: Ca
 
     plan = shards.plan_shards(items, out_dir, dataset_name, split, examples_per_shard, num_shards)
     if plan.todo:
+        work_list = _write_work_list(plan, items)
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
             _ = (p
-                 | "items" >> beam.Create(_keyed(plan, items))
+                 | "items" >> beam.io.ReadFromText(work_list)
+                 | "key" >> beam.Map(_keyed)
                  | "spread" >> beam.Reshuffle()
                  | "decode" >> beam.Map(_Decode(decode_fn))
                  | "by shard" >> beam.GroupByKey()
@@ -74,4 +93,5 @@ def write_shards(items: Sequence[Dict[str, Any]], out_dir: str, *, decode_fn: Ca
         # The sidecars are the workers' results; reading them back works for every runner.
         for i in plan.todo:
             plan.infos[i] = shards._load_sidecar(plan.paths[i], plan.digests[i])
+        os.remove(work_list)
     return shards.finish_split(plan)

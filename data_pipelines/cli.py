@@ -9,7 +9,7 @@
   vllama-prepare-data folder --media-dir DIR --data-dir DIR [--name my_videos]
       [--captions FILE.csv|FILE.jsonl] [--instructions FILE.json ...] [--require-audio]
       (your own videos / images; see data_pipelines/adapters/folder.py)
-  Any of these but demo: --beam "PIPELINE_OPTIONS" writes through Apache Beam (data_pipelines/beam_shards.py).
+  Any of these but demo: --beam="PIPELINE_OPTIONS" writes through Apache Beam (data_pipelines/beam_shards.py).
 
 Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain;
 a folder dataset, whose name is not registered, with `tfds.builder_from_directory(DIR/NAME/1.0.0)`),

@@ -59,6 +59,7 @@ def test_beam_records_and_report_equal_the_single_process_writer(items, single, 
     assert [os.path.basename(f) for f in ours.shard_files] == [os.path.basename(f) for f in single.shard_files]
     assert _shard_records(ours) == _shard_records(single)
     assert _report(ours) == _report(single)
+    assert not [f for f in os.listdir(tmp_path) if ".items.jsonl" in f]   # the work list is removed
     assert single.skipped_by_category == {"truncated": 1, "missing": 1, "invalid": 1}
     with open(tmp_path / shards.report_filename("t", "train")) as f:
         assert json.load(f)["skipped_by_category"] == single.skipped_by_category
