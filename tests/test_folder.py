@@ -217,3 +217,26 @@ def test_whole_file_problems_are_errors(media, tmp_path):
         folder.splits(str(tmp_path / "nope"), captions=str(tmp_path / "c.csv"))
     with pytest.raises(SystemExit):
         cli.main(["folder", "--media-dir", str(media), "--data-dir", str(tmp_path), "--name", "My Videos"])
+
+
+def test_a_separate_audio_file_gives_a_video_its_sound(media, tmp_path):
+    """`audio` names the sound of a video (a silent clip + a .wav): the fbank is that file's."""
+    from data_pipelines.audio import load_audio_clips
+
+    captions = tmp_path / "c.jsonl"
+    rows = [{"path": "silent.mp4", "caption": "a silent clip with its sound", "audio": "sound.wav"},
+            {"path": "cat.jpg", "caption": "a cat", "audio": "sound.wav"},
+            {"path": "beach.mp4", "caption": "a beach", "audio": "nope.wav"},
+            {"path": "trips/hike.mp4", "caption": "a hike", "audio": "notes.txt"}]
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds_dir = _prepare(media, tmp_path / "out", "--captions", str(captions), "--require-audio", "--ignore-unlabelled")
+    recs, report = _records(ds_dir), _report(ds_dir)
+    assert [r["id"] for r in recs] == ["my_videos/silent.mp4"]
+    rec = recs[0]
+    assert rec["audio_present"] and rec["meta"]["audio_source"] == "sound.wav"
+    want = load_audio_clips(str(media / "media" / "sound.wav")).fbank.astype(np.float16)
+    np.testing.assert_array_equal(rec["fbank"], want)
+    assert [(s["id"], s["category"]) for s in report["skipped"]] == [
+        ("my_videos/cat.jpg", "unsupported"), ("my_videos/beach.mp4", "missing"),
+        ("my_videos/trips/hike.mp4", "unsupported")]
+    assert "goes with a video, not an image" in report["skipped"][0]["error"]

@@ -3,7 +3,8 @@
 An adapter only parses its dataset's annotation files into *items*, plain picklable dicts:
   {"id", "media": "video"|"image", "path", "kind": "caption"|"conversation",
    "caption": str, "conversations": [{"from", "value"}], "meta": {str: str}, "error": str (optional),
-   "error_category": str (optional; the report's category for "error", default "invalid")}
+   "error_category": str (optional; the report's category for "error", default "invalid"),
+   "audio_path": str (optional, videos: the sound is read from this audio file, not the video's track)}
 `build_example(item, options)` (run in the writer's worker processes) decodes the media and
 returns the record example. A malformed annotation entry becomes an item with "error" set, so
 it is skipped and listed in the report like a broken file instead of stopping the run.
@@ -112,7 +113,8 @@ def _video_fields(item: Dict[str, Any], options: MediaOptions) -> Dict[str, Any]
         decoded = video.decode_video(item["path"], options.num_frames, "uniform", size=size)
     else:
         decoded = video.decode_video(item["path"], options.num_frames, "uniform", short_side=options.short_side)
-    fbank, present, audio_error = _audio(item["path"], decoded.has_audio, options)
+    audio_path = item.get("audio_path") or ""
+    fbank, present, audio_error = _audio(audio_path or item["path"], bool(audio_path) or decoded.has_audio, options)
     if options.require_audio and not present:
         raise video.VideoDecodeError(item["path"], f"no usable audio track ({audio_error or 'the file has none'}); "
                                      "audio was required (require_audio / --require-audio)", "no_audio")
@@ -125,6 +127,8 @@ def _video_fields(item: Dict[str, Any], options: MediaOptions) -> Dict[str, Any]
         meta["audio_error"] = audio_error
     if present:
         meta["audio_channels"] = str(options.audio_channels)
+        if audio_path:
+            meta["audio_source"] = os.path.basename(audio_path)
     return dict(frames=[records.encode_jpeg(f, options.jpeg_quality) for f in decoded.frames],
                 frame_times=decoded.times, fbank=fbank, audio_present=present,
                 duration_s=decoded.duration_s, meta=meta)

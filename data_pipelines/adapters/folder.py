@@ -4,19 +4,23 @@
   captions       CSV with a header naming at least `path,caption` (other columns go to the record's
                  meta), or JSONL, one {"path": ..., "caption": ...} object a line (other keys to meta).
                  Paths are relative to media_dir (or absolute). One caption example per row.
+                 An optional `audio` column / key names a separate sound file for a video (its
+                 fbank is read from that file instead of the video's own track).
   instructions   JSON files holding a list of conversations in either public format, one
                  conversation example per entry, parsed by the same rules as the paper adapters:
                    LLaVA      {"image" | "video": path, "conversations": [{"from": "human"|"gpt", "value"}]}
                               (`<image>` / `<video>` marks where the media goes: llava_instruct.py)
                    VideoChat  {"video" | "image": path, "QA": [{"q", "a", "i" (optional)}]}
                               (the media goes before the first question: videochat.py)
+                 plus, in either, an optional "audio": a separate sound file for the video.
 
 Every problem with one entry or file is a skipped item with a category in the split's report,
 and the good items are all written:
   not_utf8     a captions row holds bytes that are not UTF-8 (the rest of the file is still read)
   invalid      a row / entry without a path or caption, or with a malformed conversation
-  unsupported  the extension is not a video or image one (audio files included: a record holds
-               frames, with the sound as the fbank of the video's own audio track)
+  unsupported  the extension is not a video or image one (an audio file alone included: a record
+               holds frames; name it as a video's `audio` instead), or an `audio` file that is not
+               an audio / video file or goes with an image
   missing      the named file is not there
   duplicate    a captions row names a file an earlier row already captioned
   unlabelled   a media file under media_dir that no captions row or instruction entry names
@@ -62,9 +66,8 @@ def media_kind(path: str) -> Tuple[str, str]:
     if ext in IMAGE_EXTENSIONS:
         return "image", ""
     if ext in AUDIO_EXTENSIONS:
-        return "", (f"{os.path.basename(path)!r} is an audio file; a record holds video or image frames and "
-                    "the sound of the video's own audio track, so give a video with this sound in it "
-                    "(e.g. `ffmpeg -loop 1 -i still.jpg -i sound.wav -shortest clip.mp4`)")
+        return "", (f"{os.path.basename(path)!r} is an audio file; a record holds video or image frames, so name "
+                    "it as the 'audio' of the video it goes with (captions column / instruction key)")
     return "", (f"{os.path.basename(path)!r}: extension {ext or '(none)'!r} is not a video "
                 f"({' '.join(VIDEO_EXTENSIONS)}) or image ({' '.join(IMAGE_EXTENSIONS)}) extension")
 
@@ -133,6 +136,23 @@ class _Resolver:
         return full, (full if rel.startswith("..") else rel.replace(os.sep, "/"))
 
 
+def _audio_error(resolve: "_Resolver", audio: str, kind: str) -> Tuple[str, str, str]:
+    """(audio file path, error, category) for an entry's optional separate sound file."""
+    if not audio:
+        return "", "", ""
+    full, _ = resolve(audio)
+    ext = os.path.splitext(full)[1].lower()
+    if kind != "video":
+        return full, f"an 'audio' file goes with a video, not {'an image' if kind == 'image' else 'this file'}", \
+            "unsupported"
+    if ext not in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS:
+        return full, (f"'audio' {os.path.basename(full)!r}: extension {ext or '(none)'!r} is not an audio "
+                      f"({' '.join(AUDIO_EXTENSIONS)}) or video extension"), "unsupported"
+    if not os.path.isfile(full):
+        return full, f"'audio' {full!r} does not exist", "missing"
+    return full, "", ""
+
+
 def _media_error(full: str, kind: str, why: str) -> Tuple[str, str]:
     if not kind:
         return why, "unsupported"
@@ -164,16 +184,26 @@ def caption_items(captions_path: str, resolve: _Resolver, name: str) -> List[Dic
         if not error:
             kind, why = media_kind(full)
             error, category = _media_error(full, kind, why)
+        audio_path = ""
+        if not error:
+            audio_path, error, category = _audio_error(resolve, row.get("audio", ""), media_kind(full)[0])
         if not error:
             if full in first:
                 error, category = f"{rel!r} was already captioned at {first[full]}", "duplicate"
             else:
                 first[full] = source
-        meta = {k: v for k, v in row.items() if k not in ("path", "caption") and not _not_utf8([k, v])}
-        out.append(item(id=f"{name}/{rel}", media=media_kind(full)[0] or "video", path=full, kind="caption",
-                        caption=caption, meta=dict(meta, source=source),
-                        error=f"{source}: {error}" if error else "", error_category=category))
+        meta = {k: v for k, v in row.items() if k not in ("path", "caption", "audio") and not _not_utf8([k, v])}
+        out.append(_with_audio(item(id=f"{name}/{rel}", media=media_kind(full)[0] or "video", path=full,
+                                    kind="caption", caption=caption, meta=dict(meta, source=source),
+                                    error=f"{source}: {error}" if error else "", error_category=category),
+                               audio_path))
     return out
+
+
+def _with_audio(it: Dict, audio_path: str) -> Dict:
+    if audio_path and not it.get("error"):
+        it["audio_path"] = audio_path
+    return it
 
 
 def _conversation(entry) -> Tuple[list, Dict[str, str], str]:
@@ -204,9 +234,14 @@ def instruction_items(json_path: str, resolve: _Resolver, name: str) -> List[Dic
         if not error:
             kind, why = media_kind(full)
             error, category = _media_error(full, kind, why)
-        out.append(item(id=f"{name}/{rel}", media=media_kind(full)[0] or "video", path=full, kind="conversation",
-                        conversations=[] if error else turns, meta=dict(meta, source=source),
-                        error=f"{source}: {error}" if error else "", error_category=category))
+        audio_path = ""
+        if not error:
+            audio_path, error, category = _audio_error(resolve, str(entry.get("audio") or ""), media_kind(full)[0])
+        out.append(_with_audio(item(id=f"{name}/{rel}", media=media_kind(full)[0] or "video", path=full,
+                                    kind="conversation", conversations=[] if error else turns,
+                                    meta=dict(meta, source=source),
+                                    error=f"{source}: {error}" if error else "", error_category=category),
+                               audio_path))
     return out
 
 
