@@ -26,14 +26,19 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only a parity reference / conversion backend, never a core dependency.
     "torch": ["torch==2.13.0"],
+    # apache-beam: `vllama-prepare-data --beam` (data_pipelines/beam_shards.py) on DirectRunner
+    # worker processes, Dataflow, Flink or Spark; optional, the default writer is a local process
+    # pool. (2.77 pins protobuf < 7 and pyarrow < 26, below what pip picks otherwise.)
+    "beam": ["apache-beam>=2.60,<3"],
+    # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
+    "web": ["gradio>=6.0,<7"],
     # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
     # manylinux wheel, bundles its own FFmpeg 4.1; the parity tests skip where it is missing).
     # gradio + playwright: vllama-web's handler and browser tests (Chromium comes from apt in .ci/run).
+    # apache-beam: CI checks that the Beam records equal the single-process writer's.
     "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2",
              "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'",
-             "gradio>=6.0,<7", "playwright>=1.50,<2"],
-    # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
-    "web": ["gradio>=6.0,<7"],
+             "gradio>=6.0,<7", "playwright>=1.50,<2", "apache-beam>=2.60,<3"],
 }
 
 setup(

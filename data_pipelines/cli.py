@@ -6,8 +6,13 @@
   vllama-prepare-data cc_sbu_align --source DIR --data-dir DIR
   vllama-prepare-data llava_instruct150k --source DIR --data-dir DIR [--image-dir DIR]
   vllama-prepare-data videochat_instruct11k --source DIR --data-dir DIR [--video-dir DIR]
+  vllama-prepare-data folder --media-dir DIR --data-dir DIR [--name my_videos]
+      [--captions FILE.csv|FILE.jsonl] [--instructions FILE.json ...] [--require-audio]
+      (your own videos / images; see data_pipelines/adapters/folder.py)
+  Any of these but demo: --beam="PIPELINE_OPTIONS" writes through Apache Beam (data_pipelines/beam_shards.py).
 
-Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain),
+Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain;
+a folder dataset, whose name is not registered, with `tfds.builder_from_directory(DIR/NAME/1.0.0)`),
 with `<dataset>-<split>.report.json` listing skipped inputs. Rerunning an interrupted command
 resumes it (finished shards are kept in DIR/<dataset>/work-1.0.0 until the build completes).
 """
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -53,6 +59,11 @@ def _media_flags(parser: argparse.ArgumentParser) -> None:
                         help="how a multichannel track is read: 'imagebind' (default, the original's: "
                              "all-channel mean removal, fbank of channel 0), 'mix', or a channel index; "
                              "stored in each record's meta")
+    parser.add_argument("--beam", default=None, metavar="PIPELINE_OPTIONS",
+                        help="write through the Apache Beam pipeline (pip install -e '.[beam]') with these "
+                             "pipeline options, e.g. '--direct_num_workers=4 --direct_running_mode=multi_processing' "
+                             "or '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp' "
+                             "(launch/README.md); '' runs Beam's DirectRunner in this process")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", required=True, help="directory with the published annotation files")
         for flag in flags:
             p.add_argument("--" + flag.replace("_", "-"), default=None)
+    _folder_parser(sub)
     return parser
+
+
+def _folder_parser(sub) -> None:
+    p = sub.add_parser("folder", help="your own videos / images with captions and/or instruction conversations")
+    _common(p)
+    _media_flags(p)
+    p.add_argument("--media-dir", required=True, help="the folder of videos / images (sub-folders included)")
+    p.add_argument("--name", default="my_videos", type=_dataset_name,
+                   help="dataset name: the output directory DATA_DIR/NAME and the shard files' prefix")
+    p.add_argument("--captions", default=None,
+                   help="CSV with a header holding path,caption (more columns go to meta) or JSONL objects "
+                        "{'path', 'caption'}; paths relative to --media-dir")
+    p.add_argument("--instructions", action="append", default=[], metavar="JSON",
+                   help="LLaVA ({'image'|'video', 'conversations'}) or VideoChat ({'video', 'QA'}) conversation "
+                        "list; repeat for several files")
+    p.add_argument("--require-audio", action="store_true",
+                   help="skip videos without a usable audio track (reason no_audio) instead of keeping them silent")
+    p.add_argument("--ignore-unlabelled", action="store_true",
+                   help="do not list media files that no caption / instruction names in the report")
+
+
+def _dataset_name(name: str) -> str:
+    from data_pipelines.adapters.folder import check_name
+
+    try:
+        return check_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _builder_kwargs(args) -> dict:
@@ -91,7 +131,16 @@ def _builder_kwargs(args) -> dict:
         changes["audio"] = False
     if args.audio_channels is not None:
         changes["audio_channels"] = args.audio_channels
+    if getattr(args, "require_audio", False):
+        changes["require_audio"] = True
     kwargs["options"] = dataclasses.replace(options, **changes)
+    if args.beam is not None:
+        kwargs["beam_args"] = shlex.split(args.beam)
+    if args.dataset == "folder":
+        kwargs["source_dir"] = args.media_dir
+        kwargs["source_kwargs"] = dict(captions=args.captions, instructions=list(args.instructions),
+                                       list_unlabelled=not args.ignore_unlabelled)
+        return kwargs
     kwargs["source_dir"] = args.source
     kwargs["source_kwargs"] = {f: getattr(args, f) for f in SOURCE_DIR_FLAGS[args.dataset] if getattr(args, f)}
     return kwargs
@@ -114,9 +163,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from data_pipelines import tfds_builders
 
-    name = synthetic.NAME if args.dataset == "demo" else args.dataset
+    name = {"demo": synthetic.NAME, "folder": getattr(args, "name", "")}.get(args.dataset, args.dataset)
     kwargs = _builder_kwargs(args)
-    builder = tfds_builders.BUILDERS[name](data_dir=args.data_dir, **kwargs)
+    builder_class = tfds_builders.folder_builder(name) if args.dataset == "folder" else tfds_builders.BUILDERS[name]
+    builder = builder_class(data_dir=args.data_dir, **kwargs)
     import tensorflow_datasets as tfds
 
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

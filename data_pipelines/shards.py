@@ -228,6 +228,39 @@ def write_shards(items: Sequence[Dict[str, Any]], out_dir: str, *, decode_fn: Ca
     `decode_fn` must be picklable (module-level function or functools.partial of one) when
     num_workers > 0. Returns the SplitResult, also saved as `<dataset>-<split>.report.json`.
     """
+    plan = plan_shards(items, out_dir, dataset_name, split, examples_per_shard, num_shards)
+    total = sum(plan.bounds[i][1] - plan.bounds[i][0] for i in plan.todo)
+    results = _results(items, [plan.bounds[i] for i in plan.todo], decode_fn, num_workers, chunksize)
+    with tqdm(total=total, desc=f"{dataset_name}/{split}", unit="ex", disable=not progress) as bar:
+        for i in plan.todo:
+            sink = _ShardSink(plan.paths[i], plan.digests[i])
+            for _ in range(plan.bounds[i][1] - plan.bounds[i][0]):
+                sink.add(next(results))
+                bar.update(1)
+            plan.infos[i] = sink.close()
+    results.close()
+    return finish_split(plan)
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """Which items go to which shard file, and which shards are still to be written (`todo`);
+    `infos` holds the sidecars of finished shards (None for the others until they are written)."""
+    dataset_name: str
+    split: str
+    out_dir: str
+    num_items: int
+    bounds: List[Tuple[int, int]]
+    paths: List[str]
+    digests: List[str]
+    infos: List[Optional[Dict[str, Any]]]
+    todo: List[int]
+    start_time: float
+
+
+def plan_shards(items: Sequence[Dict[str, Any]], out_dir: str, dataset_name: str, split: str,
+                examples_per_shard: Optional[int] = None, num_shards: Optional[int] = None) -> ShardPlan:
+    """The shard layout of `items` in out_dir; finished shards (file + matching sidecar) are kept."""
     if not items:
         raise ValueError(f"{dataset_name}/{split}: no items to write")
     start_time = time.time()
@@ -238,25 +271,22 @@ def write_shards(items: Sequence[Dict[str, Any]], out_dir: str, *, decode_fn: Ca
     paths = [os.path.join(out_dir, shard_filename(dataset_name, split, i, n)) for i in range(n)]
     digests = [_digest([_item_id(items[j]) for j in range(a, b)]) for a, b in bounds]
     infos: List[Optional[Dict]] = [_load_sidecar(p, d) for p, d in zip(paths, digests)]
-    todo = [i for i in range(n) if infos[i] is None]
-    reused = n - len(todo)
+    return ShardPlan(dataset_name, split, out_dir, len(items), bounds, paths, digests, infos,
+                     [i for i in range(n) if infos[i] is None], start_time)
 
-    total = sum(bounds[i][1] - bounds[i][0] for i in todo)
-    results = _results(items, [bounds[i] for i in todo], decode_fn, num_workers, chunksize)
-    with tqdm(total=total, desc=f"{dataset_name}/{split}", unit="ex", disable=not progress) as bar:
-        for i in todo:
-            sink = _ShardSink(paths[i], digests[i])
-            for _ in range(bounds[i][1] - bounds[i][0]):
-                sink.add(next(results))
-                bar.update(1)
-            infos[i] = sink.close()
-    results.close()
 
-    result = _summarize(dataset_name, split, len(items), paths, infos, len(todo), reused,
-                        time.time() - start_time)
-    _write_json(os.path.join(out_dir, report_filename(dataset_name, split)), result.to_json())
+def finish_split(plan: ShardPlan) -> SplitResult:
+    """The split's result once every shard is written; saves it as the report."""
+    missing = [plan.paths[i] for i, info in enumerate(plan.infos) if info is None]
+    if missing:
+        raise RuntimeError(f"{plan.dataset_name}/{plan.split}: shards not written: {missing[:3]}")
+    n = len(plan.paths)
+    result = _summarize(plan.dataset_name, plan.split, plan.num_items, plan.paths, plan.infos, len(plan.todo),
+                        n - len(plan.todo), time.time() - plan.start_time)
+    _write_json(os.path.join(plan.out_dir, report_filename(plan.dataset_name, plan.split)), result.to_json())
     if result.num_written == 0:
-        raise ValueError(f"{dataset_name}/{split}: all {len(items)} items failed; first: {result.skipped[:3]}")
+        raise ValueError(f"{plan.dataset_name}/{plan.split}: all {plan.num_items} items failed; "
+                         f"first: {result.skipped[:3]}")
     return result
 
 

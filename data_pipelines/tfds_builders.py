@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import records, shards, synthetic
-from data_pipelines.adapters import ADAPTERS
+from data_pipelines.adapters import ADAPTERS, folder
 from data_pipelines.adapters.common import MediaOptions, build_example
 
 FEATURES = tfds.features.FeaturesDict({records.RECORD_FEATURE: tfds.features.Tensor(shape=(), dtype=np.object_)})
@@ -56,7 +56,8 @@ class ShardedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, source_dir: Optional[str] = None, source_kwargs: Optional[Dict[str, Any]] = None,
                  options: Optional[MediaOptions] = None, examples_per_shard: Optional[int] = None,
-                 num_workers: int = 0, progress: bool = True, keep_work_dir: bool = False, **kwargs):
+                 num_workers: int = 0, progress: bool = True, keep_work_dir: bool = False,
+                 beam_args: Optional[List[str]] = None, **kwargs):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
         self._source_dir = source_dir
@@ -66,6 +67,8 @@ class ShardedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._num_workers = num_workers
         self._progress = progress
         self._keep_work_dir = keep_work_dir
+        # Not None: write through the Beam pipeline (data_pipelines/beam_shards.py) with these options.
+        self._beam_args = beam_args
         # data_dir is swapped for a temporary one during preparation; the work dir must not move.
         self.work_dir = os.path.join(os.path.dirname(os.fspath(self.data_dir)), f"work-{self.version}")
 
@@ -93,6 +96,13 @@ class ShardedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Writes every split into the work dir (resumable); subclasses may write differently."""
         items = self._split_items(source_dir)
         decode_fn = functools.partial(build_example, options=self._options)
+        if self._beam_args is not None:
+            from data_pipelines import beam_shards
+
+            return [beam_shards.write_shards(split_items[:limit], self.work_dir, decode_fn=decode_fn,
+                                             dataset_name=self.name, split=split,
+                                             examples_per_shard=self._examples_per_shard, beam_args=self._beam_args)
+                    for split, split_items in items.items()]
         return [shards.write_shards(split_items[:limit], self.work_dir, decode_fn=decode_fn,
                                     dataset_name=self.name, split=split, **self._write_kwargs())
                 for split, split_items in items.items()]
@@ -178,6 +188,24 @@ class VllamaDemo(ShardedBuilder):
     def _write_splits(self, source_dir, limit):
         return synthetic.write_splits(source_dir, self.work_dir, limit=limit, **self._source_kwargs,
                                       **self._write_kwargs())
+
+
+class Folder(ShardedBuilder, skip_registration=True):
+    """Your own media folder + captions / instruction files (adapters/folder.py); `folder_builder`
+    makes the class of a named dataset (the name is the directory and the shard files' prefix)."""
+
+    DESCRIPTION = folder.__doc__
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Source dir: the media folder; source_kwargs captions=FILE (csv/jsonl) "
+                                    "and/or instructions=[LLaVA / VideoChat json, ...].")
+
+    def _split_items(self, source_dir):
+        return folder.splits(source_dir, name=self.name, **self._source_kwargs)
+
+
+def folder_builder(name: str = folder.DEFAULT_NAME) -> type:
+    """The builder class of a folder dataset called `name` (not registered with TFDS)."""
+    return type(f"Folder_{folder.check_name(name)}", (Folder,), {"name": name, "__module__": __name__},
+                skip_registration=True)
 
 
 BUILDERS = {b.name: b for b in (Webvid2m, Cc595k, CcSbuAlign, LlavaInstruct150k, VideochatInstruct11k, VllamaDemo)}

@@ -2,7 +2,9 @@
 
 An adapter only parses its dataset's annotation files into *items*, plain picklable dicts:
   {"id", "media": "video"|"image", "path", "kind": "caption"|"conversation",
-   "caption": str, "conversations": [{"from", "value"}], "meta": {str: str}, "error": str (optional)}
+   "caption": str, "conversations": [{"from", "value"}], "meta": {str: str}, "error": str (optional),
+   "error_category": str (optional; the report's category for "error", default "invalid"),
+   "audio_path": str (optional, videos: the sound is read from this audio file, not the video's track)}
 `build_example(item, options)` (run in the writer's worker processes) decodes the media and
 returns the record example. A malformed annotation entry becomes an item with "error" set, so
 it is skipped and listed in the report like a broken file instead of stopping the run.
@@ -30,7 +32,9 @@ class MediaOptions:
     video frames scaled to frame_size x frame_size inside FFmpeg while decoding, the pixels the
     original's decord VideoReader(height=, width=) gives (aspect squashed; replaces short_side for
     videos; the eval transform's resize is then the identity, the train crop is drawn on exactly
-    the frame the original crops); recorded in meta["frame_scaling"]."""
+    the frame the original crops); recorded in meta["frame_scaling"]. require_audio: a video
+    without a usable audio track is skipped (category "no_audio") instead of kept silent, for
+    audio-branch data."""
     num_frames: int = records.DEFAULT_STORED_FRAMES
     short_side: Optional[int] = records.FRAME_SHORT_SIDE
     jpeg_quality: int = records.JPEG_QUALITY
@@ -38,15 +42,26 @@ class MediaOptions:
     audio: bool = True
     audio_channels: str | int = DEFAULT_CHANNELS
     frame_size: Optional[int] = None
+    require_audio: bool = False
+
+
+class ItemError(records.RecordError):
+    """An item the adapter already knows is bad (its "error"); `category` groups it in the report."""
+
+    def __init__(self, message: str, category: str = ""):
+        super().__init__(message)
+        self.category = category or "invalid"
 
 
 def item(*, id: str, media: str, path: str, kind: str, caption: str = "",
          conversations: Sequence[Dict[str, str]] = (), meta: Optional[Dict[str, str]] = None,
-         error: str = "") -> Dict[str, Any]:
+         error: str = "", error_category: str = "") -> Dict[str, Any]:
     out = {"id": id, "media": media, "path": path, "kind": kind, "caption": caption,
            "conversations": [dict(t) for t in conversations], "meta": dict(meta or {})}
     if error:
         out["error"] = error
+        if error_category:
+            out["error_category"] = error_category
     return out
 
 
@@ -98,7 +113,11 @@ def _video_fields(item: Dict[str, Any], options: MediaOptions) -> Dict[str, Any]
         decoded = video.decode_video(item["path"], options.num_frames, "uniform", size=size)
     else:
         decoded = video.decode_video(item["path"], options.num_frames, "uniform", short_side=options.short_side)
-    fbank, present, audio_error = _audio(item["path"], decoded.has_audio, options)
+    audio_path = item.get("audio_path") or ""
+    fbank, present, audio_error = _audio(audio_path or item["path"], bool(audio_path) or decoded.has_audio, options)
+    if options.require_audio and not present:
+        raise video.VideoDecodeError(item["path"], f"no usable audio track ({audio_error or 'the file has none'}); "
+                                     "audio was required (require_audio / --require-audio)", "no_audio")
     meta = dict(item["meta"], source_frames=str(decoded.num_source_frames))
     if options.frame_size:
         meta["frame_scaling"] = f"ffmpeg bilinear {options.frame_size}x{options.frame_size} (decord)"
@@ -108,6 +127,8 @@ def _video_fields(item: Dict[str, Any], options: MediaOptions) -> Dict[str, Any]
         meta["audio_error"] = audio_error
     if present:
         meta["audio_channels"] = str(options.audio_channels)
+        if audio_path:
+            meta["audio_source"] = os.path.basename(audio_path)
     return dict(frames=[records.encode_jpeg(f, options.jpeg_quality) for f in decoded.frames],
                 frame_times=decoded.times, fbank=fbank, audio_present=present,
                 duration_s=decoded.duration_s, meta=meta)
@@ -125,7 +146,7 @@ def _image_fields(item: Dict[str, Any], options: MediaOptions) -> Dict[str, Any]
 def build_example(item: Dict[str, Any], options: MediaOptions = MediaOptions()) -> Dict[str, Any]:
     """item -> records example (decodes the media). Raises ValueError / OSError for bad items."""
     if item.get("error"):
-        raise records.RecordError(f"{item['id']}: {item['error']}")
+        raise ItemError(f"{item['id']}: {item['error']}", item.get("error_category", ""))
     if item["media"] == "video":
         fields = _video_fields(item, options)
     elif item["media"] == "image":

@@ -19,7 +19,8 @@ NAME = "videochat_instruct11k"
 ANNOTATION = "videochat_instruct_11k.json"
 
 
-def _turns(qa) -> tuple:
+def qa_turns(qa) -> tuple:
+    """VideoChat "QA" list -> (turns, joined "i" instructions, error); the video goes before the first q."""
     if not isinstance(qa, list) or not qa:
         return [], "", "no 'QA' list"
     turns, instructions = [], []
@@ -41,7 +42,7 @@ def items_from_json(json_path: str, video_dir: str) -> List[Dict]:
     out = []
     for uid, entry in zip(ids, entries):
         entry = entry if isinstance(entry, dict) else {}
-        turns, instruction, error = _turns(entry.get("QA"))
+        turns, instruction, error = qa_turns(entry.get("QA"))
         if not entry.get("video") and not error:
             error = "no 'video' field"
         out.append(item(id=uid, media="video", path=os.path.join(video_dir, str(entry.get("video", ""))),

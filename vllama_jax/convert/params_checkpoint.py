@@ -86,7 +86,8 @@ def _latest_step(checkpoints: Path) -> int | None:
 
 def locate(path, step: int | None = None) -> list[tuple[Path, tuple[str, ...]]]:
     """The orbax items holding params under `path`: (item dir, key path of the params inside it)."""
-    path = Path(path)
+    # Absolute: orbax reads a relative item path's metadata as missing (paths.ckpt = "run/stage1").
+    path = Path(os.path.abspath(path))
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: checkpoint directory does not exist")
     if read_manifest(path) is not None:
