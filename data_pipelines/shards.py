@@ -31,9 +31,9 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-from tqdm import tqdm
 
 from data_pipelines import records
+from vllama_jax.progress import progress_bar
 
 SKIPPABLE_ERRORS = (ValueError, OSError, EOFError)
 # Snappy, not ArrayRecord's default brotli: on the demo's records (uint8 frames + float fbank,
@@ -243,7 +243,7 @@ def write_shards(items: Sequence[Dict[str, Any]], out_dir: str, *, decode_fn: Ca
 
     total = sum(bounds[i][1] - bounds[i][0] for i in todo)
     results = _results(items, [bounds[i] for i in todo], decode_fn, num_workers, chunksize)
-    with tqdm(total=total, desc=f"{dataset_name}/{split}", unit="ex", disable=not progress) as bar:
+    with progress_bar(total=total, desc=f"{dataset_name}/{split}", unit="ex", disable=not progress) as bar:
         for i in todo:
             sink = _ShardSink(paths[i], digests[i])
             for _ in range(bounds[i][1] - bounds[i][0]):

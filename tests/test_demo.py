@@ -32,6 +32,10 @@ def _check_outputs(summary, text):
     for phase in ("data", "tokenizer", "pretrain", "vision1", "vision2", "audio1", "audio2", "evaluate"):
         assert f"== [{phase}] done" in text
     assert "audio branch trains on the audio itself" in text
+    # The machine facts that make two runs comparable: printed and in the summary.
+    machine = summary["machine"]
+    assert machine["jax"] and machine["cores"] >= 1 and "xla_flags" in machine
+    assert f"jax {machine['jax']}" in text and machine["cpu_model"] in text
     for attr in per:
         assert attr in text
     assert "Assistant:" in text and "files:" in text
