@@ -31,9 +31,9 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-from tqdm import tqdm
 
 from data_pipelines import records
+from vllama_jax.progress import progress_bar
 
 SKIPPABLE_ERRORS = (ValueError, OSError, EOFError)
 # Snappy, not ArrayRecord's default brotli: on the demo's records (uint8 frames + float fbank,
@@ -231,7 +231,7 @@ def write_shards(items: Sequence[Dict[str, Any]], out_dir: str, *, decode_fn: Ca
     plan = plan_shards(items, out_dir, dataset_name, split, examples_per_shard, num_shards)
     total = sum(plan.bounds[i][1] - plan.bounds[i][0] for i in plan.todo)
     results = _results(items, [plan.bounds[i] for i in plan.todo], decode_fn, num_workers, chunksize)
-    with tqdm(total=total, desc=f"{dataset_name}/{split}", unit="ex", disable=not progress) as bar:
+    with progress_bar(total=total, desc=f"{dataset_name}/{split}", unit="ex", disable=not progress) as bar:
         for i in plan.todo:
             sink = _ShardSink(plan.paths[i], plan.digests[i])
             for _ in range(plan.bounds[i][1] - plan.bounds[i][0]):

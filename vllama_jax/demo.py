@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vllama_jax.machine import describe as describe_machine, machine_facts
+
 DEVIATION = ("The audio branch trains on the audio itself (ImageBind audio tower -> audio Q-Former), "
              "not on frames through ImageBind's vision tower as in the paper (the demo's tiny ImageBind "
              "has no shared embedding space).")
@@ -471,8 +473,9 @@ def plot_losses(histories: dict[str, list[dict]], path: Path) -> str:
             continue
         ax = axes[0] if name.startswith("pretrain") else axes[1]
         ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name.replace("pretrain_", ""))
-    axes[0].set_title("tower pretraining (LM: next token; vision/audio: caption bag of tokens + attributes)")
-    axes[1].set_title("Video-LLaMA stages (answer-token cross-entropy)")
+    # Two short lines each: one long line ran past the figure's edge.
+    axes[0].set_title("tower pretraining\nLM: next token; vision / audio: caption bag + attributes", fontsize=10)
+    axes[1].set_title("Video-LLaMA stages\nanswer-token cross-entropy", fontsize=10)
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -558,8 +561,9 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     layout = Layout(workdir)
     layout.root.mkdir(parents=True, exist_ok=True)
     phases = _Phases(out)
-    out(f"vllama-demo ({demo.name}, seed {seed}) in {layout.root}; load average {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} cores")
+    machine = machine_facts()
+    out(f"vllama-demo ({demo.name}, seed {seed}) in {layout.root}")
+    out(f"machine: {describe_machine(machine)}")
     out(f"note: {DEVIATION}")
     workers = max((os.cpu_count() or 1) - 1, 1) if workers is None else workers
 
@@ -618,7 +622,7 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     chat_config = write_chat_config(layout, configs["audio2"])
     groups = report["metrics"]["attributes"]["groups"]
     summary = {
-        "config": demo.name, "seed": demo.seed, "deviation": DEVIATION,
+        "config": demo.name, "seed": demo.seed, "machine": machine, "deviation": DEVIATION,
         "accuracy": {a: s["accuracy"] for a, s in report["metrics"]["attributes"]["per_attribute"].items()},
         "accuracy_own_medium": own_medium_accuracy(reports),
         "visual_accuracy": groups["visual"]["accuracy"], "audio_accuracy": groups["audio"]["accuracy"],

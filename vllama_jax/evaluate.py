@@ -43,6 +43,7 @@ from data_pipelines.records import IMAGE_PLACEHOLDER, decode_jpeg
 from vllama_jax.generate import FINISH_EOS, FINISH_NAMES, GenerationConfig, generate, stop_tables_for
 from vllama_jax.inference import InferenceModel
 from vllama_jax.models.video_llama import splice_media
+from vllama_jax.progress import progress_bar
 
 # Question text -> attribute name, for records whose meta carries attribute labels (the demo set).
 DEMO_QUESTIONS = {q: a for a, q in synthetic.QUESTIONS.items()}
@@ -466,9 +467,8 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
         timing["generate_s"] += time.perf_counter() - t0
         timing["batches"] += 1
 
-    from tqdm.auto import tqdm
     start = time.perf_counter()
-    for r in tqdm(range(count), desc="eval", unit="clip", disable=not progress):
+    for r in progress_bar(range(count), desc="eval", unit="clip", disable=not progress):
         example = source[r]
         where = f"record {example.get('id', r)!r}"
         chosen = _media_for(example, media, model)

@@ -452,5 +452,6 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 def progress_bar(total: int, desc: str, enabled: bool = True):
     """A tqdm bar counting tensors (disabled: a no-op bar with the same interface)."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+    from vllama_jax.progress import progress_bar as bar
+
+    return bar(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)

@@ -45,7 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
+
+from vllama_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def build_feature_dataset(module: nn.Module, variables: Any, batches: Iterable[M
     fn = _jitted_capture(module, tuple(outputs), method, tuple(method_args))
     parts: dict[str, list[np.ndarray]] = {}
     size = None
-    for batch in tqdm(batches, desc="caching frozen-tower features", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="caching frozen-tower features", unit="batch", disable=not progress):
         batch = {k: np.asarray(v) for k, v in batch.items()}
         n = next(iter(batch.values())).shape[0]
         size = size or n

@@ -13,7 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+
+from vllama_jax import progress
+from vllama_jax.progress import progress_bar
 
 
 def summarize(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -75,8 +77,8 @@ class MetricsLogger:
                  progress: bool = True, stream=None):
         self.enabled = jax.process_index() == 0
         self.stream = stream or sys.stdout
-        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
-                        disable=not (self.enabled and progress), file=self.stream)
+        self.bar = progress_bar(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
+                                disable=not (self.enabled and progress), file=self.stream)
         self.writer = None
         if self.enabled and logdir:
             from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
@@ -89,7 +91,7 @@ class MetricsLogger:
 
     def write(self, line: str):
         if self.enabled:
-            tqdm.write(line, file=self.stream)
+            progress.write(line, file=self.stream)
 
     def log(self, step: int, scalars: Mapping[str, float], prefix: str = "train"):
         if not self.enabled:
