@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
-from vllama_jax.checkpoint import Checkpointer
+from vllama_jax.checkpoint import Checkpointer, WorkdirLock, remove_interrupted_saves
 from vllama_jax.train import metrics as M
 from vllama_jax.train import optimizer as O
 from vllama_jax.train import partition, schedules
@@ -131,7 +131,8 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
     """(state, frozen, start_step): resumed from the latest checkpoint, or freshly initialised."""
     seed = int(config.train.seed)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    latest = ckpt.latest_step()
+    # The newest step that restores (a damaged newer one is reported and set aside).
+    state, latest = ckpt.restore_newest(su.abstract_state, train_iter, trainable_paths=su.paths)
     frozen = None
     if latest is not None and ckpt.has_frozen():
         frozen = ckpt.restore_frozen(su.abstract_frozen)
@@ -143,7 +144,6 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
                          out_shardings=su.frozen_sh)(frozen)
         logger.write(partition.describe(trainable, frozen))
     if latest is not None:
-        state = ckpt.restore(su.abstract_state, train_iter, trainable_paths=su.paths)
         logger.write(f"resumed from checkpoint step {latest} in {ckpt.workdir}")
         return state, frozen, latest
     init = jax.jit(lambda p, r: S.init_state(p, su.tx, r), out_shardings=su.state_sh)
@@ -205,8 +205,14 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     eval_every = int(t.get("eval_every", 0))
 
     su = _setup(config, task, mesh)
-    ckpt = Checkpointer(workdir, max_to_keep=int(config.checkpoint.max_to_keep),
-                        async_save=bool(config.checkpoint.get("async_save", True)))
+    lock = WorkdirLock(workdir if "://" in workdir else os.path.abspath(workdir)).acquire()
+    try:
+        remove_interrupted_saves(lock.workdir)
+        ckpt = Checkpointer(workdir, max_to_keep=int(config.checkpoint.max_to_keep),
+                            async_save=bool(config.checkpoint.get("async_save", True)))
+    except BaseException:
+        lock.release()
+        raise
     logger = M.MetricsLogger(os.path.join(workdir, "tb") if t.get("tensorboard", True) else None,
                              total_steps=n_steps, progress=bool(t.get("progress", True)))
     try:
@@ -218,6 +224,7 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     finally:
         logger.close()
         ckpt.close()
+        lock.release()
 
 
 class _Run:
