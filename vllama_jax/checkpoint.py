@@ -109,7 +109,8 @@ def describe_damage(step_dir: str, error: BaseException) -> str:
             key, span, size = m.groups()
             files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
                      if os.path.getsize(os.path.join(r, f)) == int(size)] if _local(step_dir) else []
-            where = files[0] if len(files) == 1 else os.path.join(step_dir, "state")
+            where = (files[0] if len(files) == 1 else f"one of {', '.join(sorted(files)[:3])}" if files
+                     else os.path.join(step_dir, "state"))
             return (f"{where}: truncated: array {key!r} needs bytes {span} but the file has {size}")
         if isinstance(e, FileNotFoundError) and e.filename:
             return f"{e.filename}: missing"
