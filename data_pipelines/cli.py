@@ -20,7 +20,9 @@ import os
 import sys
 from typing import List, Optional
 
-from data_pipelines import shards, synthetic
+from data_pipelines import records, shards, synthetic
+from data_pipelines.adapters.common import MediaOptions
+from vllama_jax.cli_errors import UserError, entry_point
 
 SOURCE_DIR_FLAGS = {
     "webvid2m": ("video_dir",),
@@ -41,9 +43,29 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _clip_flags(parser: argparse.ArgumentParser, default_frames: int) -> None:
+    parser.add_argument("--frames", type=_positive_int, default=None,
+                        help=f"frames stored per video (default {default_frames}; the loader samples "
+                             "config.data.num_frames of them)")
+    parser.add_argument("--audio-clips", type=_positive_int, default=None,
+                        help=f"2-second fbank clips stored per video (default {records.NUM_AUDIO_CLIPS}); "
+                             "must equal the training config's data.num_audio_clips")
+
+
 def _media_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=None, help="frames stored per video (default 16)")
-    parser.add_argument("--short-side", type=int, default=None, help="stored frame short side (default 256)")
+    _clip_flags(parser, MediaOptions().num_frames)
+    parser.add_argument("--short-side", type=_positive_int, default=None,
+                        help="stored frame short side (default 256)")
     parser.add_argument("--no-audio", action="store_true", help="store no fbank (audio_present=False)")
 
 
@@ -57,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-test", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--media-dir", default=None, help="where the mp4s go (default DATA_DIR/vllama_demo/media)")
+    _clip_flags(demo, synthetic.MEDIA_OPTIONS.num_frames)
     for name, flags in SOURCE_DIR_FLAGS.items():
         p = sub.add_parser(name, help=f"{name} from its published files")
         _common(p)
@@ -68,35 +91,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _builder_kwargs(args) -> dict:
-    from data_pipelines.adapters.common import MediaOptions
-
     kwargs = dict(num_workers=args.workers, examples_per_shard=args.examples_per_shard,
                   progress=not args.no_progress)
+    changes = {k: v for k, v in (("num_frames", args.frames), ("num_audio_clips", args.audio_clips),
+                                 ("short_side", getattr(args, "short_side", None))) if v is not None}
     if args.dataset == "demo":
-        kwargs["source_dir"] = args.media_dir
+        kwargs["source_dir"] = args.media_dir and os.path.abspath(args.media_dir)
         kwargs["source_kwargs"] = dict(num_train=args.num_train, num_test=args.num_test, seed=args.seed)
+        kwargs["options"] = dataclasses.replace(synthetic.MEDIA_OPTIONS, **changes)
         return kwargs
-    options = MediaOptions()
-    changes = {k: v for k, v in (("num_frames", args.frames), ("short_side", args.short_side)) if v is not None}
     if args.no_audio:
         changes["audio"] = False
-    kwargs["options"] = dataclasses.replace(options, **changes)
-    kwargs["source_dir"] = args.source
+    kwargs["options"] = dataclasses.replace(MediaOptions(), **changes)
+    if not os.path.isdir(args.source):
+        raise UserError(f"--source {args.source!r} is not a directory (it should hold the published "
+                        f"annotation files of {args.dataset})")
+    kwargs["source_dir"] = os.path.abspath(args.source)
     kwargs["source_kwargs"] = {f: getattr(args, f) for f in SOURCE_DIR_FLAGS[args.dataset] if getattr(args, f)}
     return kwargs
 
 
+@entry_point("vllama-prepare-data")
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from data_pipelines import tfds_builders
 
     name = synthetic.NAME if args.dataset == "demo" else args.dataset
     kwargs = _builder_kwargs(args)
-    builder = tfds_builders.BUILDERS[name](data_dir=args.data_dir, **kwargs)
+    builder = tfds_builders.BUILDERS[name](data_dir=os.path.abspath(args.data_dir), **kwargs)
     import tensorflow_datasets as tfds
 
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=kwargs.get("source_dir"), max_examples_per_split=args.max_examples))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=kwargs.get("source_dir"), max_examples_per_split=args.max_examples))
+    except ValueError as e:   # the adapters' errors about the published files (bad csv / json)
+        raise UserError(str(e)) from e
     summary = {}
     for split in builder.info.splits:
         with open(os.path.join(builder.data_dir, shards.report_filename(name, split))) as f:
