@@ -6,6 +6,7 @@
   vllama-prepare-data cc_sbu_align --source DIR --data-dir DIR
   vllama-prepare-data llava_instruct150k --source DIR --data-dir DIR [--image-dir DIR]
   vllama-prepare-data videochat_instruct11k --source DIR --data-dir DIR [--video-dir DIR]
+  vllama-prepare-data tokenizer --shards GLOB --out DIR [--vocab-size 1024]
 
 Output: DIR/<dataset>/1.0.0/ (readable with `tfds.data_source(<dataset>, data_dir=DIR)` or grain),
 with `<dataset>-<split>.report.json` listing skipped inputs. Rerunning an interrupted command
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--media-dir", default=None, help="where the mp4s go (default DATA_DIR/vllama_demo/media)")
     _clip_flags(demo, synthetic.MEDIA_OPTIONS.num_frames)
+    tok = sub.add_parser("tokenizer", help="a small LLaMA-like BPE tokenizer trained on the shards' text "
+                                           "(for tiny / demo configs: config.paths.tokenizer)")
+    tok.add_argument("--shards", required=True, help="ArrayRecord shard glob whose captions / conversations to learn")
+    tok.add_argument("--out", required=True, help="output directory (tokenizer.json + tokenizer_config.json)")
+    tok.add_argument("--vocab-size", type=_positive_int, default=1024,
+                     help="at most this many ids (default 1024, the tiny configs' config.model.vocab_size)")
     for name, flags in SOURCE_DIR_FLAGS.items():
         p = sub.add_parser(name, help=f"{name} from its published files")
         _common(p)
@@ -111,9 +118,36 @@ def _builder_kwargs(args) -> dict:
     return kwargs
 
 
+def _shard_texts(pattern: str):
+    from data_pipelines.loader import ShardSource
+
+    source = ShardSource([pattern])
+    for i in range(len(source)):
+        ex = source[i]
+        if ex.get("caption"):
+            yield ex["caption"]
+        for turn in ex.get("conversations") or ():
+            yield turn["value"]
+
+
+def _tokenizer(args) -> int:
+    from data_pipelines.tokenizer import TextEncoder, build_demo_tokenizer, load_tokenizer
+
+    from vllama_jax.train.config_lib import VICUNA_TEMPLATE
+    # The prompt template and end symbol are text the model reads too.
+    texts = list(_shard_texts(args.shards)) + [VICUNA_TEMPLATE.format("Describe this."), "###"]
+    out = build_demo_tokenizer(texts, os.path.abspath(args.out), vocab_size=args.vocab_size)
+    n = len(TextEncoder(load_tokenizer(out)).tokenizer)
+    print(json.dumps({"tokenizer": os.fspath(out), "texts": len(texts), "vocab_size": n - 1,
+                      "with_image_patch_token": n}, indent=1))
+    return 0
+
+
 @entry_point("vllama-prepare-data")
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.dataset == "tokenizer":
+        return _tokenizer(args)
     from data_pipelines import tfds_builders
 
     name = synthetic.NAME if args.dataset == "demo" else args.dataset

@@ -71,16 +71,24 @@ def run(config, workdir: str):
     from vllama_jax.train.task import build_task, import_string
 
     task = build_task(config)
+    check_batch = None
+    video_llama = hasattr(getattr(task, "config", None), "llama")
+    if video_llama:   # mismatched inputs: one line now, not a traceback or a NaN later
+        from vllama_jax.train import preflight
+        preflight.check_config(config, task)
+        check_batch = lambda batch: preflight.check_batch(batch, task, config)  # noqa: E731
     if config.get("feature_cache") is not None and config.feature_cache.get("enabled"):
         from vllama_jax.train import feature_cache
         task, train_iter = feature_cache.from_config(config, task)
+        check_batch = None   # its batches are tower features
     else:
         train_iter = import_string(config.data.train_builder)(config)
     eval_iter_fn = None
     if config.data.get("eval_builder"):
         builder = import_string(config.data.eval_builder)
         eval_iter_fn = lambda: builder(config)  # noqa: E731
-    return loop.train(config, task, train_iter, workdir=workdir, eval_iter_fn=eval_iter_fn)
+    return loop.train(config, task, train_iter, workdir=workdir, eval_iter_fn=eval_iter_fn,
+                      check_batch=check_batch)
 
 
 @cli_errors.entry_point("vllama-train")

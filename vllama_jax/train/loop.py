@@ -194,8 +194,10 @@ def _agree(flag: bool) -> bool:
 
 
 def train(config, task: Task, train_iter: Iterator, *, workdir: str,
-          eval_iter_fn: Callable[[], Iterable] | None = None, mesh=None) -> TrainResult:
-    """Runs (or resumes) training to `total_steps(config)`; see the module doc for the contract."""
+          eval_iter_fn: Callable[[], Iterable] | None = None, mesh=None,
+          check_batch: Callable[[Any], None] | None = None) -> TrainResult:
+    """Runs (or resumes) training to `total_steps(config)`; see the module doc for the contract.
+    `check_batch(host_batch)`, if given, vets the first batch before anything compiles."""
     check_task(task)
     t = config.train
     mesh = sharding.make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
@@ -220,6 +222,7 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
         logger.bar.n = step
         logger.bar.refresh()
         run = _Run(config, task, su, ckpt, logger, train_iter, eval_iter_fn, compute_dtype)
+        run.check_batch = check_batch
         return run.loop(state, frozen, step, n_steps, log_every, save_every, eval_every)
     finally:
         logger.close()
@@ -246,6 +249,7 @@ class _Run:
         self.examples_in_window = 0
         self.last_saved = ckpt.latest_step()
         self.throughput = M.Throughput()
+        self.check_batch = None
 
     def _compile(self, batch):
         batch_sh = sharding.batch_shardings(batch, self.su.mesh)
@@ -302,6 +306,8 @@ class _Run:
                     self.logger.write(f"train iterator exhausted at step {step}")
                     break
                 if self.jitted is None:
+                    if self.check_batch is not None:
+                        self.check_batch(batch)
                     self._compile(batch)
                 state, m = self.jitted(state, frozen, sharding.shard_batch(batch, self.su.mesh))
                 step += 1
