@@ -48,7 +48,7 @@ def save_params(path, params: Mapping, manifest: Mapping | None = None, overwrit
     ocp = _ocp()
     meta = {"format": FORMAT, "version": VERSION, **dict(manifest or {})}
     meta["format"], meta["version"] = FORMAT, VERSION
-    path = Path(path)
+    path = Path(path).absolute()   # orbax refuses relative paths
     with atomic_dir(path, overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_ITEM, dict(params))
@@ -86,7 +86,7 @@ def _latest_step(checkpoints: Path) -> int | None:
 
 def locate(path, step: int | None = None) -> list[tuple[Path, tuple[str, ...]]]:
     """The orbax items holding params under `path`: (item dir, key path of the params inside it)."""
-    path = Path(path)
+    path = Path(path).absolute()   # orbax refuses relative paths
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: checkpoint directory does not exist")
     if read_manifest(path) is not None:
