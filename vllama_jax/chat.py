@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for
+from vllama_jax.cli_errors import entry_point
 from vllama_jax.inference import InferenceModel
 from vllama_jax.models.video_llama import VideoLlama
 
@@ -452,6 +453,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+@entry_point("vllama-chat")
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
     """Console entry point `vllama-chat`."""
     from vllama_jax.inference import LoadError, load_for_inference

@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from vllama_jax.cli_errors import entry_point
+
 
 def _demo_parser() -> argparse.ArgumentParser:
     from vllama_jax import demo
@@ -23,6 +25,7 @@ def _demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point("vllama-demo")
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """`vllama-demo`: the whole recipe in miniature (see vllama_jax/demo.py)."""
     args = _demo_parser().parse_args(sys.argv[1:] if argv is None else argv)

@@ -60,7 +60,16 @@ def _user_error_types() -> tuple[type, ...]:
                          ("data_pipelines.tokenizer", "TokenizerError"),
                          ("vllama_jax.convert.common", "CheckpointError"),
                          ("vllama_jax.checkpoint", "CheckpointDamagedError"),
-                         ("vllama_jax.checkpoint", "WorkdirLockedError")):
+                         ("vllama_jax.checkpoint", "WorkdirLockedError"),
+                         ("vllama_jax.inference", "LoadError"),
+                         ("vllama_jax.evaluate", "EvalError"),
+                         ("vllama_jax.chat", "ChatError"),
+                         ("vllama_jax.plan", "PlanError"),
+                         ("vllama_jax.convert.cli", "UsageError"),
+                         ("data_pipelines.prompts", "PromptError"),
+                         ("data_pipelines.records", "RecordError"),
+                         ("data_pipelines.video", "MediaDecodeError"),
+                         ("data_pipelines.audio", "AudioDecodeError")):
         mod = sys.modules.get(module)   # only what the CLI already imported can have been raised
         if mod is not None and hasattr(mod, name):
             types.append(getattr(mod, name))
