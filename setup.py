@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only a parity reference / conversion backend, never a core dependency.
     "torch": ["torch==2.13.0"],
+    # To view the TensorBoard logs the trainer writes (tensorboardX writes them without it).
+    "tensorboard": ["tensorboard>=2.14,<3"],
     "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2"],
 }
 
@@ -46,6 +48,7 @@ setup(
             "vllama-chat=vllama_jax.chat:main",
             "vllama-eval=vllama_jax.evaluate:main",
             "vllama-plan=vllama_jax.plan:main",
+            "vllama-bench=vllama_jax.cli:bench_main",
         ],
     },
 )

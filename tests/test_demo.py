@@ -35,6 +35,10 @@ def _check_outputs(summary, text):
     for attr in per:
         assert attr in text
     assert "Assistant:" in text and "files:" in text
+    # The chat command the README promises in the workdir, runnable as it is.
+    chat = open(files["chat_command"]).read()
+    assert "vllama-chat --checkpoint" in chat and os.access(files["chat_command"], os.X_OK)
+    assert "pip install -e '.[tensorboard]'" in text
     dialogue = summary["sample_dialogues"][0]
     assert dialogue["turns"][0][2].startswith("Received")
     assert "Close your eyes, open your ears" in dialogue["prompt"]     # the chat's audio+video upload
