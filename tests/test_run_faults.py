@@ -167,3 +167,16 @@ def test_train_cli_missing_config_file_and_help(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="nosuchkey"):
         cli.main(_cli_args(tmp_path / "w", "--config.train.nosuchkey=3", "--debug"))
+
+
+@pytest.mark.slow
+def test_fault_injection_kills_and_restarts_end_bit_equal(tmp_path, capsys):
+    """benchmarks/fault_injection.py: SIGKILL during steps / during a checkpoint write and SIGTERM at
+    random moments, restarts, and the final state bit-equal to the uninterrupted run."""
+    sys.path.insert(0, REPO)
+    from benchmarks import fault_injection
+
+    assert fault_injection.main(["--faults", "3", "--seed", "1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "every final state bit-equal to the uninterrupted run: True" in out
+    assert "faults survived:" in out
