@@ -173,8 +173,10 @@ def load_config_file(path: str):
     file, _, arg = path.partition(":") if not os.path.isfile(path) else (path, "", "")
     if not os.path.isfile(file):
         raise UserError(f"config file {file!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_vllama_config_{abs(hash(os.path.abspath(file)))}", file)
+    name = f"_vllama_config_{abs(hash(os.path.abspath(file)))}"
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # dataclasses look their module up while the file executes
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the file is the user's
