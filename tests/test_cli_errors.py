@@ -130,3 +130,28 @@ def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch, capsys):
     assert _main("vllama-convert")(["inspect", str(tmp_path / "w.pth")]) == 2
     err = capsys.readouterr().err.strip()
     assert "install the [torch] extra" in err and "pip install -e '.[torch]'" in err
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"clip.mp4": b"\x00" * 16}, "WebVid: none of ['results_2M_train.csv', 'results_2M_val.csv']"),
+    ({"results_2M_train.csv": b"a,b\n1,2\n"}, "missing columns ['videoid', 'page_dir', 'name']; header is ['a', 'b']"),
+])
+def test_prepare_data_on_the_wrong_source_files_is_one_line(tmp_path, capsys, files, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    rc = _call("vllama-prepare-data", ["webvid2m", "--source", str(src), "--data-dir", str(tmp_path / "out"),
+                                       "--workers", "0", "--no-progress"])
+    assert rc == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("vllama-prepare-data")]
+    assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in src.iterdir()) == sorted(files)   # the source is untouched
+
+
+def test_vllama_bench_runs_from_any_directory(tmp_path, monkeypatch, capfd):
+    from vllama_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.bench_main(["--help"]) == 0
+    assert "benchmarks" in capfd.readouterr().out.lower()
