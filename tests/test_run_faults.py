@@ -93,6 +93,19 @@ def test_interrupted_save_temp_dirs_are_removed_with_a_log_line(tmp_path, runs, 
     assert {"3", "6", "9"} <= set(_steps(workdir))
 
 
+def test_damaged_frozen_params_are_named(tmp_path):
+    import numpy as np
+
+    frozen = {"tower": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    with C.Checkpointer(str(tmp_path)) as ck:
+        ck.save_frozen(frozen)
+        (tmp_path / "frozen" / "_METADATA").write_text("")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+        with pytest.raises(C.CheckpointDamagedError, match=r"frozen params .* do not restore: .*frozen/_METADATA: "
+                                                           r"empty file"):
+            ck.restore_frozen(abstract)
+
+
 def _holder(lock_dir):
     """A live process holding the workdir lock (as a second run would see it)."""
     code = ("import sys, time; from vllama_jax.checkpoint import WorkdirLock; "

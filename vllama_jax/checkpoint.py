@@ -41,6 +41,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vllama_jax.cli_errors import UserError
 from vllama_jax.train.step import TrainState
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,8 @@ def _check_iterator(it: Any):
                         "checkpointing needs a grain DatasetIterator or an object with both")
 
 
-class _TrainableSetMismatch(ValueError):
-    pass
+class _TrainableSetMismatch(ValueError, UserError):
+    """The checkpoint holds another trainable set: a config change, not damage."""
 
 
 class Checkpointer:
@@ -394,8 +395,12 @@ class Checkpointer:
         return True
 
     def restore_frozen(self, abstract: Any) -> Any:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(self.frozen_dir, abstract)
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                return ckptr.restore(self.frozen_dir, abstract)
+        except Exception as e:  # noqa: BLE001 - written once, so there is nothing older to fall back to
+            raise CheckpointDamagedError(
+                f"the frozen params of {self.workdir} do not restore: {describe_damage(self.frozen_dir, e)}") from e
 
     # -- lifecycle --------------------------------------------------------------------------
 
