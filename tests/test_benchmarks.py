@@ -58,6 +58,7 @@ def test_table_shows_the_loader_against_the_step_of_the_same_run():
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_loader_against_step_feeds_the_loaders_batches_to_the_step(tmp_path):
     import dataclasses
 

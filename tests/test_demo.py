@@ -65,6 +65,7 @@ def test_quick_demo_runs_every_phase(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_quick_demo_is_deterministic(tmp_path):
     first, _ = _run(tmp_path / "a", "--quick")
     second, _ = _run(tmp_path / "b", "--quick")

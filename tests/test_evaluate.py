@@ -309,6 +309,7 @@ def _config_file(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_eval_on_the_synthetic_writer_output(world, tmp_path):
     """Records as the demo writes them (rendered mp4s: 16 stored frames, 8 fbank clips) through a
     model with the reference's 8 frames and 8 audio clips; every attribute is scored."""

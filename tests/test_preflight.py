@@ -108,6 +108,7 @@ def test_train_cli_mismatch_is_one_line_before_anything_is_written(tmp_path, cap
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_tiny_stage1_trains_on_prepared_data_from_a_relative_workdir(tmp_path, monkeypatch, data, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["vllama-train", "--config", TINY1, "--workdir", "run", f"--config.data.shards={data[0]}",

@@ -183,6 +183,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_fault_injection_kills_and_restarts_end_bit_equal(tmp_path, capsys):
     """benchmarks/fault_injection.py: SIGKILL during steps / during a checkpoint write and SIGTERM at
     random moments, restarts, and the final state bit-equal to the uninterrupted run."""
