@@ -28,7 +28,10 @@ EXTRAS = {
     "torch": ["torch==2.13.0"],
     # To view the TensorBoard logs the trainer writes (tensorboardX writes them without it).
     "tensorboard": ["tensorboard>=2.14,<3"],
-    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2"],
+    # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
+    # manylinux wheel, bundles its own FFmpeg 4.1; the parity tests skip where it is missing).
+    "test": ["pytest>=8,<10", "torch==2.13.0", "kaldi-native-fbank>=1.20,<2",
+             "decord==0.6.0; platform_machine == 'x86_64' and platform_system == 'Linux'"],
 }
 
 setup(

@@ -14,6 +14,8 @@ jax; the loader spawns workers) and writes its JSON; this script collects them:
   loader          grain pipeline examples/s on synthetic 224 px shards, and against the uncached
                   tiny_224 train step timed in the same process (benchmarks/loader_throughput.py)
   decode          KV-cache generate tokens/s vs uncached and HF (benchmarks/decode.py, when present)
+  media           8 frames + 8 audio clips of a 720p h264 clip: ours vs decord and ImageBind's audio
+                  path, same process (benchmarks/media_decode.py; needs decord, the test extra's)
 
 On a shared machine absolute numbers move with the load; `uptime` is recorded before and after
 each part, and the ratios inside one part are the figures to compare.
@@ -53,6 +55,7 @@ def parts(quick: bool) -> dict[str, list[str]]:
     }
     if os.path.isfile(os.path.join(ROOT, "benchmarks", "decode.py")):
         out["decode"] = [py, "benchmarks/decode.py", "--reps", "3"]
+    out["media"] = [py, "benchmarks/media_decode.py", "--reps", "5", "--seconds", "6" if quick else "10"]
     return out
 
 
@@ -147,6 +150,15 @@ def table(results: dict) -> str:
                 k, f"{v['tokens_per_s']:.0f} tokens/s")
     elif "decode" not in results:
         add("decode", "tokens/s", "benchmarks/decode.py absent (hook: add it to run.parts)")
+    media = get("media")
+    for clip, m in ((media or {}).get("clips") or {}).items():
+        tag = f"media, 720p {clip}, 8 frames + 8 audio clips"
+        med = m["median_s"]
+        add(tag, "frames decord / ours", f"{med['decord_frames'] * 1e3:.0f} / {med['ours_frames'] * 1e3:.0f} ms "
+            f"({m['frames_ratio_decord_over_ours']:.2f}x, max diff {m['frames_max_abs_levels_vs_decord']:.0f} levels)")
+        add(tag, "audio original / ours", f"{med['original_audio'] * 1e3:.0f} / {med['ours_audio'] * 1e3:.0f} ms "
+            f"({m['audio_ratio_original_over_ours']:.2f}x)")
+        add(tag, "both, original / ours", f"{m['total_ratio']:.2f}x")
     for name, r in results.items():
         if r.get("returncode") != 0:
             add(name, "status", f"FAILED ({r.get('returncode')})")

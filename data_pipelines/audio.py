@@ -2,7 +2,7 @@
 
 Reproduces ImageBind's `load_and_transform_audio_data` (which Video-LLaMA calls) in numpy:
 
-  waveform (any rate, any channels) --decode_audio--> mono float32 at 16 kHz
+  waveform (any rate, any channels) --decode--> float32 [C, S], resampled to 16 kHz
   --ConstantClipsPerVideoSampler(clip_duration=2, clips_per_video=M)--> M clips of 2 s
   --waveform2melspec--> Kaldi fbank [128, T], right-padded / cropped to 204 frames
   --normalize (x + 4.268) / 9.138--> float32 [M, 1, 128, 204]
@@ -15,13 +15,16 @@ Deliberate choices and known differences from the PyTorch original:
   default) differs from it by ~1.2e-4 of full scale away from the ends (the Hann-windowed
   sinc's passband ripple; soxr is closer to the ideal sine) and up to ~1e-2 in the first and
   last ~25 ms, where torchaudio zero-pads.
-- ImageBind feeds `fbank(channel=-1)`, i.e. the *first* channel of a multichannel file; the
-  issue asks for a mono downmix, so `channel=None` (default) averages channels and
-  `channel=0` reproduces the original exactly.
-- `waveform2melspec` in the original does `waveform -= waveform.mean()` on a *view* of the
-  whole waveform, so each clip's mean is also subtracted from the samples later overlapping
-  clips see. `waveform_to_clips` reproduces this (it only matters in frames that straddle a
-  clip boundary, because Kaldi removes each frame's DC offset anyway).
+- Channels (`channels=`, default "imagebind"): ImageBind loads every channel, resamples each,
+  and per clip runs `waveform -= waveform.mean()` on a *view* of the whole [C, S] waveform (the
+  mean over every channel and sample of the clip, subtracted in place from all channels, so later
+  overlapping clips see the shifted samples), then Kaldi fbank reads channel 0. "imagebind"
+  reproduces exactly that; it only needs channel 0 and the channel average (the subtracted mean
+  is the clip mean of the average), so only those two are resampled: equal to resampling every
+  channel up to float32 rounding (resampling is linear). Explicit alternatives, recorded in the
+  shard metadata when used: "mix" (average the channels first, then the mono path) and an int k
+  (channel k alone; on a multichannel file this is *not* the original, whose mean covers all
+  channels). On mono input all three are the same.
 - A clip shorter than one 25 ms window makes torchaudio assert; here it yields zero frames,
   i.e. all padding.
 - With 128 bins at 16 kHz and a 512-point FFT the 4th mel filter contains no FFT bin, so that
@@ -51,15 +54,33 @@ FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
+# How a multichannel track becomes the one waveform the fbank reads (see the module docstring).
+IMAGEBIND_CHANNELS = "imagebind"
+MIX_CHANNELS = "mix"
+DEFAULT_CHANNELS = IMAGEBIND_CHANNELS
 
 
 class AudioDecodeError(ValueError):
-    """An audio/video file could not be read or decoded."""
+    """An audio/video file could not be read or decoded. `category` groups it in shard reports."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, category: str = "undecodable"):
         self.path = str(path)
         self.reason = reason
+        self.category = category  # "missing" | "undecodable" | "truncated" | "corrupt"
         super().__init__(f"cannot decode audio from {self.path!r}: {reason}")
+
+
+# Decoded audio shorter than the container declares by more than this fraction is a cut file
+# (AAC priming / padding and rounding cost a few tens of ms on intact files).
+TRUNCATION_TOLERANCE = 0.1
+
+
+def _declared_seconds(container, stream) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1e6
+    return 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +93,17 @@ class AudioClips:
     fbank: np.ndarray
     present: bool
     duration_s: float
+
+
+def check_channels(channels) -> str | int:
+    """A channel choice: "imagebind" (default), "mix", or a channel index (int or digit string)."""
+    if isinstance(channels, str) and channels.isdigit():
+        channels = int(channels)
+    if channels in (IMAGEBIND_CHANNELS, MIX_CHANNELS) or (
+            isinstance(channels, int) and not isinstance(channels, bool) and channels >= 0):
+        return channels
+    raise ValueError(f"audio channels: expected {IMAGEBIND_CHANNELS!r} (the original's), "
+                     f"{MIX_CHANNELS!r} or a channel index >= 0, got {channels!r}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -98,21 +130,34 @@ def _decode_all_channels(path: str) -> tuple[np.ndarray, int] | None:
     import av  # noqa: PLC0415  (PyAV is heavy; only decoding needs it)
 
     try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            chunks, rate = [], None
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError, TypeError, ValueError) as e:
+        raise AudioDecodeError(path, f"expected a readable audio or video container ({e})") from e
+    with container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        declared = _declared_seconds(container, stream)
+        chunks, rate, decoded = [], None, 0
+        try:
             for frame in container.decode(stream):
                 if rate is not None and frame.sample_rate != rate:
                     raise AudioDecodeError(
                         path, f"sample rate changes mid-stream ({rate} -> {frame.sample_rate} Hz)")
                 rate = frame.sample_rate
                 chunks.append(_frame_to_float(frame))
-    except AudioDecodeError:
-        raise
-    except (av.error.FFmpegError, OSError, TypeError, ValueError) as e:
-        raise AudioDecodeError(path, f"expected a readable audio or video container ({e})") from e
+                decoded += frame.samples
+        except AudioDecodeError:
+            raise
+        except (av.error.FFmpegError, OSError, TypeError, ValueError) as e:
+            if not chunks:
+                raise AudioDecodeError(path, f"expected a readable audio or video container ({e})") from e
+            of = f" of {declared:.1f} s" if declared else ""
+            raise AudioDecodeError(path, f"decode error mid-stream after {decoded / rate:.1f} s{of} "
+                                         f"({type(e).__name__}: {e})", "corrupt") from e
+    if chunks and declared and decoded / rate < (1 - TRUNCATION_TOLERANCE) * declared:
+        raise AudioDecodeError(path, f"truncated: decoded {decoded / rate:.1f} s of {declared:.1f} s "
+                                     f"of audio (the container declares the full length)", "truncated")
     if not chunks:
         return np.zeros((1, 0), np.float32), int(stream.rate or SAMPLE_RATE)
     return np.concatenate(chunks, axis=1), int(rate)
@@ -122,13 +167,15 @@ def decode_audio(path, sample_rate: int = SAMPLE_RATE,
                  channel: int | None = None) -> tuple[np.ndarray, int]:
     """Decodes the first audio track of a video or audio file to float32 mono at `sample_rate`.
 
-    channel=None averages the channels; channel=k takes channel k (ImageBind uses 0).
+    channel=None averages the channels; channel=k takes channel k. A listening / inspection helper:
+    what the towers are fed comes from `load_audio_clips` (default: ImageBind's multichannel
+    handling, which no single mono waveform reproduces).
     A file without an audio track gives an empty waveform. Raises AudioDecodeError when the
     file is missing or undecodable.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)")
+        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)", "missing")
     decoded = _decode_all_channels(path)
     if decoded is None:
         return np.zeros((0,), np.float32), sample_rate
@@ -307,65 +354,104 @@ def clip_sample_ranges(num_samples: int, num_clips: int, clip_seconds=2.0,
     return ranges
 
 
-def _clip_inputs(waveform: np.ndarray, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-    """The clips as ImageBind's loop sees them, including its in-place mean removal.
+def _clip_inputs(first: np.ndarray, average: np.ndarray,
+                 ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+    """The channel-0 clips the fbank sees in ImageBind's loop, including its in-place mean removal.
 
-    The original subtracts each clip's mean from a view of the shared waveform, so a later
+    The original subtracts each clip's mean over all channels from a view of the shared [C, S]
+    waveform: the same scalar comes off every channel, so tracking channel 0 (`first`) and the
+    channel average (`average`, whose clip mean is that all-channel mean) is enough. A later
     clip overlapping an earlier one starts from the already-shifted samples.
     """
-    work = np.array(waveform, np.float32, copy=True)
+    work = np.array(first, np.float32, copy=True)
+    mean_work = work if average is first else np.array(average, np.float32, copy=True)
     clips = []
     for a, b in ranges:
-        clips.append(work[a:b].copy())
         if b > a:
-            work[a:b] -= work[a:b].mean(dtype=np.float32)
+            m = mean_work[a:b].mean(dtype=np.float32)
+            work[a:b] -= m
+            if mean_work is not work:
+                mean_work[a:b] -= m
+        clips.append(work[a:b].copy())
     return clips
 
 
 def _melspecs(clips: list[np.ndarray], sample_rate: int, num_mel_bins: int,
               num_frames: int) -> np.ndarray:
-    """Batched waveform2melspec over clips (one FFT call when the clips have equal length)."""
+    """Kaldi fbank of the (already mean-removed) clips, one FFT call when they have equal length."""
     if len({c.size for c in clips}) == 1 and clips[0].size:
         batch = np.stack(clips)
-        batch = batch - batch.mean(axis=1, keepdims=True, dtype=np.float32)
         return fit_frames(kaldi_fbank(batch, sample_rate, num_mel_bins), num_frames)[:, None]
-    return np.stack([waveform2melspec(c, sample_rate, num_mel_bins, num_frames) for c in clips])
+    return np.stack([fit_frames(kaldi_fbank(c[None], sample_rate, num_mel_bins)[0], num_frames)[None]
+                     for c in clips])
+
+
+def _fbank_inputs(waveform: np.ndarray, channels) -> tuple[np.ndarray, np.ndarray]:
+    """[C, S] -> (the waveform the fbank reads, the waveform whose clip means are subtracted)."""
+    if channels == IMAGEBIND_CHANNELS:
+        first = waveform[0]
+        average = first if waveform.shape[0] == 1 else waveform.mean(axis=0, dtype=np.float32)
+        return first, average
+    if channels == MIX_CHANNELS:
+        mixed = waveform[0] if waveform.shape[0] == 1 else waveform.mean(axis=0, dtype=np.float32)
+        return mixed, mixed
+    if channels >= waveform.shape[0]:
+        raise ValueError(f"audio channel {channels} requested, the track has {waveform.shape[0]} channel(s)")
+    return waveform[channels], waveform[channels]
 
 
 def waveform_to_clips(waveform: np.ndarray, sr: int, num_clips: int = 8,
                       clip_seconds: float = 2.0, sample_rate: int = SAMPLE_RATE,
-                      num_frames: int = TARGET_FRAMES,
-                      num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
-    """Mono waveform [S] at `sr` -> normalised fbank clips float32 [num_clips, 1, mel, num_frames]."""
+                      num_frames: int = TARGET_FRAMES, num_mel_bins: int = NUM_MEL_BINS,
+                      channels=DEFAULT_CHANNELS) -> np.ndarray:
+    """Waveform [S] or [C, S] at `sr` -> normalised fbank clips float32 [num_clips, 1, mel, num_frames].
+
+    `channels` says how a multichannel waveform is read: "imagebind" (the original), "mix" or an
+    index (module docstring).
+    """
+    channels = check_channels(channels)
     waveform = np.asarray(waveform, np.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"waveform_to_clips expects a mono waveform [samples], got shape "
-                         f"{waveform.shape}; downmix first")
+    if waveform.ndim == 1:
+        waveform = waveform[None]
+    if waveform.ndim != 2:
+        raise ValueError(f"waveform_to_clips expects a waveform [samples] or [channels, samples], "
+                         f"got shape {waveform.shape}")
     if waveform.size == 0:
         raise ValueError("waveform_to_clips got an empty waveform; an absent track is "
                          "AudioClips(present=False), see load_audio_clips")
     if not np.all(np.isfinite(waveform)):
         raise ValueError("waveform_to_clips got NaN or inf samples")
-    waveform = resample(waveform, sr, sample_rate)
-    ranges = clip_sample_ranges(waveform.size, num_clips, clip_seconds, sample_rate)
-    clips = _clip_inputs(waveform, ranges)
+    first, average = _fbank_inputs(waveform, channels)
+    first_16k = resample(first, sr, sample_rate)
+    average_16k = first_16k if average is first else resample(average, sr, sample_rate)
+    ranges = clip_sample_ranges(first_16k.size, num_clips, clip_seconds, sample_rate)
+    clips = _clip_inputs(first_16k, average_16k, ranges)
     return normalize_fbank(_melspecs(clips, sample_rate, num_mel_bins, num_frames))
 
 
 def load_audio_clips(path, num_clips: int = 8, clip_seconds: float = 2.0,
                      sample_rate: int = SAMPLE_RATE, num_frames: int = TARGET_FRAMES,
-                     num_mel_bins: int = NUM_MEL_BINS, channel: int | None = None) -> AudioClips:
+                     num_mel_bins: int = NUM_MEL_BINS, channels=DEFAULT_CHANNELS) -> AudioClips:
     """Decodes `path` and returns its M normalised fbank clips (ImageBind's audio input).
 
-    No audio track (or an empty one) -> AudioClips(zeros, present=False, duration_s=0.0).
-    Missing or undecodable file -> AudioDecodeError.
+    `channels`: "imagebind" (default: exactly the original's multichannel handling), "mix", or a
+    channel index. No audio track (or an empty one) -> AudioClips(zeros, present=False,
+    duration_s=0.0). Missing or undecodable file, or a channel the track lacks -> AudioDecodeError.
     """
-    waveform, sr = decode_audio(path, sample_rate, channel=channel)
-    if waveform.size == 0:
+    channels = check_channels(channels)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioDecodeError(path, "file does not exist (expected an audio or video file)", "missing")
+    decoded = _decode_all_channels(path)
+    if decoded is None or decoded[0].shape[1] == 0:
         return AudioClips(np.zeros((num_clips, 1, num_mel_bins, num_frames), np.float32),
                           present=False, duration_s=0.0)
-    if not np.all(np.isfinite(waveform)):
+    samples, rate = decoded
+    if not np.all(np.isfinite(samples)):
         raise AudioDecodeError(path, "decoded samples contain NaN or inf")
-    fbank = waveform_to_clips(waveform, sr, num_clips, clip_seconds, sample_rate, num_frames,
-                              num_mel_bins)
-    return AudioClips(fbank, present=True, duration_s=waveform.size / sr)
+    if isinstance(channels, int) and channels >= samples.shape[0]:
+        raise AudioDecodeError(path, f"channel {channels} requested, the track has "
+                                     f"{samples.shape[0]} channel(s)")
+    fbank = waveform_to_clips(samples, rate, num_clips, clip_seconds, sample_rate, num_frames,
+                              num_mel_bins, channels)
+    return AudioClips(fbank, present=True, duration_s=samples.shape[1] / rate)

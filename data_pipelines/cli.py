@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from data_pipelines import records, shards, synthetic
 from data_pipelines.adapters.common import MediaOptions
+from data_pipelines.audio import check_channels
 from vllama_jax.cli_errors import UserError, entry_point
 
 SOURCE_DIR_FLAGS = {
@@ -67,7 +68,14 @@ def _media_flags(parser: argparse.ArgumentParser) -> None:
     _clip_flags(parser, MediaOptions().num_frames)
     parser.add_argument("--short-side", type=_positive_int, default=None,
                         help="stored frame short side (default 256)")
+    parser.add_argument("--frame-size", type=_positive_int, default=None,
+                        help="store video frames scaled to NxN while decoding, as the original's decord "
+                             "reader gives them (e.g. 224; replaces --short-side for videos)")
     parser.add_argument("--no-audio", action="store_true", help="store no fbank (audio_present=False)")
+    parser.add_argument("--audio-channels", default=None, type=check_channels,
+                        help="how a multichannel track is read: 'imagebind' (default, the original's: "
+                             "all-channel mean removal, fbank of channel 0), 'mix', or a channel index; "
+                             "stored in each record's meta")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +115,12 @@ def _builder_kwargs(args) -> dict:
         kwargs["source_kwargs"] = dict(num_train=args.num_train, num_test=args.num_test, seed=args.seed)
         kwargs["options"] = dataclasses.replace(synthetic.MEDIA_OPTIONS, **changes)
         return kwargs
+    if args.frame_size is not None:
+        changes["frame_size"] = args.frame_size
     if args.no_audio:
         changes["audio"] = False
+    if args.audio_channels is not None:
+        changes["audio_channels"] = args.audio_channels
     kwargs["options"] = dataclasses.replace(MediaOptions(), **changes)
     if not os.path.isdir(args.source):
         raise UserError(f"--source {args.source!r} is not a directory (it should hold the published "
@@ -116,6 +128,19 @@ def _builder_kwargs(args) -> dict:
     kwargs["source_dir"] = os.path.abspath(args.source)
     kwargs["source_kwargs"] = {f: getattr(args, f) for f in SOURCE_DIR_FLAGS[args.dataset] if getattr(args, f)}
     return kwargs
+
+
+def summary_line(name: str, split: str, report: dict, report_path: str, top: int = 3) -> str:
+    """One line per split: what was written, what was skipped and why (most frequent reasons
+    first), and the report file that lists every skipped item with its path and error."""
+    line = f"{name}/{split}: wrote {report['num_written']} of {report['num_inputs']} items"
+    if report["num_skipped"]:
+        reasons = sorted(report["skipped_by_category"].items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{k} {v}" for k, v in reasons[:top])
+        rest = len(reasons) - top
+        more = f", {rest} more reason{'s' * (rest > 1)}" if rest > 0 else ""
+        line += f"; skipped {report['num_skipped']} ({shown}{more}); each skipped item and why: {report_path}"
+    return line
 
 
 def _shard_texts(pattern: str):
@@ -162,8 +187,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UserError(str(e)) from e
     summary = {}
     for split in builder.info.splits:
-        with open(os.path.join(builder.data_dir, shards.report_filename(name, split))) as f:
+        report_path = os.path.join(builder.data_dir, shards.report_filename(name, split))
+        with open(report_path) as f:
             report = json.load(f)
+        print(summary_line(name, split, report, report_path))
         summary[split] = {k: report[k] for k in ("num_inputs", "num_written", "num_skipped",
                                                  "skipped_by_category", "num_no_audio")}
     print(json.dumps({"dataset": name, "dir": os.fspath(builder.data_dir), "splits": summary}, indent=1))

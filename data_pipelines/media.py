@@ -84,14 +84,15 @@ def _encode_audio(container, stream, audio: np.ndarray, sample_rate: int) -> Non
 
 def write_mp4(path: str, frames: np.ndarray, fps: float, audio: Optional[np.ndarray] = None,
               sample_rate: int = 16000, *, timestamps: Optional[np.ndarray] = None,
-              rotation: int = 0) -> str:
+              rotation: int = 0, faststart: bool = False) -> str:
     """Writes `frames` (uint8 [T,H,W,3], H and W even) as an h264 mp4, with a mono aac track if `audio`.
 
     `timestamps` (seconds, increasing, one per frame) makes a variable-frame-rate file instead of a
     constant `fps` one. `rotation` (degrees, multiple of 90) is stored as a display matrix, as phones
     do, with the pixels unrotated: players show the frames turned `rotation` degrees
     counter-clockwise (FFmpeg's display-matrix convention; a phone's legacy `rotate=90` tag, a
-    clockwise turn, reads back as -90). Returns `path`.
+    clockwise turn, reads back as -90). `faststart` puts the index (moov) before the media data, as
+    web-optimised files have it (then a file cut short still declares its full length). Returns `path`.
     """
     frames = _check_frames(frames)
     if audio is not None:
@@ -114,7 +115,8 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: Optional[np.ndar
         # A millisecond time base lets each frame carry its own presentation time (variable rate).
         time_base = fractions.Fraction(1, 1000)
         pts = np.round(timestamps * 1000).astype(np.int64)
-    with av.open(path, mode="w", format="mp4") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(path, mode="w", format="mp4", options=options) as container:
         # All streams must exist before the first packet is muxed (that writes the header).
         vstream = _add_video_stream(container, frames, fps_frac, time_base, rotation % 360)
         astream = _add_audio_stream(container, sample_rate) if audio is not None else None

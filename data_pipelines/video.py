@@ -4,7 +4,12 @@ Decoding (PyAV) samples frames by presentation time, so variable-frame-rate file
 evenly in time; for constant-rate files the result equals the reference's index sampling
 (`np.arange(0, vlen, vlen / n).astype(int)` in `video_llama/processors/video_processor.py`).
 Display-matrix rotation is applied; clips with fewer frames than asked repeat frames (the
-reference silently returns fewer frames, which its datasets then reject).
+reference silently returns fewer frames, which its datasets then reject). `size=(h, w)` scales
+inside FFmpeg while decoding, giving exactly the frames of the reference's decord
+`VideoReader(height=h, width=w)` (chat and `load_video` use it). Only the frames the sampled
+ones depend on are decoded (keyframe seeks, h264 non-reference pictures skipped). Files far
+shorter than their container declares, or with decoder errors, are VideoDecodeErrors
+(categories 'truncated' / 'corrupt'). docs/MEDIA.md compares every path with the original.
 
 Transforms (pure numpy + PIL, for the loader to apply to decoded JPEG frames):
   eval_transform   resize to 224x224 bicubic, aspect not kept (alpro_video_eval / blip2_image_eval)
@@ -19,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from fractions import Fraction
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import av
+import av.filter
 import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image
@@ -42,7 +48,8 @@ class MediaDecodeError(ValueError):
     def __init__(self, path, reason: str, category: str = "undecodable"):
         self.path = str(path)
         self.reason = reason
-        self.category = category  # "missing" | "empty" | "undecodable": the report groups by it
+        # "missing" | "empty" | "undecodable" | "truncated" | "corrupt": the report groups by it
+        self.category = category
         super().__init__(f"cannot decode {self.kind} {self.path!r}: {reason}")
 
 
@@ -146,9 +153,10 @@ def _open(path: str):
         raise VideoDecodeError(path, f"not a readable media file ({type(e).__name__}: {e})") from e
 
 
-def _packet_pts(path: str, container, stream) -> List[int]:
-    """Presentation times of all video packets (demux only, no decoding), sorted."""
-    pts = []
+def _packet_pts(path: str, container, stream) -> Tuple[List[int], List[int]]:
+    """Presentation times of all video packets and of the keyframe packets (demux only, no
+    decoding), sorted."""
+    pts, keyframes = [], []
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -158,11 +166,13 @@ def _packet_pts(path: str, container, stream) -> List[int]:
             if stamp is None:
                 raise VideoDecodeError(path, "video packets without timestamps")
             pts.append(int(stamp))
+            if packet.is_keyframe:
+                keyframes.append(int(stamp))
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"demuxing failed ({type(e).__name__}: {e})") from e
     if not pts:
         raise VideoDecodeError(path, "no video frames (zero-length video)", "empty")
-    return sorted(set(pts))
+    return sorted(set(pts)), sorted(set(keyframes))
 
 
 def _duration(pts: List[int], stream) -> int:
@@ -176,60 +186,219 @@ def _duration(pts: List[int], stream) -> int:
     return pts[-1] - pts[0] + max(period, 1)
 
 
+# A file is truncated when it holds fewer frames (or less time) than its container declares by
+# more than this fraction: container frame counts and durations are exact for intact files up to a
+# frame or two (edit lists, a last frame's duration), a cut file misses a large part.
+TRUNCATION_TOLERANCE = 0.1
+
+
+def _declared(container, stream) -> tuple[int, float]:
+    """(frames, seconds) the container declares for the video stream; 0 where it says nothing.
+    The container-wide duration counts only when the video is the file's only stream (with an
+    audio track it may be the longer audio's)."""
+    frames = int(stream.frames or 0)
+    seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    if not seconds and container.duration and len(container.streams) == 1:
+        seconds = container.duration / 1e6
+    return frames, seconds
+
+
+def _check_complete(path: str, container, stream, pts: List[int], duration: int, tb: float) -> None:
+    """VideoDecodeError('truncated: ...') when far fewer frames / seconds are there than declared."""
+    frames, seconds = _declared(container, stream)
+    have_s = duration * tb
+    short_frames = frames and len(pts) < (1 - TRUNCATION_TOLERANCE) * frames
+    short_time = seconds and have_s < (1 - TRUNCATION_TOLERANCE) * seconds
+    if short_frames or short_time:
+        declared_s = seconds or frames * have_s / max(len(pts), 1)
+        of_frames = f", {len(pts)} of {frames} frames" if frames else ""
+        raise VideoDecodeError(path, f"truncated: decoded {have_s:.1f} s of {declared_s:.1f} s{of_frames} "
+                                     f"(the container declares the full length; the file is cut short)",
+                               "truncated")
+
+
 def _rotation_quarters(frame) -> int:
     # av's frame.rotation is the display matrix angle: counter-clockwise degrees for display.
     angle = int(getattr(frame, "rotation", 0) or 0)
     return int(round(angle / 90.0)) % 4
 
 
-def _display_array(frame, quarters: int, sar, reformatter) -> np.ndarray:
-    # One reformatter per video reuses its swscale context (frame.to_ndarray builds one per call).
-    image = reformatter.reformat(frame, format="rgb24").to_ndarray()
-    if sar is not None and sar not in (0, 1):
-        # Anamorphic storage: stretch to the display aspect before anything else sees the pixels.
-        width = max(int(round(image.shape[1] * float(sar))), 1)
-        image = np.asarray(Image.fromarray(image).resize((width, image.shape[0]), Image.BICUBIC))
-    return np.ascontiguousarray(np.rot90(image, quarters)) if quarters else image
+class _NativeSize:
+    """Frames at their stored size, stretched to the display aspect (anamorphic), then rotated."""
+
+    def __init__(self, stream):
+        self.sar = stream.sample_aspect_ratio
+        # One reformatter per video reuses its swscale context (frame.to_ndarray builds one per call).
+        self.reformatter = VideoReformatter()
+
+    def __call__(self, frame, quarters: int) -> np.ndarray:
+        image = self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+        if self.sar is not None and self.sar not in (0, 1):
+            width = max(int(round(image.shape[1] * float(self.sar))), 1)
+            image = np.asarray(Image.fromarray(image).resize((width, image.shape[0]), Image.BICUBIC))
+        return np.ascontiguousarray(np.rot90(image, quarters)) if quarters else image
 
 
-def _decode_targets(path: str, container, stream, targets: np.ndarray):
-    """For each target pts (ascending), the last decoded frame with pts <= target, and the rotation."""
-    out: List[Optional[np.ndarray]] = [None] * len(targets)
-    quarters, prev, next_target = 0, None, 0
-    sar = stream.sample_aspect_ratio
-    reformatter = VideoReformatter()
+# Display rotation (counter-clockwise quarter turns) as FFmpeg transpose filters.
+_TRANSPOSES = {1: ("cclock",), 2: ("clock", "clock"), 3: ("clock",)}
+
+
+class _ScaledInFFmpeg:
+    """Frames scaled to exactly height x width inside FFmpeg, as decord's VideoReader(height=,
+    width=) does: a filter graph `scale=W:H` (libavfilter's default scaler flags in the FFmpeg
+    4.1 decord 0.6.0 ships, bilinear; pixel aspect ignored, aspect squashed) converting to rgb24
+    in the same swscale pass (BT.601 limited range for untagged video, the frame's tags otherwise).
+    Rotation is applied before scaling with transpose filters, as newer decord does."""
+
+    def __init__(self, stream, size):
+        self.stream, self.height, self.width = stream, int(size[0]), int(size[1])
+        self.graph, self.quarters = None, None
+
+    def _build(self, quarters: int):
+        graph = av.filter.Graph()
+        nodes = [graph.add_buffer(template=self.stream)]
+        nodes += [graph.add("transpose", t) for t in _TRANSPOSES.get(quarters, ())]
+        nodes += [graph.add("scale", f"{self.width}:{self.height}:flags=bilinear"),
+                  graph.add("format", "rgb24"), graph.add("buffersink")]
+        for a, b in zip(nodes, nodes[1:]):
+            a.link_to(b)
+        graph.configure()
+        self.graph, self.quarters = graph, quarters
+
+    def __call__(self, frame, quarters: int) -> np.ndarray:
+        if self.graph is None or quarters != self.quarters:
+            self._build(quarters)
+        self.graph.push(frame)
+        return self.graph.pull().to_ndarray()
+
+
+def _h264_length_size(stream) -> int:
+    """NAL length-prefix size of an h264 stream stored as AVCC (mp4/mkv); 0 otherwise."""
+    extradata = stream.codec_context.extradata
+    if stream.codec_context.name != "h264" or not extradata or len(extradata) < 7 or extradata[0] != 1:
+        return 0
+    return (extradata[4] & 3) + 1
+
+
+def _h264_non_reference(data: bytes, length_size: int) -> bool:
+    """True when every slice of an AVCC h264 access unit has nal_ref_idc 0: by the standard no
+    other picture predicts from it, so not decoding it changes no other frame."""
+    pos, slices = 0, 0
+    while pos + length_size < len(data):
+        size = int.from_bytes(data[pos:pos + length_size], "big")
+        header = data[pos + length_size]
+        if 1 <= header & 0x1F <= 5:  # coded slice NAL units
+            if header & 0x60:
+                return False
+            slices += 1
+        pos += length_size + size
+    return slices > 0
+
+
+def _frames(container, stream, wanted: frozenset, length_size: int):
+    """container.decode(stream), but h264 non-reference pictures whose time is not `wanted` are
+    never sent to the decoder (about half the frames of x264's default B-frame pattern)."""
+    for packet in container.demux(stream):
+        if (length_size and packet.size and packet.pts is not None and packet.pts not in wanted
+                and _h264_non_reference(bytes(packet), length_size)):
+            continue
+        yield from packet.decode()
+
+
+class _SeekMissed(Exception):
+    """A seek landed somewhere other than the keyframe asked for: decode sequentially instead."""
+
+
+def _wrap_decode_error(path: str, stream, e: Exception, last, total_s: float) -> VideoDecodeError:
+    if last is None:
+        return VideoDecodeError(path, f"decoding failed ({type(e).__name__}: {e})")
+    tb = float(stream.time_base or 0)
+    at = (last.pts - (stream.start_time or 0)) * tb if tb else 0.0
+    of = f" of {total_s:.1f} s" if total_s else ""
+    return VideoDecodeError(path, f"decode error mid-stream after {at:.1f} s{of} "
+                                  f"({type(e).__name__}: {e})", "corrupt")
+
+
+def _decode_targets(path: str, container, stream, targets: np.ndarray, keyframes: Sequence[int],
+                    convert, total_s: float = 0.0):
+    """For each target pts (ascending), the last decoded frame with pts <= target, and the rotation.
+
+    Decodes forward, and seeks to the last keyframe before the next target whenever that keyframe
+    lies ahead of the decoder (the frames in between are never decoded, as decord's get_batch
+    does); h264 pictures nothing predicts from are skipped unless they are targets. Both leave
+    the target frames bit-identical to decoding everything. A decoder error anywhere before the
+    last target is a VideoDecodeError ('corrupt').
+    """
+    n = len(targets)
+    out: List[Optional[np.ndarray]] = [None] * n
+    keyframes = np.asarray(keyframes, np.int64)
+    quarters, prev, last, frames_it, floor, i = 0, None, None, None, None, 0
+    wanted, length_size = frozenset(int(t) for t in targets), _h264_length_size(stream)
     try:
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
+        while i < n:
+            t = int(targets[i])
+            k = np.searchsorted(keyframes, t, side="right") - 1
+            kf = int(keyframes[k]) if k >= 0 else None
+            if frames_it is None or (kf is not None and prev is not None and kf > prev.pts):
+                if frames_it is not None:
+                    container.seek(kf, stream=stream, backward=True, any_frame=False)
+                    prev, floor = None, kf
+                frames_it = _frames(container, stream, wanted, length_size)
+            lookahead, exhausted = None, True
+            if prev is not None and prev.pts == t:
+                frames_it_now = ()  # the frame decoded last round as lookahead is this target
+                exhausted = False
+            else:
+                frames_it_now = frames_it
+            for frame in frames_it_now:
+                if frame.pts is None or (floor is not None and frame.pts < floor):
+                    continue  # an open GOP's leading frames after a seek
+                if floor is not None and prev is None and frame.pts != floor:
+                    raise _SeekMissed()
+                if last is None:
+                    quarters = _rotation_quarters(frame)
+                last = frame
+                if frame.pts > t and prev is not None:
+                    lookahead, exhausted = frame, False
+                    break
+                prev = frame
+                if frame.pts == t:  # targets are frame times: no need to decode the next one
+                    exhausted = False
+                    break
             if prev is None:
-                quarters = _rotation_quarters(frame)
-            while next_target < len(targets) and frame.pts > targets[next_target] and prev is not None:
-                out[next_target] = _display_array(prev, quarters, sar, reformatter)
-                next_target += 1
-            if next_target == len(targets):
                 break
-            prev = frame
+            out[i] = convert(prev, quarters)
+            i += 1
+            while i < n and (exhausted or targets[i] < (lookahead.pts if lookahead else prev.pts + 1)):
+                out[i] = out[i - 1]  # the same frame again (fewer frames than asked), or EOF
+                i += 1
+            if lookahead is not None:
+                prev = lookahead
     except av.FFmpegError as e:
-        raise VideoDecodeError(path, f"decoding failed ({type(e).__name__}: {e})") from e
-    if prev is None:
+        raise _wrap_decode_error(path, stream, e, last, total_s) from e
+    if out[0] is None:
         raise VideoDecodeError(path, "no decodable video frames")
-    if next_target < len(targets):
-        last = _display_array(prev, quarters, sar, reformatter)
-        for i in range(next_target, len(targets)):
-            out[i] = last
+    for j in range(1, n):  # a stream that ended early: repeat the last frame it gave
+        if out[j] is None:
+            out[j] = out[j - 1]
     return out, quarters * 90
 
 
 def decode_video(path: str, num_frames: int = 8, sampling: str = "uniform",
                  rng: Optional[np.random.Generator] = None,
-                 short_side: Optional[int] = None) -> DecodedVideo:
+                 short_side: Optional[int] = None,
+                 size: Optional[Tuple[int, int]] = None) -> DecodedVideo:
     """Decodes `num_frames` frames of `path` sampled by time, in display orientation.
 
-    `short_side` resizes (bicubic, aspect kept) so the shorter side has that many pixels.
-    Raises VideoDecodeError (a ValueError naming the path) for missing, empty, undecodable or
-    frameless files.
+    `size=(height, width)` scales each frame to exactly that inside FFmpeg, the frames the
+    original's decord `VideoReader(height=, width=)` gives (aspect and pixel aspect ignored).
+    Otherwise frames keep their display size, and `short_side` resizes (bicubic, aspect kept) so
+    the shorter side has that many pixels. Raises VideoDecodeError (a ValueError naming the path)
+    for missing, empty, undecodable or frameless files, files holding far fewer frames than their
+    container declares ('truncated'), and decoder errors before the last sampled frame ('corrupt').
     """
+    if size is not None and short_side:
+        raise ValueError("decode_video: pass size or short_side, not both")
     path = os.fspath(path)
     container = _open(path)
     with container:
@@ -237,16 +406,24 @@ def decode_video(path: str, num_frames: int = 8, sampling: str = "uniform",
             raise VideoDecodeError(path, "no video stream")
         stream = container.streams.video[0]
         has_audio = bool(container.streams.audio)
-        pts = _packet_pts(path, container, stream)
+        pts, keyframes = _packet_pts(path, container, stream)
         duration = _duration(pts, stream)
         indices = sample_by_time(pts, duration, num_frames, sampling, rng)
         targets = np.asarray(pts, np.int64)[indices]
         tb = float(stream.time_base) if stream.time_base else 1.0
+        _check_complete(path, container, stream, pts, duration, tb)
     # Reopen rather than seek: seeking to the very start is unreliable for some containers.
-    with _open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames, rotation = _decode_targets(path, container, stream, targets)
+    for seek in (True, False):
+        with _open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            convert = _NativeSize(stream) if size is None else _ScaledInFFmpeg(stream, size)
+            try:
+                frames, rotation = _decode_targets(path, container, stream, targets,
+                                                   keyframes if seek else [], convert, duration * tb)
+                break
+            except _SeekMissed:
+                continue
     frames = np.stack(frames)
     if short_side:
         frames = resize_short_side(frames, short_side)
@@ -368,12 +545,13 @@ def load_video(path: str, num_frames: int = 8, train: bool = False,
                rng: Optional[np.random.Generator] = None, size: int = IMAGE_SIZE) -> np.ndarray:
     """Reference-style clip straight from a file: float32 [num_frames,size,size,3].
 
-    train: headtail sampling + random resized crop; eval: uniform sampling + resize.
+    Frames are scaled to size x size while decoding, as the reference's decord reader does;
+    train: headtail sampling + a random resized crop of those frames; eval: uniform sampling.
     """
     if train and rng is None:
         raise ValueError("load_video(train=True) needs an rng (np.random.Generator)")
-    decoded = decode_video(path, num_frames, "headtail" if train else "uniform", rng)
-    return train_transform(decoded.frames, rng, size) if train else eval_transform(decoded.frames, size)
+    decoded = decode_video(path, num_frames, "headtail" if train else "uniform", rng, size=(size, size))
+    return train_transform(decoded.frames, rng, size) if train else normalize(decoded.frames)
 
 
 def load_image_clip(path: str, train: bool = False, rng: Optional[np.random.Generator] = None,

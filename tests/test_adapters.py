@@ -1,5 +1,7 @@
 """Each adapter on a tiny fixture in its dataset's published schema, with real encoded media."""
 import functools
+import glob
+import re
 import json
 import os
 
@@ -196,3 +198,52 @@ def test_cli_builds_an_adapter_dataset(tmp_path, capsys):
     assert min(records.decode_frames(examples[0]).shape[1:3]) == 24
     report = json.load(open(os.path.join(tmp_path / "out", "cc_sbu_align", "1.0.0", "cc_sbu_align-train.report.json")))
     assert report["skipped_by_category"] == {"missing": 1}
+
+
+def test_cli_skips_damaged_videos_and_reports_why(tmp_path, capsys):
+    """Truncated, corrupt and 0-byte videos: skipped, counted by reason, listed with path and error
+    in the report the summary line names; only the intact video is written."""
+    from data_pipelines import cli
+    from media_fixtures import damaged_files
+
+    src = tmp_path / "webvid"
+    files = damaged_files(src / "videos" / "p")
+    rows = [f"{k},https://x/{k}.mp4,PT00H00M05S,p,clip {k}" for k in ("good", "cut", "corrupt", "empty", "gone")]
+    (src / "results_2M_train.csv").write_text("videoid,contentUrl,duration,page_dir,name\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["webvid2m", "--source", str(src), "--data-dir", str(out), "--workers", "0",
+                     "--frames", "4", "--short-side", "32", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report_path = os.path.join(out, "webvid2m", "1.0.0", "webvid2m-train.report.json")
+    line = next(x for x in printed.splitlines() if x.startswith("webvid2m/train:"))
+    assert line == (f"webvid2m/train: wrote 1 of 5 items; skipped 4 (corrupt 1, empty 1, missing 1, "
+                    f"1 more reason); each skipped item and why: {report_path}")
+    report = json.load(open(report_path))
+    assert report["skipped_by_category"] == {"truncated": 1, "corrupt": 1, "empty": 1, "missing": 1}
+    why = {os.path.basename(s["path"]): s for s in report["skipped"]}
+    assert why["cut.mp4"]["path"] == files["cut"]
+    assert re.search(r"truncated: decoded \d\.\d s of 5\.3 s, \d+ of 132 frames", why["cut.mp4"]["error"])
+    assert "decode error mid-stream" in why["corrupt.mp4"]["error"]
+    assert "0 bytes" in why["empty.mp4"]["error"]
+    examples = [records.decode_example(r) for r in shards.read_records(
+        sorted(glob.glob(os.path.join(out, "webvid2m", "1.0.0", "webvid2m-train.array_record*"))))]
+    assert [e["id"] for e in examples] == ["webvid2m/good"]
+    assert examples[0]["audio_present"] and examples[0]["meta"]["audio_channels"] == "imagebind"
+
+
+def test_frame_size_stores_the_frames_decord_gives(tmp_path):
+    """MediaOptions(frame_size=S): frames scaled in FFmpeg at decode time (the original's reader),
+    then JPEG: within JPEG rounding of decode_video(size=(S, S))."""
+    from data_pipelines import video
+
+    y, x = np.mgrid[0:36, 0:64]
+    smooth = np.stack([np.stack([(2 * x + 9 * t) % 256, 3 * y, x + y], -1) for t in range(6)]).astype(np.uint8)
+    path = write_mp4(str(tmp_path / "v.mp4"), smooth, 6)  # JPEG keeps smooth frames close
+    it = webvid.item(id="v", media="video", path=path, kind="caption", caption="c")
+    options = MediaOptions(num_frames=4, frame_size=24, num_audio_clips=2)
+    example = build_example(it, options)
+    frames = records.decode_frames(records.decode_example(records.encode_example(example)))
+    direct = video.decode_video(path, 4, size=(24, 24)).frames
+    assert frames.shape == direct.shape == (4, 24, 24, 3)
+    assert np.abs(frames.astype(int) - direct).mean() < 2.0
+    assert example["meta"]["frame_scaling"].startswith("ffmpeg bilinear 24x24")

@@ -140,10 +140,12 @@ class ConstantClipsPerVideoSampler:
 
 
 def imagebind_reference(waveform: np.ndarray, num_clips: int, fbank_fn=reference_fbank_128) -> np.ndarray:
-    """ImageBind's load_and_transform_audio_data loop on a 16 kHz mono waveform, with torch views
-    (so its in-place mean removal leaks into overlapping clips exactly as there)."""
+    """ImageBind's load_and_transform_audio_data loop on a 16 kHz waveform [S] or [C, S], line by
+    line with torch views: `waveform_clip = waveform[:, a:b]`, `waveform -= waveform.mean()` (in
+    place, over every channel, leaking into overlapping clips), then kaldi fbank, which reads
+    channel 0 (torchaudio's `channel=-1` -> 0); pad/crop to 204 frames; normalize."""
     sampler = ConstantClipsPerVideoSampler(2, num_clips)
-    wav = torch.from_numpy(waveform.copy())[None]
+    wav = torch.from_numpy(np.array(waveform, np.float32, ndmin=2))
     points, end, last = [], 0.0, False
     while not last:
         start, end, _, _, last = sampler(end, wav.size(1) / SR, annotation=None)
@@ -157,6 +159,22 @@ def imagebind_reference(waveform: np.ndarray, num_clips: int, fbank_fn=reference
         fb = torch.nn.functional.pad(fb, (0, p)) if p > 0 else fb[:, :204]
         clips.append(((fb - (-4.268)) / 9.138)[None])
     return torch.stack(clips).numpy()
+
+
+def imagebind_reference_file(path, num_clips: int = 8) -> np.ndarray:
+    """`torchaudio.load` (every channel, float) stood in for by PyAV, `torchaudio.functional.resample`
+    per channel, then the loop above."""
+    with av.open(str(path)) as c:
+        chunks = [f.to_ndarray().reshape(len(f.layout.channels), -1) if f.format.is_planar
+                  else f.to_ndarray().reshape(-1, len(f.layout.channels)).T
+                  for f in c.decode(audio=0)]
+        rate = c.streams.audio[0].rate
+    wav = np.concatenate(chunks, axis=1)
+    # torchaudio.load's normalize=True: integer PCM scaled to [-1, 1), float kept
+    wav = wav.astype(np.float32) / 32768.0 if wav.dtype == np.int16 else wav.astype(np.float32)
+    if rate != SR:
+        wav = np.stack([torchaudio_resample(ch, rate, SR) for ch in wav])
+    return imagebind_reference(wav, num_clips)
 
 
 def torchaudio_resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
@@ -281,8 +299,12 @@ def test_silent_and_short_layout():
 
 
 def test_waveform_to_clips_input_errors():
-    with pytest.raises(ValueError, match=r"mono waveform \[samples\].*\(2, 100\)"):
-        A.waveform_to_clips(np.zeros((2, 100), np.float32), SR, 8)
+    with pytest.raises(ValueError, match=r"\[channels, samples\].*\(1, 2, 100\)"):
+        A.waveform_to_clips(np.zeros((1, 2, 100), np.float32), SR, 8)
+    with pytest.raises(ValueError, match=r"channel 2 requested, the track has 2"):
+        A.waveform_to_clips(np.zeros((2, 100), np.float32), SR, 8, channels=2)
+    with pytest.raises(ValueError, match=r"expected 'imagebind'.*got 'left'"):
+        A.waveform_to_clips(np.zeros(100, np.float32), SR, 8, channels="left")
     with pytest.raises(ValueError, match="empty waveform"):
         A.waveform_to_clips(np.zeros(0, np.float32), SR, 8)
     with pytest.raises(ValueError, match="NaN"):
@@ -363,3 +385,94 @@ def test_corrupt_and_missing_files(tmp_path):
     missing = tmp_path / "nope" / "missing.mp4"
     with pytest.raises(A.AudioDecodeError, match=r"missing\.mp4.*does not exist"):
         A.load_audio_clips(missing)
+
+
+# ----------------------------------------------------------------------------- channels vs ImageBind
+
+LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
+
+
+def _multichannel_signal(channels: int, seconds: float, rate: int) -> np.ndarray:
+    """[C, n] float32: different content and different DC per channel (DC makes the all-channel,
+    carried-over mean removal visible), a gap of silence in channel 0."""
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(channels)
+    out = []
+    for c in range(channels):
+        f = 220.0 * (c + 1) + 37.0 * c * c
+        x = 0.25 * np.sin(2 * np.pi * f * t) * (1 + 0.5 * np.sin(2 * np.pi * (0.5 + c) * t))
+        x += 0.03 * rng.standard_normal(t.size) + 0.08 * (c - channels / 2) / channels
+        out.append(x)
+    out = np.array(out, np.float32)
+    out[0, int(0.4 * rate): int(0.9 * rate)] *= 0.01
+    return out
+
+
+def _write_aac(path, samples: np.ndarray, rate: int):
+    """float32 [C, n] -> an AAC track (in an .m4a / .mp4) written by PyAV."""
+    layout = LAYOUTS[samples.shape[0]]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=rate, layout=layout)
+        size = s.codec_context.frame_size or 1024
+        for start in range(0, samples.shape[1], size):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + size]),
+                                               format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+
+
+@pytest.mark.parametrize("case", ["mono_aac_16k", "stereo_wav_44k", "stereo_aac_48k", "surround51_aac_48k"])
+def test_file_matches_imagebind_line_by_line(tmp_path, case):
+    channels = {"mono": 1, "stereo": 2, "surround51": 6}[case.split("_")[0]]
+    rate = int(case.split("_")[-1][:-1]) * 1000
+    rate = 44100 if rate == 44000 else rate
+    x = _multichannel_signal(channels, 3.3, rate)  # 3.3 s, 8 clips: overlapping clips
+    if "wav" in case:
+        path = tmp_path / f"{case}.wav"
+        _write_wav(path, (x * 32767).astype(np.int16), rate)
+    else:
+        path = tmp_path / f"{case}.m4a"
+        _write_aac(path, x, rate)
+    ref = imagebind_reference_file(path)
+    ours = A.load_audio_clips(path, num_clips=8)
+    assert ours.present and ours.fbank.shape == ref.shape == (8, 1, 128, 204)
+    err = np.abs(ours.fbank - ref).max()
+    assert err <= 1e-3, f"{case}: max abs {err:.2e} vs ImageBind's loop"
+    print(f"{case}: max abs err {err:.2e}")
+    if channels > 1:
+        # the alternatives are real choices: they differ from the original on these files
+        for other in ("mix", 0):
+            alt = A.load_audio_clips(path, num_clips=8, channels=other).fbank
+            assert np.abs(alt - ref).max() > 1e-2, other
+
+
+def test_channel_choices_on_mono_agree(tmp_path):
+    x = _multichannel_signal(1, 2.5, SR)[0]
+    ref = A.waveform_to_clips(x, SR, 4)
+    for choice in ("mix", 0, "0"):
+        np.testing.assert_array_equal(A.waveform_to_clips(x, SR, 4, channels=choice), ref)
+    stereo = np.stack([x, 0.5 * x[::-1]])
+    np.testing.assert_array_equal(A.waveform_to_clips(stereo, SR, 4, channels=1),
+                                  A.waveform_to_clips(stereo[1], SR, 4))
+    np.testing.assert_allclose(A.waveform_to_clips(stereo, SR, 4, channels="mix"),
+                               A.waveform_to_clips(stereo.mean(0), SR, 4), atol=1e-5)
+
+
+def test_damaged_files(tmp_path):
+    from media_fixtures import damaged_files
+
+    files = damaged_files(tmp_path)
+    assert abs(A.load_audio_clips(files["good"]).duration_s - 5.0) < 0.1
+    # the cut's last audio packet is partial: the decoder fails there, 1.x s into 5 s
+    with pytest.raises(A.AudioDecodeError, match=r"cut\.mp4.*(truncated: decoded|decode error mid-stream after) "
+                                                 r"\d\.\d s of 5\.0 s") as e:
+        A.load_audio_clips(files["cut"])
+    assert e.value.category in ("truncated", "corrupt")
+    with pytest.raises(A.AudioDecodeError, match=r"corrupt\.mp4.*decode error mid-stream after \d\.\d s of 5\.0 s"):
+        A.load_audio_clips(files["corrupt"])
+    with pytest.raises(A.AudioDecodeError, match=r"empty\.mp4"):
+        A.load_audio_clips(files["empty"])
+

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from media_fixtures import damaged_files
 from vllama_jax import chat as C
 from vllama_jax.generate import GenerationConfig, generate
 from vllama_jax.inference import InferenceModel, LoadError, load_for_inference, save_params_msgpack
@@ -147,7 +148,7 @@ def test_clean_answer_as_the_reference():
 
 def test_audio_tokens_come_first_and_context_is_assembled_by_segments(world):
     from data_pipelines.audio import load_audio_clips
-    from data_pipelines.video import decode_video, eval_transform
+    from data_pipelines.video import decode_video, normalize
 
     chat = make_chat(world)
     chat.upload_video(world["files"]["av"])
@@ -155,7 +156,8 @@ def test_audio_tokens_come_first_and_context_is_assembled_by_segments(world):
     config, params, tok = world["config"], world["params"], world["tokenizer"]
     model = VideoLlama(config)
     fbank = load_audio_clips(world["files"]["av"], num_clips=2).fbank
-    frames = eval_transform(decode_video(world["files"]["av"], 4).frames, config.vit.img_size)
+    size = (config.vit.img_size, config.vit.img_size)  # scaled while decoding, as decord does
+    frames = normalize(decode_video(world["files"]["av"], 4, size=size).frames)
     audio = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLlama.encode_audio))(
         params, jnp.asarray(fbank)[None])
     video = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLlama.encode_video))(
@@ -216,6 +218,16 @@ def test_bad_inputs_give_clear_errors_and_keep_the_session(world):
                           (lambda: chat.upload_audio(f["silent"]), "has no audio track"),
                           (lambda: chat.upload_video(str(world["dir"])), "is a directory"),
                           (lambda: chat.ask("   "), "empty")]:
+        with pytest.raises(C.ChatError, match=pattern):
+            call()
+        assert chat.conv.messages == [] and chat.media == []
+    # Damaged files: the error names the file and what was expected; nothing is added.
+    damaged = damaged_files(world["dir"] / "damaged")
+    for call, pattern in [(lambda: chat.upload_video(damaged["cut"]),
+                           r"cut\.mp4' is not a readable video \(truncated: decoded \d\.\d s of 5\.3 s"),
+                          (lambda: chat.upload_video(damaged["corrupt"]), r"corrupt\.mp4.*decode error mid-stream"),
+                          (lambda: chat.upload_video(damaged["empty"]), r"empty\.mp4.*empty file \(0 bytes\)"),
+                          (lambda: chat.upload_audio(damaged["cut"]), r"cut\.mp4.*(truncated|decode error)")]:
         with pytest.raises(C.ChatError, match=pattern):
             call()
         assert chat.conv.messages == [] and chat.media == []

@@ -7,6 +7,7 @@ from PIL import Image
 
 from data_pipelines import video as V
 from data_pipelines.media import write_image, write_mp4
+from media_fixtures import damaged_files
 
 
 def numbered_frames(num, h=32, w=48):
@@ -213,9 +214,164 @@ def test_train_transform_crop_is_a_zoom(tmp_path):
 def test_load_video_and_image_clip(tmp_path):
     path = write_mp4(str(tmp_path / "c.mp4"), numbered_frames(20), fps=10)
     assert V.load_video(path).shape == (8, 224, 224, 3)
+    np.testing.assert_array_equal(V.load_video(path, 4, size=32),
+                                  V.normalize(V.decode_video(path, 4, size=(32, 32)).frames))
     assert V.load_video(path, 4, train=True, rng=np.random.default_rng(0)).shape == (4, 224, 224, 3)
     img = write_image(str(tmp_path / "a.jpg"), np.full((40, 50, 3), 99, np.uint8))
     assert V.load_image_clip(img, train=True, rng=np.random.default_rng(0)).shape == (1, 224, 224, 3)
     with pytest.raises(ValueError, match="rng"):
         V.load_video(path, train=True)
     assert os.path.exists(path)
+
+
+# ----------------------------------------------------------------------------- decord parity
+
+def _write_codec(path, codec, w, h, n=8, fps=12, sar=None, pix_fmt="yuv420p"):
+    """A clip of moving gradients plus a noise patch (edges and flat areas, so the scaler's filter
+    and chroma handling both show), written by PyAV with any codec / size / pixel aspect."""
+    import fractions
+
+    import av
+
+    rng = np.random.default_rng(w * h)
+    y, x = np.mgrid[0:h, 0:w]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        if sar:
+            s.codec_context.sample_aspect_ratio = fractions.Fraction(*sar)
+        for t in range(n):
+            f = np.stack([(x * 255 // w + 9 * t) % 256, (y * 255 // h) % 256,
+                          ((x // 3 + y // 5 + t) % 32) * 8], -1).astype(np.uint8)
+            f[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 255, (h // 2 - h // 3, w // 2 - w // 4, 3))
+            frame = av.VideoFrame.from_ndarray(f, "rgb24")
+            frame.pts = t
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+DECORD_CASES = [  # codec, width, height, pixel aspect, pix_fmt
+    ("libx264", 176, 144, None, "yuv420p"),
+    ("libx264", 334, 198, None, "yuv420p"),
+    ("libx264", 333, 199, None, "yuv444p"),  # odd sizes: 4:2:0 h264 needs even ones
+    ("libx264", 320, 240, (4, 3), "yuv420p"),  # anamorphic: displayed 427x240
+    ("libx264", 1280, 720, None, "yuv420p"),
+    ("mpeg4", 176, 144, None, "yuv420p"),
+    ("mpeg4", 333, 199, None, "yuv420p"),
+    ("mpeg4", 352, 288, (12, 11), "yuv420p"),
+]
+
+
+@pytest.mark.parametrize("codec,w,h,sar,pix_fmt", DECORD_CASES)
+def test_scaled_decode_matches_decord(tmp_path, codec, w, h, sar, pix_fmt):
+    """The original reads videos with decord VideoReader(height=224, width=224): FFmpeg scales at
+    decode time. decode_video(size=(224, 224)) must give the same uint8 frames (<= 1 level)."""
+    decord = pytest.importorskip("decord")
+    import av
+
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} encoder not in this PyAV build")
+    path = _write_codec(tmp_path / f"{codec}_{w}x{h}.mp4", codec, w, h, n=6 if w > 640 else 10,
+                        sar=sar, pix_fmt=pix_fmt)
+    ours = V.decode_video(path, 4, size=(224, 224))
+    reader = decord.VideoReader(path, height=224, width=224)
+    assert ours.num_source_frames == len(reader)
+    ref = reader.get_batch(list(ours.indices)).asnumpy()
+    assert ours.frames.shape == ref.shape == (4, 224, 224, 3) and ours.frames.dtype == np.uint8
+    err = np.abs(ours.frames.astype(int) - ref)
+    assert err.max() <= 1, f"max {err.max()} mean {err.mean():.3f} levels vs decord"
+    # A PIL bicubic resize of the full-size frames (our old path) is measurably different.
+    native = V.decode_video(path, 4)
+    pil = V._resize(native.frames, (224, 224))
+    assert np.abs(pil.astype(int) - ref).max() > 4
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_scaled_decode_rotation_and_errors(tmp_path, rotation):
+    frames = np.zeros((2, 32, 48, 3), np.uint8)
+    frames[:, :8, :8] = 255  # a marker in the stored top-left corner
+    path = write_mp4(str(tmp_path / "r.mp4"), frames, fps=10, rotation=rotation)
+    native = V.decode_video(path, 1)
+    # scaling to the display size itself is the identity: the rotation must match the native path's
+    same = V.decode_video(path, 1, size=native.frames.shape[1:3])
+    assert same.rotation == native.rotation == rotation
+    np.testing.assert_array_equal(same.frames, native.frames)
+    assert V.decode_video(path, 2, size=(20, 30)).frames.shape == (2, 20, 30, 3)
+    decord = pytest.importorskip("decord")  # the original's reader turns the frames the same way
+    ref = decord.VideoReader(path, height=40, width=36).get_batch([0]).asnumpy()
+    assert np.abs(V.decode_video(path, 1, size=(40, 36)).frames.astype(int) - ref).max() <= 1
+    with pytest.raises(ValueError, match="size or short_side"):
+        V.decode_video(path, 2, size=(20, 30), short_side=16)
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+def test_damaged_files_are_errors_that_say_what_was_expected(tmp_path):
+    files = damaged_files(tmp_path)
+    good = V.decode_video(files["good"], 8, size=(32, 32))
+    assert good.num_source_frames == 132 and abs(good.duration_s - 5.28) < 0.05
+    with pytest.raises(V.VideoDecodeError, match=r"cut\.mp4.*truncated: decoded \d\.\d s of 5\.3 s, \d+ of 132 frames") as e:
+        V.decode_video(files["cut"], 8)
+    assert e.value.category == "truncated"
+    with pytest.raises(V.VideoDecodeError, match=r"corrupt\.mp4.*decode error mid-stream after \d\.\d s of 5\.3 s") as e:
+        V.decode_video(files["corrupt"], 8, size=(32, 32))
+    assert e.value.category == "corrupt"
+    with pytest.raises(V.VideoDecodeError, match=r"empty\.mp4.*empty file \(0 bytes\)") as e:
+        V.decode_video(files["empty"], 8)
+    assert e.value.category == "empty"
+
+
+@pytest.mark.parametrize("bframes", [0, 3])
+def test_seeking_to_keyframes_gives_the_sequentially_decoded_frames(tmp_path, bframes):
+    """decode_video seeks to the keyframe before each target when that skips frames; the frames
+    must be exactly those of decoding everything in order (and decord's)."""
+    import av
+
+    path = str(tmp_path / f"gop_b{bframes}.mp4")
+    w, h, n = 96, 64, 60
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=12)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.options = {"g": "7", "bf": str(bframes), "preset": "veryfast"}
+        for t in range(n):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[:, :, 0] = 4 * t
+            img[(t * 3) % h:(t * 3) % h + 10, (t * 5) % w:(t * 5) % w + 10] = 255
+            frame = av.VideoFrame.from_ndarray(img, "rgb24")
+            frame.pts = t
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with V._open(path) as c:  # with B-frames, x264 makes non-reference pictures the decoder skips
+        stream = c.streams.video[0]
+        length = V._h264_length_size(stream)
+        skippable = sum(V._h264_non_reference(bytes(p), length) for p in c.demux(stream) if p.size)
+    assert length == 4 and (skippable >= n // 6 if bframes else skippable == 0)
+    for size in (None, (40, 50)):
+        for num in (3, 8, 17):
+            with V._open(path) as c:
+                stream = c.streams.video[0]
+                pts, keyframes = V._packet_pts(path, c, stream)
+            assert len(keyframes) >= n // 7
+            targets = np.asarray(pts)[V.sample_by_time(pts, V._duration(pts, stream), num)]
+            with V._open(path) as c:  # the plain way: decode every frame, keep the targets
+                stream = c.streams.video[0]
+                convert = V._NativeSize(stream) if size is None else V._ScaledInFFmpeg(stream, size)
+                every = {f.pts: convert(f, 0) for f in c.decode(stream)}
+            plain = np.stack([every[t] for t in targets])
+            runs = []
+            for kf in (keyframes, []):
+                with V._open(path) as c:
+                    stream = c.streams.video[0]
+                    convert = V._NativeSize(stream) if size is None else V._ScaledInFFmpeg(stream, size)
+                    runs.append(np.stack(V._decode_targets(path, c, stream, targets, kf, convert)[0]))
+            np.testing.assert_array_equal(runs[0], plain)
+            np.testing.assert_array_equal(runs[1], plain)
+            decoded = V.decode_video(path, num, size=size)
+            np.testing.assert_array_equal(decoded.frames, runs[0])
+            levels = np.median(decoded.frames[..., 0].reshape(num, -1), axis=1)  # the marker is small
+            assert np.abs(levels / 4 - decoded.indices).max() < 0.9  # neighbours are 4 levels apart

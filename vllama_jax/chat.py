@@ -132,18 +132,21 @@ def _media_error(path: str, what: str) -> ChatError | None:
 
 
 def load_video_frames(path: str, num_frames: int, image_size: int) -> tuple[np.ndarray, str, bool]:
-    """(frames float32 [T,S,S,3] CLIP-normalised, the reference's time message, has an audio track)."""
+    """(frames float32 [T,S,S,3] CLIP-normalised, the reference's time message, has an audio track).
+
+    Frames are scaled to S x S inside FFmpeg while decoding, the pixels the original's decord
+    `VideoReader(height=S, width=S)` gives."""
     from data_pipelines import prompts
-    from data_pipelines.video import MediaDecodeError, decode_video, eval_transform
+    from data_pipelines.video import MediaDecodeError, decode_video, normalize
 
     err = _media_error(path, "video")
     if err:
         raise err
     try:
-        decoded = decode_video(path, num_frames, "uniform")
+        decoded = decode_video(path, num_frames, "uniform", size=(image_size, image_size))
     except MediaDecodeError as e:
         raise ChatError(f"{str(path)!r} is not a readable video ({e.reason})") from e
-    return eval_transform(decoded.frames, image_size), prompts.video_time_message(decoded.times), decoded.has_audio
+    return normalize(decoded.frames), prompts.video_time_message(decoded.times), decoded.has_audio
 
 
 def load_image_frames(path: str, image_size: int) -> np.ndarray:

@@ -17,19 +17,27 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from data_pipelines import records, video
-from data_pipelines.audio import AudioDecodeError, load_audio_clips
+from data_pipelines.audio import DEFAULT_CHANNELS, AudioDecodeError, load_audio_clips
 
 
 @dataclasses.dataclass(frozen=True)
 class MediaOptions:
     """How media is stored. num_frames: frames kept per video (a uniform pool the loader samples
     its T frames from; 16 = 2x Video-LLaMA's 8, so headtail sampling has choices). short_side:
-    resize so the shorter side is this (None keeps the source size)."""
+    resize so the shorter side is this (None keeps the source size). audio_channels: how a
+    multichannel track is read, "imagebind" (the original's, default), "mix" or a channel index
+    (data_pipelines/audio.py); stored in each record's meta["audio_channels"]. frame_size: store
+    video frames scaled to frame_size x frame_size inside FFmpeg while decoding, the pixels the
+    original's decord VideoReader(height=, width=) gives (aspect squashed; replaces short_side for
+    videos; the eval transform's resize is then the identity, the train crop is drawn on exactly
+    the frame the original crops); recorded in meta["frame_scaling"]."""
     num_frames: int = records.DEFAULT_STORED_FRAMES
     short_side: Optional[int] = records.FRAME_SHORT_SIDE
     jpeg_quality: int = records.JPEG_QUALITY
     num_audio_clips: int = records.NUM_AUDIO_CLIPS
     audio: bool = True
+    audio_channels: str | int = DEFAULT_CHANNELS
+    frame_size: Optional[int] = None
 
 
 def item(*, id: str, media: str, path: str, kind: str, caption: str = "",
@@ -76,7 +84,7 @@ def _audio(path: str, has_audio: bool, options: MediaOptions):
     if not (options.audio and has_audio):
         return records.silent_fbank(options.num_audio_clips), False, ""
     try:
-        clips = load_audio_clips(path, num_clips=options.num_audio_clips)
+        clips = load_audio_clips(path, num_clips=options.num_audio_clips, channels=options.audio_channels)
     except AudioDecodeError as e:
         return records.silent_fbank(options.num_audio_clips), False, str(e)
     if not clips.present:
@@ -85,13 +93,21 @@ def _audio(path: str, has_audio: bool, options: MediaOptions):
 
 
 def _video_fields(item: Dict[str, Any], options: MediaOptions) -> Dict[str, Any]:
-    decoded = video.decode_video(item["path"], options.num_frames, "uniform", short_side=options.short_side)
+    if options.frame_size:
+        size = (options.frame_size, options.frame_size)
+        decoded = video.decode_video(item["path"], options.num_frames, "uniform", size=size)
+    else:
+        decoded = video.decode_video(item["path"], options.num_frames, "uniform", short_side=options.short_side)
     fbank, present, audio_error = _audio(item["path"], decoded.has_audio, options)
     meta = dict(item["meta"], source_frames=str(decoded.num_source_frames))
+    if options.frame_size:
+        meta["frame_scaling"] = f"ffmpeg bilinear {options.frame_size}x{options.frame_size} (decord)"
     if decoded.rotation:
         meta["rotation"] = str(decoded.rotation)
     if audio_error:
         meta["audio_error"] = audio_error
+    if present:
+        meta["audio_channels"] = str(options.audio_channels)
     return dict(frames=[records.encode_jpeg(f, options.jpeg_quality) for f in decoded.frames],
                 frame_times=decoded.times, fbank=fbank, audio_present=present,
                 duration_s=decoded.duration_s, meta=meta)
