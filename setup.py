@@ -32,6 +32,8 @@ EXTRAS = {
     "beam": ["apache-beam>=2.60,<3"],
     # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
     "web": ["gradio>=6.0,<7"],
+    # To view the TensorBoard logs the trainer writes (tensorboardX writes them without it).
+    "tensorboard": ["tensorboard>=2.14,<3"],
     # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
     # manylinux wheel, bundles its own FFmpeg 4.1; the parity tests skip where it is missing).
     # gradio + playwright: vllama-web's handler and browser tests (Chromium comes from apt in .ci/run).
@@ -59,6 +61,7 @@ setup(
             "vllama-web=vllama_jax.web:main",
             "vllama-eval=vllama_jax.evaluate:main",
             "vllama-plan=vllama_jax.plan:main",
+            "vllama-bench=vllama_jax.cli:bench_main",
         ],
     },
 )

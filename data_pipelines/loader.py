@@ -247,7 +247,8 @@ class ExampleTransform:
         fbank = np.asarray(example["fbank"], np.float32)
         want = (self.config.num_audio_clips, 1, 128, 204)
         if fbank.shape != want:
-            raise LoaderError(f"{where}: fbank shape {fbank.shape}, expected {want}")
+            raise LoaderError(f"{where}: fbank shape {fbank.shape}, expected {want} (config.data.num_audio_clips "
+                              f"= {want[0]}; vllama-prepare-data --audio-clips sets what shards store)")
         return fbank
 
     def _text(self, example, rng, times, where):
@@ -309,12 +310,28 @@ def shard_dataset(ds, shard_index: int, shard_count: int, drop_remainder: bool =
     return ds[shard_index::shard_count]
 
 
+def check_shard_geometry(source: ShardSource, config: LoaderConfig, name: str = "") -> None:
+    """The first record's stored media against the config, before any batch: a fbank written with
+    another clip count would otherwise fail the first transform of each such record."""
+    if not len(source):
+        return
+    example = source[0]
+    clips = np.shape(example.get("fbank", ()))
+    if clips and clips[0] != config.num_audio_clips:
+        raise LoaderError(
+            f"dataset {name or source.paths[0]}: shards store {clips[0]} audio clips per example "
+            f"(fbank {tuple(clips)}, {example['_where']}) but config.data.num_audio_clips = "
+            f"{config.num_audio_clips}: set --config.data.num_audio_clips={clips[0]} or rewrite the shards with "
+            f"`vllama-prepare-data ... --audio-clips {config.num_audio_clips}`")
+
+
 def make_example_dataset(spec: DatasetSpec, config: LoaderConfig, encoder: TextEncoder,
                          shard_index: int, shard_count: int, seed: int):
     """grain.MapDataset of transformed rows for one dataset (sharded, shuffled, repeated)."""
     import grain
 
     source = ShardSource(spec.paths)
+    check_shard_geometry(source, config, spec.name)
     ds = shard_dataset(grain.MapDataset.source(source), shard_index, shard_count, config.drop_remainder)
     if len(ds) == 0:
         raise LoaderError(f"dataset {spec.name or spec.paths}: shard {shard_index}/{shard_count} is empty "

@@ -27,6 +27,7 @@ train clips (same balanced design).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -259,9 +260,10 @@ def retext_example(derived_item: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_splits(media_dir: str, out_dir: str, num_train: int = 256, num_test: int = 64, seed: int = 0,
-                 limit: Optional[int] = None, **write_kwargs) -> List["shards.SplitResult"]:
+                 limit: Optional[int] = None, options: MediaOptions = MEDIA_OPTIONS,
+                 **write_kwargs) -> List["shards.SplitResult"]:
     """Renders, decodes and writes caption_{train,test}, then derives the other splits (DERIVED)
-    from those records.
+    from those records. `options`: frames / audio clips stored per clip (default MEDIA_OPTIONS).
 
     write_kwargs go to `shards.write_shards` (examples_per_shard, num_workers, progress).
     """
@@ -269,7 +271,8 @@ def write_splits(media_dir: str, out_dir: str, num_train: int = 256, num_test: i
     for split, num in (("train", num_train), ("test", num_test)):
         items = clip_items(media_dir, split, num, seed)[:limit]
         os.makedirs(os.path.join(_media_root(media_dir, seed), split), exist_ok=True)
-        captions = shards.write_shards(items, out_dir, decode_fn=build_clip_example, dataset_name=NAME,
+        captions = shards.write_shards(items, out_dir, decode_fn=functools.partial(build_clip_example, options=options),
+                                       dataset_name=NAME,
                                        split=f"caption_{split}", **write_kwargs)
         results.append(captions)
         for prefix, _, _ in DERIVED:

@@ -186,8 +186,8 @@ class VllamaDemo(ShardedBuilder):
         return self._source_dir or os.path.join(os.path.dirname(self.work_dir), "media")
 
     def _write_splits(self, source_dir, limit):
-        return synthetic.write_splits(source_dir, self.work_dir, limit=limit, **self._source_kwargs,
-                                      **self._write_kwargs())
+        return synthetic.write_splits(source_dir, self.work_dir, limit=limit, options=self._options,
+                                      **self._source_kwargs, **self._write_kwargs())
 
 
 class Folder(ShardedBuilder, skip_registration=True):

@@ -79,6 +79,7 @@ def test_table_shows_packing_and_pytorch_rows():
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_loader_against_step_feeds_the_loaders_batches_to_the_step(tmp_path):
     import dataclasses
 

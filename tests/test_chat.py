@@ -348,7 +348,7 @@ def test_load_for_inference_from_a_trainer_workdir(world, tmp_path):
         ckpt.save_frozen(frozen)
     model = load_for_inference(str(tmp_path), config)
     assert model.config == task.config and model.conv_style == "vicuna"
-    assert (model.num_frames, model.image_size, model.num_audio_clips) == (2, 28, 2)
+    assert (model.num_frames, model.image_size, model.num_audio_clips) == (2, 28, 8)
     expected = partition.merge(jax.tree.map(lambda x: x + 2.0, trainable), frozen)
     got, want = partition.flatten(model.params), partition.flatten(expected)
     assert got.keys() == want.keys()

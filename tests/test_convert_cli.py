@@ -126,6 +126,7 @@ def test_imported_checkpoint_is_what_inference_loads(imported, params):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_imported_checkpoint_chats(imported, tmp_path):
     """`vllama-chat --checkpoint DIR` on an import answers about an image (~40 s: generation compiles)."""
     from data_pipelines.media import write_image

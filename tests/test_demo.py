@@ -39,6 +39,10 @@ def _check_outputs(summary, text):
     for attr in per:
         assert attr in text
     assert "Assistant:" in text and "files:" in text
+    # The chat command the README promises in the workdir, runnable as it is.
+    chat = open(files["chat_command"]).read()
+    assert "vllama-chat --checkpoint" in chat and os.access(files["chat_command"], os.X_OK)
+    assert "pip install -e '.[tensorboard]'" in text
     dialogue = summary["sample_dialogues"][0]
     assert dialogue["turns"][0][2].startswith("Received")
     assert "Close your eyes, open your ears" in dialogue["prompt"]     # the chat's audio+video upload
@@ -63,6 +67,7 @@ def test_quick_demo_runs_every_phase(quick_demo):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_quick_demo_is_deterministic(tmp_path):
     first, _ = _run(tmp_path / "a", "--quick")
     second, _ = _run(tmp_path / "b", "--quick")

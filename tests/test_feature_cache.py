@@ -59,6 +59,7 @@ def _cached_batch(task, params, batch):
 
 
 @pytest.mark.slow  # the audio + video tiny model compiles for minutes on a loaded 2-core CI
+@pytest.mark.ci
 def test_cached_loss_and_grads_equal_uncached(setup):
     task, params, batch = setup
     deterministic = False  # dropout in the trainable Q-Formers draws the same masks either way
@@ -82,6 +83,7 @@ def test_cached_loss_and_grads_equal_uncached(setup):
 
 
 @pytest.mark.slow  # the audio + video tiny model compiles for minutes on a loaded 2-core CI
+@pytest.mark.ci
 def test_short_last_batch_is_padded_and_trimmed(setup):
     task, params, batch = setup
     last = {k: v[1:2] for k, v in batch.items()}
@@ -95,6 +97,7 @@ def test_short_last_batch_is_padded_and_trimmed(setup):
 
 
 @pytest.mark.slow  # the audio + video tiny model compiles for minutes on a loaded 2-core CI
+@pytest.mark.ci
 def test_missing_cached_key_is_named(setup):
     task, params, batch = setup
     cached = _cached_batch(task, params, batch)
@@ -106,6 +109,7 @@ def test_missing_cached_key_is_named(setup):
 
 
 @pytest.mark.slow  # the audio + video tiny model compiles for minutes on a loaded 2-core CI
+@pytest.mark.ci
 def test_capture_names_a_submodule_that_was_not_called(setup):
     task, params, batch = setup
     outputs = FC.VIDEO_LLAMA_OUTPUTS[:1] + (FC.CachedOutput("audio_qformer/layer_9", "x"),)

@@ -265,6 +265,7 @@ print(hwm() - base)
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_loading_streams_tensor_by_tensor(tmp_path):
     """A ~0.9 GB float32 checkpoint loads with peak RSS growth of the output plus one tensor, not 2x."""
     import subprocess

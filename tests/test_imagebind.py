@@ -309,6 +309,7 @@ def test_sharded_forward_matches(reference, rng):
 # ----------------------------------------------------------------------------- real size
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_real_size_audio_tower_forward(rng):
     cfg = ImageBindAudioConfig.preset("imagebind_audio_huge")
     tower = ImageBindAudio(cfg)
@@ -330,6 +331,7 @@ def test_real_size_audio_tower_forward(rng):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_real_size_vision_tower_forward(rng):
     cfg = ImageBindVisionConfig.preset("imagebind_vision_huge")
     tower = ImageBindVision(cfg)

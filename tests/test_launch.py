@@ -248,6 +248,7 @@ def _free_port():
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_slurm_script_starts_a_distributed_run(tmp_path):
     """slurm.sbatch -> srun -> 2 x vllama-train --jax_distributed, which finds its coordinator,
     process count and id in SLURM's variables (jax's auto-detection, no addresses passed)."""

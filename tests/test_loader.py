@@ -258,6 +258,7 @@ def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_worker_processes_resume_exactly(shards, encoder):
     """mp_prefetch (2 worker processes): state restore replays the remaining batches (~30 s here)."""
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, worker_count=2)

@@ -88,6 +88,7 @@ def _single_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_two_processes_match_one_process(tmp_path):
     t0 = time.monotonic()
     procs, logs = _start_workers(tmp_path)

@@ -144,6 +144,7 @@ def test_cli_from_inside_a_jax_process_plans_in_a_subprocess(tmp_path, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("name", ["stage1_vicuna7b", "stage1_llama2_13b"])
 def test_presets_divide_the_real_params(name):
     """Every target's mesh splits every sharded dim of the real model evenly (checked on
@@ -168,6 +169,7 @@ def test_presets_divide_the_real_params(name):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_vicuna7b_stage1_fits_a_v4_32(tmp_path):
     r, report = _run_cli(tmp_path, "--config", "configs/stage1_vicuna7b.py", "--mesh", "v4-32")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -179,6 +181,7 @@ def test_vicuna7b_stage1_fits_a_v4_32(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_vicuna7b_stage1_does_not_fit_one_device(tmp_path):
     r, report = _run_cli(tmp_path, "--config", "configs/stage1_vicuna7b.py", "--mesh", "1,1,1",
                          "--hbm-gib", "32")

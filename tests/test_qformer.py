@@ -169,6 +169,7 @@ def test_blip2_image_encoder_matches_torch_pipeline(rng):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_blip2_image_encoder_real_size():
     model = Blip2ImageEncoder(EvaViTConfig.preset("eva_vit_g"), QFormerConfig.preset("blip2_qformer"))
     images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 224, 224, 3)), jnp.float32)

@@ -176,6 +176,7 @@ def test_demo_splits_through_the_writer(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_a_few_hundred_clips_in_under_a_minute(tmp_path):
     import resource
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllama_jax.cli_errors import entry_point
 from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for, stream
 from vllama_jax.inference import InferenceModel
 from vllama_jax.models.video_llama import VideoLlama
@@ -523,6 +524,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+@entry_point("vllama-chat")
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
     """Console entry point `vllama-chat`."""
     from vllama_jax.inference import LoadError

@@ -1,4 +1,4 @@
-"""Console entry points that live in the package root: `vllama-demo`.
+"""Console entry points that live in the package root: `vllama-demo`, `vllama-bench`.
 
 (`vllama-train`, `vllama-convert`, `vllama-chat`, `vllama-eval` and `vllama-prepare-data` have their
 own modules; see setup.py.)
@@ -6,8 +6,12 @@ own modules; see setup.py.)
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from typing import Sequence
+
+from vllama_jax.cli_errors import UserError, entry_point
 
 
 def _demo_parser() -> argparse.ArgumentParser:
@@ -23,6 +27,7 @@ def _demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point("vllama-demo")
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """`vllama-demo`: the whole recipe in miniature (see vllama_jax/demo.py)."""
     args = _demo_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -33,6 +38,26 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
     run_demo(args.workdir, seed=args.seed, quick=args.quick, skip_data=args.skip_data, workers=args.workers)
     return 0
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@entry_point("vllama-bench")
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """`vllama-bench [args]`: `python -m benchmarks.run [args]` from any directory (the benchmarks
+    live in the source checkout, next to the package, not in the installed package)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not os.path.isfile(os.path.join(REPO, "benchmarks", "run.py")):
+        raise UserError(f"no benchmarks/ next to the package in {REPO}: the benchmarks run from a source "
+                        "checkout installed with `pip install -e .`")
+    # --json paths are the caller's, relative to where it was called from.
+    for i, a in enumerate(argv):
+        if a.startswith("--json="):
+            argv[i] = "--json=" + os.path.abspath(a[len("--json="):])
+        elif i and argv[i - 1] == "--json":
+            argv[i] = os.path.abspath(a)
+    return subprocess.call([sys.executable, "-m", "benchmarks.run", *argv], cwd=REPO)
 
 
 if __name__ == "__main__":

@@ -546,6 +546,9 @@ def _xla_optimizations(on: bool):
         jax.config.update("jax_disable_most_optimizations", before)
 
 
+CHAT_COMMAND_FILE = "chat.sh"
+
+
 def run_demo(workdir: str = "./vllama_demo_run", *, seed: int = 0, quick: bool = False, skip_data: bool = False,
              workers: int | None = None, out=print) -> dict:
     """Runs every phase; returns the summary written to `<workdir>/summary.json`."""
@@ -629,6 +632,7 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
         "chance": 0.25, "phase_seconds": phases.times, "load_average_1min_at_end": os.getloadavg()[0],
         "wall_seconds": round(time.perf_counter() - start, 1),
         "files": {"workdir": str(layout.root), "eval_report": str(layout.root / "eval_report.json"),
+                  "chat_command": str(layout.root / CHAT_COMMAND_FILE),
                   "loss_png": png, "tensorboard": [str(layout.tensorboard)] +
                   [str(layout.run(n) / "tb") for n in configs], "runs": [str(layout.run(n)) for n in configs],
                   "towers": paths, "data": str(layout.data), "media": str(layout.media)},
@@ -645,12 +649,16 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     out(f"   summary          {layout.root / 'summary.json'}")
     out(f"   eval report      {summary['files']['eval_report']}")
     out(f"   loss curves      {png}")
-    out(f"   tensorboard      tensorboard --logdir {layout.root}")
+    out(f"   tensorboard      tensorboard --logdir {layout.root}   (TensorBoard itself: pip install -e '.[tensorboard]')")
     out(f"   trainer runs     {layout.root / 'runs'} (vision1, vision2, audio1, audio2)")
     out(f"   towers           {layout.towers}")
     test_mp4 = synthetic.clip_path(str(layout.media), "test", 0, demo.seed)
-    out(f"   chat             vllama-chat --checkpoint {layout.run('vision2')} {layout.run('audio2')} "
-        f"--config {chat_config} --video {test_mp4}")
+    command = (f"vllama-chat --checkpoint {layout.run('vision2')} {layout.run('audio2')} "
+               f"--config {chat_config} --video {test_mp4}")
+    (layout.root / CHAT_COMMAND_FILE).write_text(f"#!/bin/sh\n# Chat with the demo's model about a held-out clip.\n"
+                                                 f"exec {command} \"$@\"\n")
+    os.chmod(layout.root / CHAT_COMMAND_FILE, 0o755)
+    out(f"   chat             {command}\n                    (also in {layout.root / CHAT_COMMAND_FILE})")
     web = "vllama-web" if layout.root == Path("./vllama_demo_run").resolve() else f"vllama-web --demo {layout.root}"
     out(f"   web demo         {web}   (then open http://127.0.0.1:7860)")
     return summary

@@ -137,6 +137,7 @@ def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, pa
     m.frozen_audio_qformer = branch != "audio"
     m.overrides = ml_collections.ConfigDict({k: dict(v) for k, v in demo.towers.items()})
     m.overrides.llama = dict(demo.towers.llama, vocab_size=vocab_size)
+    m.vocab_size = vocab_size
     m.num_query_token = demo.num_query_token
     m.num_video_query_token = demo.num_video_query_token
     m.num_audio_query_token = demo.num_audio_query_token

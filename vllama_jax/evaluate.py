@@ -41,6 +41,7 @@ from data_pipelines import synthetic
 from data_pipelines import video as V
 from data_pipelines.records import IMAGE_PLACEHOLDER, decode_jpeg
 from vllama_jax.generate import FINISH_EOS, FINISH_NAMES, GenerationConfig, generate, stop_tables_for
+from vllama_jax.cli_errors import entry_point
 from vllama_jax.inference import InferenceModel
 from vllama_jax.models.video_llama import splice_media
 from vllama_jax.progress import progress_bar
@@ -601,6 +602,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+@entry_point("vllama-eval")
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point `vllama-eval`."""
     from data_pipelines.loader import LoaderError, loader_config_from

@@ -36,6 +36,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from vllama_jax.cli_errors import UserError, entry_point
+
 GIB = 1024 ** 3
 REEXEC_ENV = "VLLAMA_PLAN_REEXEC"
 _COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
@@ -69,21 +71,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
-    """An ml_collections config file with `--config.x=y` overrides, as `vllama-train` reads it."""
-    from absl import flags
-    from ml_collections import config_flags
+    """An ml_collections config file with `--config.x=y` overrides, as `vllama-train` reads it
+    (`cli_errors.load_config`: a missing file or an unknown key is one line, "did you mean")."""
+    from vllama_jax import cli_errors
 
-    argv = ["vllama-plan", f"--config={path}", *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
     try:
-        fv(argv)
-        config = fv.config
-        config.keys()   # a file that failed to load raises here
-    except (flags.Error, OSError, AttributeError) as e:
-        raise PlanError(f"--config {path}: {e}") from e
-    return config
+        return cli_errors.load_config(path, overrides, prog="vllama-plan")
+    except UserError as e:
+        raise PlanError(str(e)) from e
 
 
 def overridden(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -410,6 +405,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
 
 # ------------------------------------------------------------------------------ CLI
 
+@entry_point("vllama-plan")
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (`vllama-plan`)."""
     argv = list(sys.argv[1:] if argv is None else argv)

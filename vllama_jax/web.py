@@ -26,6 +26,7 @@ import sys
 from typing import Any, Iterator, Sequence
 
 from vllama_jax.chat import LLAMA_2, Chat, ChatError, add_model_arguments, default_generation, load_model
+from vllama_jax.cli_errors import entry_point
 from vllama_jax.inference import InferenceModel
 
 TITLE = "Video-LLaMA (vllama_jax)"
@@ -220,6 +221,7 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     return args, examples
 
 
+@entry_point("vllama-web")
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point `vllama-web`."""
     from vllama_jax.inference import LoadError

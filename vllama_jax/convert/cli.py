@@ -42,6 +42,7 @@ from vllama_jax.convert import hf_llama, imagebind, lavis, params_checkpoint, vi
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, export_entries,
                                        np_dtype, progress_bar, read_state_dict, save_state_dict,
                                        set_path)
+from vllama_jax.cli_errors import UserError, entry_point
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -294,6 +295,42 @@ def _export_components(args, config: VideoLlamaConfig) -> tuple[str, ...] | None
     return video_llama.BRANCHES[args.branch]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def _has_tokenizer(d) -> bool:
+    return bool(d) and any((Path(d) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _tokenizer_source(args, meta: Mapping) -> str | None:
+    """Where the exported LLaMA's tokenizer is: --tokenizer, else the trainer config's
+    paths.tokenizer / llama_model, else the HF directory the LLaMA was imported from."""
+    if args.tokenizer:
+        if not _has_tokenizer(args.tokenizer):
+            raise UsageError(f"--tokenizer {args.tokenizer}: none of {', '.join(TOKENIZER_FILES)} there")
+        return args.tokenizer
+    train_config = args.train_config or meta.get("train_config")
+    candidates = []
+    if train_config and os.path.isfile(train_config):
+        paths = _load_train_config(train_config).get("paths", {})
+        candidates += [paths.get("tokenizer", ""), paths.get("llama_model", "")]
+    candidates.append((meta.get("subtrees", {}).get("llama") or {}).get("source", ""))
+    return next((c for c in candidates if _has_tokenizer(c)), None)
+
+
+def _copy_tokenizer(source: str | None, hf_dir: str, out) -> None:
+    import shutil
+    if source is None:
+        print(f"note: no tokenizer files written to {hf_dir}: pass --tokenizer DIR (the LLaMA's tokenizer "
+              "directory) so it loads with AutoTokenizer", file=out)
+        return
+    copied = [f for f in TOKENIZER_FILES if (Path(source) / f).is_file()]
+    for f in copied:
+        shutil.copy2(Path(source) / f, Path(hf_dir) / f)
+    print(f"wrote {hf_dir}: tokenizer files {', '.join(copied)} from {source}", file=out)
+
+
 def cmd_export(args, out=sys.stdout) -> int:
     outputs = {"video_llama": args.video_llama, "hf": args.hf, "blip2": args.blip2, "eva_vit": args.eva_vit,
                "imagebind": args.imagebind}
@@ -343,6 +380,7 @@ def cmd_export(args, out=sys.stdout) -> int:
         llama = _get(params, video_llama.PARAM_PATHS["llama"])
         hf_llama.save_hf(llama, config.llama, args.hf, dtype=dtype, overwrite=True, progress=progress)
         print(f"wrote {args.hf} (HF LLaMA, {len(hf_llama.key_map(config.llama))} tensors)", file=out)
+        _copy_tokenizer(_tokenizer_source(args, meta), args.hf, out)
     for fmt in ("blip2", "eva_vit", "imagebind"):
         dest = outputs[fmt]
         if not dest:
@@ -454,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--components", help=f"explicit comma-separated components ({', '.join(video_llama.COMPONENTS)})")
     exp.add_argument("--no-buffers", action="store_true", help="leave out the reference's buffers")
     exp.add_argument("--hf", help="write the LLaMA as an HF directory here")
+    exp.add_argument("--tokenizer", help="tokenizer directory copied into the --hf directory (default: the "
+                                         "trainer config's paths.tokenizer / llama_model, or the imported LLaMA's)")
     exp.add_argument("--blip2", help="write a BLIP-2 .pth here")
     exp.add_argument("--eva-vit", help="write an eva_vit_g.pth here")
     exp.add_argument("--imagebind", help="write an imagebind_huge.pth (audio + vision keys) here")
@@ -477,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point("vllama-convert")
 def main(argv: Sequence[str] | None = None, out=None) -> int:
     """Console entry point (`vllama-convert = vllama_jax.convert.cli:main`)."""
     out = sys.stdout if out is None else out
@@ -484,9 +525,8 @@ def main(argv: Sequence[str] | None = None, out=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args, out)
-    except (CheckpointError, UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"vllama-convert: error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError) as e:   # its converters' ValueErrors name the input
+        raise UserError(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -259,9 +259,24 @@ def ignore_rules(rules: Iterable[tuple[str, str]], prefix: str = "") -> Callable
 
 # ------------------------------------------------------------------------------------------ torch files
 
+TORCH_EXTRA_HINT = "install the [torch] extra: pip install -e '.[torch]' (torch==2.13.0, CPU is enough)"
+
+
+def import_torch():
+    """`torch`, or a CheckpointError saying how to get it (it is an optional extra)."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise CheckpointError(f"reading or writing PyTorch .pth files needs PyTorch, which is not installed: "
+                              f"{TORCH_EXTRA_HINT} (.safetensors files need no torch)") from None
+    return torch
+
+
 def tensor_to_numpy(t) -> np.ndarray:
     """A CPU torch tensor as numpy, sharing memory where it can; bf16 stays bf16 (ml_dtypes)."""
-    import torch
+    torch = import_torch()
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
@@ -270,7 +285,7 @@ def tensor_to_numpy(t) -> np.ndarray:
 
 
 def numpy_to_tensor(a) -> Any:
-    import torch
+    torch = import_torch()
     a = np.asarray(a)
     if not (a.flags.c_contiguous and a.flags.writeable):  # (np.ascontiguousarray would make 0-d arrays 1-d)
         a = a.copy(order="C")
@@ -289,7 +304,7 @@ def torch_load(path) -> Any:
     weights-only loading blocks, i.e. arbitrary code) or `CheckpointError` (truncated, corrupt or
     not a torch file), each naming the file.
     """
-    import torch
+    torch = import_torch()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{path}: checkpoint file does not exist")
@@ -335,7 +350,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     """
     if os.fspath(path).endswith(".safetensors"):
         return _read_safetensors(path)
-    import torch
+    torch = import_torch()
     sd = state_dict_of(torch_load(path), path)
     out = {}
     for key, value in sd.items():
@@ -361,7 +376,7 @@ def _read_safetensors(path) -> dict[str, np.ndarray]:
 
 def save_torch(path, obj: Any, overwrite: bool = True) -> Path:
     """`torch.save(obj)` to a temporary sibling, renamed to `path` once complete."""
-    import torch
+    torch = import_torch()
     path = _destination(path, overwrite)
     with atomic_file(path) as tmp:
         torch.save(obj, tmp)

@@ -48,7 +48,7 @@ def save_params(path, params: Mapping, manifest: Mapping | None = None, overwrit
     ocp = _ocp()
     meta = {"format": FORMAT, "version": VERSION, **dict(manifest or {})}
     meta["format"], meta["version"] = FORMAT, VERSION
-    path = Path(path)
+    path = Path(path).absolute()   # orbax refuses relative paths
     with atomic_dir(path, overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_ITEM, dict(params))

@@ -226,7 +226,8 @@ def components_in(sd: Iterable[str], config: VideoLlamaConfig) -> tuple[str, ...
 def buffers(config: VideoLlamaConfig, equip_audio: bool) -> dict[str, dict[str, np.ndarray]]:
     """module -> {key: value} of the buffers `VideoLLAMA.state_dict()` holds, computed as the
     reference computes them (so loading them back into the reference changes nothing)."""
-    import torch
+    from vllama_jax.convert.common import import_torch
+    torch = import_torch()
     position_ids = torch.arange(BERT_MAX_POSITIONS).expand((1, -1)).numpy().copy()
     dim = config.llama.head_dim
     inv_freq = (1.0 / (config.llama.rope_theta ** (torch.arange(0, dim, 2).float() / dim))).numpy()

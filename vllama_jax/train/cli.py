@@ -17,6 +17,8 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from vllama_jax import cli_errors
+
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     # config_flags finds `--config.x=y` overrides in the argv it is defined with, so each parse
     # gets its own FlagValues bound to its argv (and tests can parse several command lines).
@@ -29,14 +31,35 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     return fv
 
 
+def _config_arg(argv: Sequence[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _help(fv: flags.FlagValues) -> str:
+    return (f"{__doc__}\nflags:\n{fv.get_help()}\n  --debug: show tracebacks\n"
+            "  --config.<a>.<b>=<value>: override a config field (see vllama_jax/train/config_lib.py)")
+
+
 def parse(argv: Sequence[str]):
-    """(config, workdir, distributed) from argv (argv[0] is the program name)."""
+    """(config, workdir, distributed) from argv (argv[0] is the program name); UserError on bad
+    input (a missing config file, an unknown config key, a bad value)."""
     fv = _flag_values(argv)
-    fv(list(argv))
+    path = _config_arg(argv)
+    if path is not None:   # named errors before config_flags' own ("config_config", 47-line traces)
+        cli_errors.check_override_keys(cli_errors.load_config_file(path), argv[1:])
+    try:
+        fv(list(argv))
+    except flags.Error as e:
+        raise cli_errors.UserError(cli_errors.one_line(e)) from None
     if fv["config"].value is None:
-        raise app.UsageError("--config is required (e.g. --config configs/stage1_vicuna7b.py)")
+        raise cli_errors.UserError("--config is required (e.g. --config configs/stage1_vicuna7b.py)")
     if not fv.workdir:
-        raise app.UsageError("--workdir is required")
+        raise cli_errors.UserError("--workdir is required")
     config = fv.config
     config.keys()  # a config file that failed to load raises its OSError here, not later
     return config, fv.workdir, fv.jax_distributed
@@ -48,26 +71,34 @@ def run(config, workdir: str):
     from vllama_jax.train.task import build_task, import_string
 
     task = build_task(config)
+    check_batch = None
+    video_llama = hasattr(getattr(task, "config", None), "llama")
+    if video_llama:   # mismatched inputs: one line now, not a traceback or a NaN later
+        from vllama_jax.train import preflight
+        preflight.check_config(config, task)
+        check_batch = lambda batch: preflight.check_batch(batch, task, config)  # noqa: E731
     if config.get("feature_cache") is not None and config.feature_cache.get("enabled"):
         from vllama_jax.train import feature_cache
         task, train_iter = feature_cache.from_config(config, task)
+        check_batch = None   # its batches are tower features
     else:
         train_iter = import_string(config.data.train_builder)(config)
     eval_iter_fn = None
     if config.data.get("eval_builder"):
         builder = import_string(config.data.eval_builder)
         eval_iter_fn = lambda: builder(config)  # noqa: E731
-    return loop.train(config, task, train_iter, workdir=workdir, eval_iter_fn=eval_iter_fn)
+    return loop.train(config, task, train_iter, workdir=workdir, eval_iter_fn=eval_iter_fn,
+                      check_batch=check_batch)
 
 
+@cli_errors.entry_point("vllama-train")
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (`vllama-train = vllama_jax.train.cli:main`)."""
-    argv = sys.argv if argv is None else argv
-    try:
-        config, workdir, distributed = parse(argv)
-    except (flags.Error, app.UsageError, OSError) as e:
-        print(f"vllama-train: {e}", file=sys.stderr)
-        return 2
+    argv = list(sys.argv if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(_help(_flag_values(argv[:1])))
+        return 0
+    config, workdir, distributed = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every file operation at INFO
     import jax

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.arch = "video_llama"
     c.model.llama = "llama_7b"
+    c.model.vocab_size = 0           # 0: the LLaMA preset's; else the embedding table size (>= the tokenizer's)
     c.model.vit = "eva_vit_g"
     c.model.qformer = "blip2_qformer"
     c.model.video_qformer = "video_qformer"
@@ -198,6 +199,9 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.num_query_token, m.num_video_query_token, m.num_audio_query_token = 4, 4, 2
     m.max_frame_pos = 4
     m.max_txt_len = 16
+    # Fits the tokenizers the project makes (data_pipelines.tokenizer.build_demo_tokenizer, <= 1024
+    # ids); the tiny preset's 256 is smaller than any of them (3 specials + 256 byte pieces + ASCII).
+    m.vocab_size = 1024
     config.data.num_frames = 2
     config.data.image_size = 28
     config.data.num_audio_clips = 2

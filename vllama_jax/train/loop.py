@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
-from vllama_jax.checkpoint import Checkpointer
+from vllama_jax.checkpoint import Checkpointer, WorkdirLock, remove_interrupted_saves
 from vllama_jax.train import metrics as M
 from vllama_jax.train import optimizer as O
 from vllama_jax.train import partition, schedules
@@ -131,7 +131,8 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
     """(state, frozen, start_step): resumed from the latest checkpoint, or freshly initialised."""
     seed = int(config.train.seed)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    latest = ckpt.latest_step()
+    # The newest step that restores (a damaged newer one is reported and set aside).
+    state, latest = ckpt.restore_newest(su.abstract_state, train_iter, trainable_paths=su.paths)
     frozen = None
     if latest is not None and ckpt.has_frozen():
         frozen = ckpt.restore_frozen(su.abstract_frozen)
@@ -143,7 +144,6 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
                          out_shardings=su.frozen_sh)(frozen)
         logger.write(partition.describe(trainable, frozen))
     if latest is not None:
-        state = ckpt.restore(su.abstract_state, train_iter, trainable_paths=su.paths)
         logger.write(f"resumed from checkpoint step {latest} in {ckpt.workdir}")
         return state, frozen, latest
     init = jax.jit(lambda p, r: S.init_state(p, su.tx, r), out_shardings=su.state_sh)
@@ -197,8 +197,10 @@ def _agree(flag: bool) -> bool:
 
 
 def train(config, task: Task, train_iter: Iterator, *, workdir: str,
-          eval_iter_fn: Callable[[], Iterable] | None = None, mesh=None) -> TrainResult:
-    """Runs (or resumes) training to `total_steps(config)`; see the module doc for the contract."""
+          eval_iter_fn: Callable[[], Iterable] | None = None, mesh=None,
+          check_batch: Callable[[Any], None] | None = None) -> TrainResult:
+    """Runs (or resumes) training to `total_steps(config)`; see the module doc for the contract.
+    `check_batch(host_batch)`, if given, vets the first batch before anything compiles."""
     check_task(task)
     t = config.train
     mesh = sharding.make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
@@ -208,8 +210,14 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     eval_every = int(t.get("eval_every", 0))
 
     su = _setup(config, task, mesh)
-    ckpt = Checkpointer(workdir, max_to_keep=int(config.checkpoint.max_to_keep),
-                        async_save=bool(config.checkpoint.get("async_save", True)))
+    lock = WorkdirLock(workdir if "://" in workdir else os.path.abspath(workdir)).acquire()
+    try:
+        remove_interrupted_saves(lock.workdir)
+        ckpt = Checkpointer(workdir, max_to_keep=int(config.checkpoint.max_to_keep),
+                            async_save=bool(config.checkpoint.get("async_save", True)))
+    except BaseException:
+        lock.release()
+        raise
     logger = M.MetricsLogger(os.path.join(workdir, "tb") if t.get("tensorboard", True) else None,
                              total_steps=n_steps, progress=bool(t.get("progress", True)))
     try:
@@ -217,10 +225,12 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
         logger.bar.n = step
         logger.bar.refresh()
         run = _Run(config, task, su, ckpt, logger, train_iter, eval_iter_fn, compute_dtype)
+        run.check_batch = check_batch
         return run.loop(state, frozen, step, n_steps, log_every, save_every, eval_every)
     finally:
         logger.close()
         ckpt.close()
+        lock.release()
 
 
 class _Run:
@@ -242,6 +252,7 @@ class _Run:
         self.examples_in_window = 0
         self.last_saved = ckpt.latest_step()
         self.throughput = M.Throughput()
+        self.check_batch = None
 
     def _compile(self, batch):
         batch_sh = sharding.batch_shardings(batch, self.su.mesh)
@@ -298,6 +309,8 @@ class _Run:
                     self.logger.write(f"train iterator exhausted at step {step}")
                     break
                 if self.jitted is None:
+                    if self.check_batch is not None:
+                        self.check_batch(batch)
                     self._compile(batch)
                 state, m = self.jitted(state, frozen, sharding.shard_batch(batch, self.su.mesh))
                 step += 1

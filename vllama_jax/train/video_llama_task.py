@@ -57,8 +57,9 @@ def model_config(config) -> VideoLlamaConfig:
                             encoder_width=imagebind_audio.out_embed_dim) if audio else None
     # ImageBind's vision tower only feeds the audio Q-Former when the audio branch trains on frames.
     from_frames = audio and _audio_train_input(config) == "frames"
+    vocab = {"vocab_size": int(m.vocab_size)} if int(m.get("vocab_size", 0) or 0) > 0 else {}
     return VideoLlamaConfig(
-        llama=preset(LlamaConfig, "llama", dtype=dtype, remat=remat),
+        llama=preset(LlamaConfig, "llama", dtype=dtype, remat=remat, **vocab),
         vit=preset(EvaViTConfig, "vit", img_size=int(config.data.image_size), dtype=dtype, remat=remat),
         image_qformer=image_qformer,
         video_qformer=qformer("video_qformer", num_query_tokens=int(m.num_video_query_token),
