@@ -73,8 +73,8 @@ def fit(name: str, model: nn.Module, params: Any, loss_fn: Callable, arrays: Map
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, dict(metrics, loss=loss)
 
-    logger = MetricsLogger(logdir, total_steps=config.steps, progress=True)
-    logger.bar.set_description(name)
+    # Named at construction: a later set_description is one more line in a log file.
+    logger = MetricsLogger(logdir, total_steps=config.steps, progress=True, desc=name)
     history, pending = [], []
     key = jax.random.key(seed)
     try:

@@ -74,11 +74,11 @@ class MetricsLogger:
     """
 
     def __init__(self, logdir: str | None, *, total_steps: int, start_step: int = 0,
-                 progress: bool = True, stream=None):
+                 progress: bool = True, stream=None, desc: str = ""):
         self.enabled = jax.process_index() == 0
         self.stream = stream or sys.stdout
         self.bar = progress_bar(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step",
-                                disable=not (self.enabled and progress), file=self.stream)
+                                desc=desc, disable=not (self.enabled and progress), file=self.stream)
         self.writer = None
         if self.enabled and logdir:
             from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
