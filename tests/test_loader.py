@@ -257,14 +257,11 @@ def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
         L.loader_config_from(c)
 
 
-@pytest.mark.slow
-@pytest.mark.ci
-def test_worker_processes_resume_exactly(shards, encoder):
-    """mp_prefetch (2 worker processes): state restore replays the remaining batches (~30 s here)."""
-    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, worker_count=2)
-    spec = L.DatasetSpec(shards["caption"])
+def _stop_and_resume(spec, cfg, encoder, num_first: int):
+    """(the first batches, the rest of the epoch, the rest again from a loader restored to the state
+    saved after the first ones): what the worker-process resume tests compare."""
     it = L.make_loader(spec, cfg, encoder, 0, 1)
-    first = [next(it) for _ in range(3)]
+    first = [next(it) for _ in range(num_first)]
     state = it.get_state()
     rest = list(it)
     it.close()
@@ -272,6 +269,15 @@ def test_worker_processes_resume_exactly(shards, encoder):
     resumed.set_state(state)
     again = list(resumed)
     resumed.close()
+    return first, rest, again
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_worker_processes_resume_exactly(shards, encoder):
+    """mp_prefetch (2 worker processes): state restore replays the remaining batches (~30 s here)."""
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, worker_count=2)
+    first, rest, again = _stop_and_resume(L.DatasetSpec(shards["caption"]), cfg, encoder, 3)
     assert _ids(again) == _ids(rest)
     assert sorted(_ids(first) + _ids(rest)) == sorted(f"cap/{i}" for i in range(24))
 
@@ -343,15 +349,6 @@ def test_packed_worker_processes_resume_exactly(shards, encoder):
     a restore replays the remaining packed batches (~30 s here)."""
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, max_examples_per_row=3,
                               worker_count=2)
-    spec = L.DatasetSpec(shards["caption"])
-    it = L.make_loader(spec, cfg, encoder, 0, 1)
-    first = [next(it) for _ in range(2)]
-    state = it.get_state()
-    rest = list(it)
-    it.close()
-    resumed = L.make_loader(spec, cfg, encoder, 0, 1)
-    resumed.set_state(state)
-    again = list(resumed)
-    resumed.close()
+    first, rest, again = _stop_and_resume(L.DatasetSpec(shards["caption"]), cfg, encoder, 2)
     assert len(rest) > 0 and _packed_ids(again) == _packed_ids(rest)
     assert len(set(_packed_ids(first) + _packed_ids(rest))) == len(_packed_ids(first) + _packed_ids(rest))
