@@ -204,7 +204,8 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.num_frames = 2
     config.data.image_size = 28
     config.data.num_audio_clips = 2
-    config.data.num_query_placeholders = m.num_audio_query_token if m.train_branch == "audio" else m.num_video_query_token
+    config.data.num_query_placeholders = (m.num_audio_query_token if m.train_branch == "audio"
+                                          else m.num_video_query_token)
     o = config.optim
     o.warmup_steps, o.iters_per_epoch, o.max_epoch = 2, 5, 2
     t = config.train
