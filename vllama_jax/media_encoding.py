@@ -6,19 +6,19 @@ the demo turn media into what the LLaMA receives:
   * files (an upload, `vllama-chat --video`): `load_video_frames` (uniform frames scaled inside
     FFmpeg, as decord gives them, with the reference's frame-time message), `load_image_frames`
     (a one-frame clip), `load_audio` (ImageBind's fbank clips);
-  * stored records (ArrayRecord shards): `record_frame_indices` + `record_media`, the loader's eval
-    transforms (uniform frames of the stored pool, resize, CLIP normalisation; the stored fbank);
+  * stored records (ArrayRecord shards) go through the loader's own eval transform
+    (`data_pipelines.loader.frame_indices` / `frame_pixels` / `stored_fbank`), as in training;
   * arrays -> soft tokens: `encode_media` (one medium, jitted once per config) and `soft_tokens`
     (several media concatenated in placeholder order).
 
-Inputs that cannot be used raise `MediaError` with a message for the user; chat and evaluation
-re-raise it as their own error. (data_pipelines/media.py is the other direction: writing mp4/wav.)
+Files that cannot be used raise `MediaError` with a message for the user (chat re-raises it as
+`ChatError`). data_pipelines/media.py is the other direction: writing mp4/wav files.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,34 +87,6 @@ def load_audio(path: str, num_clips: int) -> np.ndarray | None:
     except (AudioDecodeError, ValueError) as e:
         raise MediaError(f"cannot read audio from {str(path)!r}: {getattr(e, 'reason', e)}") from e
     return clips.fbank if clips.present else None
-
-
-# ------------------------------------------------------------------------------------ records
-
-def record_frame_indices(example: Mapping, num_frames: int) -> np.ndarray:
-    """The loader's eval sampling: `num_frames` uniform frames of a video's stored pool; an image's one."""
-    from data_pipelines import video
-
-    if example["media"] == "video":
-        return video.sample_indices(len(example["frames"]), num_frames, "uniform")
-    return np.zeros(1, np.int64)
-
-
-def record_media(example: Mapping, idx: np.ndarray, image_size: int, num_audio_clips: int,
-                 media: Sequence[str], where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The loader's eval transforms (resize, normalize): frames [T',S,S,3] (T' = len(idx): the
-    sampled frames of a video, 1 for an image) and, when `media` has audio, the fbank [M,1,128,204]."""
-    from data_pipelines import video
-    from data_pipelines.records import decode_jpeg
-
-    frames = video.eval_transform(np.stack([decode_jpeg(example["frames"][i]) for i in idx]), image_size)
-    if "audio" not in media:
-        return frames, None
-    fbank = np.asarray(example["fbank"], np.float32)
-    want = (num_audio_clips, 1, 128, 204)
-    if fbank.shape != want:
-        raise MediaError(f"{where}: fbank shape {fbank.shape}, expected {want} (the model's audio clips)")
-    return frames, fbank
 
 
 # ------------------------------------------------------------------------------------ soft tokens

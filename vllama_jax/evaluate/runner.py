@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import loader
 from data_pipelines import prompts as P
 from data_pipelines.records import IMAGE_PLACEHOLDER
 from vllama_jax import media_encoding
@@ -80,10 +81,12 @@ def _media_for(example: Mapping, media: Sequence[str] | None, model: InferenceMo
 
 def _clip_tokens(model: InferenceModel, example: Mapping, idx: np.ndarray, lc, media: tuple[str, ...],
                  where: str) -> jax.Array:
-    """`[K, d_llm]`: the record's media soft tokens in `media` order, once per clip for all its questions."""
+    """`[K, d_llm]`: the record's media soft tokens in `media` order, once per clip for all its questions:
+    the loader's eval transform (frames `idx`; an image is a 1-frame clip, as the reference encodes it)."""
+    frames = loader.frame_pixels(example, idx, lc.image_size)
     try:
-        frames, fbank = media_encoding.record_media(example, idx, lc.image_size, lc.num_audio_clips, media, where)
-    except media_encoding.MediaError as e:
+        fbank = loader.stored_fbank(example, lc.num_audio_clips, where) if "audio" in media else None
+    except loader.LoaderError as e:
         raise EvalError(str(e)) from e
     return media_encoding.soft_tokens(model.params, model.config, media, frames, fbank)
 
@@ -268,7 +271,7 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
         where = f"record {example.get('id', r)!r}"
         chosen = _media_for(example, media, model)
         k = model.config.num_media_tokens(chosen)
-        idx = media_encoding.record_frame_indices(example, lc.num_frames)
+        idx = loader.frame_indices(example, lc.num_frames)
         times = np.asarray(example["frame_times"], np.float32)[idx]
         soft = None
         time_msg = P.video_time_message(times) if example["media"] == "video" and lc.video_time_msg else ""
