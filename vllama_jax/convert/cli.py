@@ -38,6 +38,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vllama_jax import config_loader
 from vllama_jax.convert import hf_llama, imagebind, lavis, params_checkpoint, video_llama
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, export_entries,
                                        np_dtype, progress_bar, read_state_dict, save_state_dict,
@@ -100,24 +101,12 @@ def _reading(path, progress: bool, kind: str):
         bar.close()
 
 
-def _load_train_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_vllama_convert_train_config", path)
-    if spec is None or not os.path.isfile(path):
-        raise UsageError(f"--train-config {path}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise UsageError(f"--train-config {path}: defines no get_config()")
-    return module.get_config()
-
-
 def _model_config(preset: str | None, hf_llama_config=None, train_config: str | None = None) -> VideoLlamaConfig:
     """The model from a trainer config file (as `vllama-train` builds it) or a VideoLlamaConfig preset;
     an HF LLaMA config (directory or config.json dict), when given, sets the LLaMA architecture."""
     if train_config:
         from vllama_jax.train.video_llama_task import model_config
-        config = model_config(_load_train_config(train_config))
+        config = model_config(config_loader.load_file(train_config))
     elif preset:
         config = VideoLlamaConfig.preset(preset)
     else:
@@ -313,7 +302,7 @@ def _tokenizer_source(args, meta: Mapping) -> str | None:
     train_config = args.train_config or meta.get("train_config")
     candidates = []
     if train_config and os.path.isfile(train_config):
-        paths = _load_train_config(train_config).get("paths", {})
+        paths = config_loader.load_file(train_config).get("paths", {})
         candidates += [paths.get("tokenizer", ""), paths.get("llama_model", "")]
     candidates.append((meta.get("subtrees", {}).get("llama") or {}).get("source", ""))
     return next((c for c in candidates if _has_tokenizer(c)), None)
