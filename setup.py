@@ -53,7 +53,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "vllama-demo=vllama_jax.cli:demo_main",
+            "vllama-demo=vllama_jax.demo.cli:demo_main",
             "vllama-prepare-data=data_pipelines.cli:main",
             "vllama-train=vllama_jax.train.cli:main",
             "vllama-convert=vllama_jax.convert.cli:main",
@@ -61,7 +61,7 @@ setup(
             "vllama-web=vllama_jax.web:main",
             "vllama-eval=vllama_jax.evaluate:main",
             "vllama-plan=vllama_jax.plan:main",
-            "vllama-bench=vllama_jax.cli:bench_main",
+            "vllama-bench=vllama_jax.bench:bench_main",
         ],
     },
 )

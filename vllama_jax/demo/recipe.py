@@ -2,7 +2,7 @@
 
     1. data       synthetic clips (data_pipelines/synthetic.py): colour, shape and motion only
                   visible; pitch and rhythm only audible; written as ArrayRecord shards
-    2. towers     tiny stand-ins for the pretrained towers (vllama_jax/demo_pretrain.py): a LLaMA
+    2. towers     tiny stand-ins for the pretrained towers (vllama_jax/demo/pretrain.py): a LLaMA
                   pretrained as a language model on the train text, an EVA ViT + image Q-Former
                   (on many short clips rendered for it alone) and an ImageBind audio tower (on
                   the train audio) pretrained on their modality; saved as the real
@@ -52,8 +52,8 @@ PHASES = ("data", "tokenizer", "pretrain", "vision1", "vision2", "audio1", "audi
 
 
 def load_demo_config(name: str = "full"):
-    """(`vllama_jax.demo_config`, its `get_config(name)`)."""
-    from vllama_jax import demo_config
+    """(`vllama_jax.demo.config`, its `get_config(name)`)."""
+    from vllama_jax.demo import config as demo_config
 
     return demo_config, demo_config.get_config(name)
 
@@ -213,7 +213,7 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     """Pretrains and saves the three towers; returns (config.paths entries, histories, the train
     clips' media arrays, the tower params). `records`: the instruct_train records (`_records`)."""
     from data_pipelines import synthetic
-    from vllama_jax import demo_pretrain as DP
+    from vllama_jax.demo import pretrain as DP
     from vllama_jax.train.video_llama_task import model_config
 
     # The audio runs' config equips every tower.
@@ -283,7 +283,7 @@ def tower_clips(demo):
 def _labels(metas, names):
     """(`demo_pretrain.attribute_labels` of the attributes `names`, each one's number of values)."""
     from data_pipelines import synthetic
-    from vllama_jax import demo_pretrain as DP
+    from vllama_jax.demo import pretrain as DP
 
     values = {a: synthetic.ATTRIBUTES[a] for a in names}
     return DP.attribute_labels(metas, values), [len(v) for v in values.values()]
