@@ -297,11 +297,6 @@ def format_bytes(n: float) -> str:
     return f"{n:8.0f} B  "
 
 
-def _dtype(name):
-    import jax.numpy as jnp
-    return None if name in (None, "", "none", "None") else jnp.dtype(name)
-
-
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -316,7 +311,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     import jax
 
     from vllama_jax import sharding
-    from vllama_jax.train import loop, partition
+    from vllama_jax.train import config_lib, loop, partition
     from vllama_jax.train import step as S
     from vllama_jax.train.task import build_task
 
@@ -340,7 +335,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     check_divisible(su.abstract_frozen, sizes, "frozen")
 
     step_fn = S.make_train_step(task, su.tx, su.schedule, accum_steps=accum,
-                                compute_dtype=_dtype(config.train.get("compute_dtype")))
+                                compute_dtype=config_lib.dtype_of(config.train.get("compute_dtype")))
     jitted = S.jit_train_step(step_fn, mesh, su.state_sh, su.frozen_sh,
                               {k: v.sharding for k, v in batch.items()})
     say(f"lowering the train step for {n} devices...")
