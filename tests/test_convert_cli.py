@@ -14,6 +14,7 @@ import pytest
 
 import llama_reference
 import video_llama_reference as vref
+from vllama_jax import tree_paths
 from vllama_jax.convert import cli, common, hf_llama, params_checkpoint
 from vllama_jax.convert import video_llama as vl
 from vllama_jax.models.llama import LlamaConfig
@@ -57,7 +58,7 @@ def _run(*argv):
 
 
 def _equal_trees(a, b):
-    fa, fb = common.flatten(a), common.flatten(b)
+    fa, fb = tree_paths.flatten(a), tree_paths.flatten(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -173,7 +174,7 @@ def test_trainer_config_import_loads_with_the_trainers_layout(trainer_import, ex
     tc = config_loader.load_file(str(TRAIN_CONFIG))
     model = load_for_inference(dest, tokenizer=exported["hf"])
     assert (model.num_frames, model.image_size) == (tc.data.num_frames, tc.data.image_size)
-    assert model.conv_style == tc.model.get("chat_format", "vicuna")
+    assert model.conv_style == tc.model.get("conv_style", "vicuna")
     _equal_trees(model.params, params)
 
 
