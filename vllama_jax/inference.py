@@ -28,12 +28,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from data_pipelines.prompts import CONV_STYLES
 from vllama_jax import config_loader
 from vllama_jax.models.video_llama import VideoLlamaConfig, init_params
 
 log = logging.getLogger(__name__)
-
-CONV_STYLES = ("vicuna", "llama_v2")
 
 
 class LoadError(ValueError):
@@ -305,7 +304,7 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
                                    **_media_layout(vconfig))
         else:  # imported for a trainer config: its tokenizer, chat format and media layout
             tok = _tokenizer(tokenizer, tc.paths.get("tokenizer", "") or llama_source)
-            model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("chat_format", "vicuna")),
+            model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("conv_style", "vicuna")),
                                    **_trainer_media_layout(tc))
     else:
         for p in paths:
@@ -317,7 +316,7 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
             raise LoadError("a trainer workdir needs the trainer's config (configs/*.py or its ConfigDict)")
         vconfig, params = _from_workdirs(paths, tc, step)
         tok = _tokenizer(tokenizer, tc.paths.get("tokenizer", "") or tc.paths.get("llama_model", ""))
-        model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("chat_format", "vicuna")),
+        model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("conv_style", "vicuna")),
                                **_trainer_media_layout(tc))
     if mesh is not None:
         from vllama_jax import sharding
