@@ -59,7 +59,7 @@ setup(
             "vllama-convert=vllama_jax.convert.cli:main",
             "vllama-chat=vllama_jax.chat:main",
             "vllama-web=vllama_jax.web:main",
-            "vllama-eval=vllama_jax.evaluate:main",
+            "vllama-eval=vllama_jax.evaluate.cli:main",
             "vllama-plan=vllama_jax.plan:main",
             "vllama-bench=vllama_jax.bench:bench_main",
         ],

@@ -15,7 +15,7 @@ SCRIPTS = {
     "vllama-prepare-data": ("data_pipelines.cli", "main"),
     "vllama-convert": ("vllama_jax.convert.cli", "main"),
     "vllama-chat": ("vllama_jax.chat", "main"),
-    "vllama-eval": ("vllama_jax.evaluate", "main"),
+    "vllama-eval": ("vllama_jax.evaluate.cli", "main"),
     "vllama-plan": ("vllama_jax.plan", "main"),
     "vllama-demo": ("vllama_jax.demo.cli", "demo_main"),
 }
