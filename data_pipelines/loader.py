@@ -478,7 +478,7 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
     return LoaderConfig(
         batch_size=global_batch // jax.process_count(), seq_len=seq_len, num_frames=int(d.num_frames),
         image_size=int(d.image_size), num_media_tokens=media, num_audio_clips=int(d.num_audio_clips),
-        conv_style=str(m.chat_format), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
+        conv_style=str(m.conv_style), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P_SPEC
 
+from vllama_jax import config_loader
 from vllama_jax import plan as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_resolve_mesh_targets_and_shapes():
     assert config.model.remat is True, "the v4-32 preset's settings reach the config"
 
     kept = _config("stage1_vicuna7b", "--config.model.remat=False")
-    P.resolve_mesh("v4-32", kept, keep=P.overridden(["--config.model.remat=False"]))
+    P.resolve_mesh("v4-32", kept, keep=config_loader.overridden(["--config.model.remat=False"]))
     assert kept.model.remat is False, "a command-line override wins over the preset"
 
     assert P.resolve_mesh("v5p-128:stage2", _config("stage1_llama2_13b")).shape == (1, 32, 2)
@@ -94,7 +95,7 @@ def test_resolve_mesh_targets_and_shapes():
 
 
 def test_presets_split_the_batch_and_fill_the_target():
-    presets = P.load_presets()
+    from vllama_jax import mesh_presets as presets
     for name in REAL_CONFIGS:
         for target in presets.TARGETS.values():
             config = _config(name)
@@ -152,7 +153,7 @@ def test_presets_divide_the_real_params(name):
     from vllama_jax import sharding
     from vllama_jax.train.task import build_task
 
-    presets = P.load_presets()
+    from vllama_jax import mesh_presets as presets
     config = _config(name)
     boxed = build_task(config).abstract_params()
     specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P_SPEC))

@@ -39,14 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.prompts import CONV_STYLES
+from data_pipelines.records import IMAGE_PLACEHOLDER
 from vllama_jax.cli_errors import entry_point
 from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for, stream
 from vllama_jax.inference import InferenceModel
 from vllama_jax.media_encoding import (MediaError, encode_media, load_audio, load_image_frames,
                                        load_video_frames)
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
-VICUNA, LLAMA_2 = "vicuna", "llama_v2"
+VICUNA, LLAMA_2 = CONV_STYLES
 # demo_audiovideo.py: the system text set for an image upload (a video upload clears it).
 IMAGE_SYSTEM = ("You are able to understand the visual content that the user provides. "
                 "Follow the instructions carefully and explain your answers in detail.")
@@ -444,7 +445,7 @@ def add_model_arguments(p: argparse.ArgumentParser, checkpoint_required: bool = 
                    help="trainer config file (configs/*.py) for workdirs, or a VideoLlamaConfig preset for .msgpack "
                         "(a params checkpoint names its own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the config / next to the file)")
-    p.add_argument("--conv-style", choices=(VICUNA, LLAMA_2), default=None)
+    p.add_argument("--conv-style", choices=CONV_STYLES, default=None)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
 

@@ -4,7 +4,7 @@
   vllama-plan --config configs/stage2_llama2_13b.py --mesh 1,8,1 --hbm-gib 72 \
       --config.train.accum_steps=2 --json plan.json
 
-`--mesh` is a target of `configs/mesh_presets.py` (its preset for the config's LLaMA size and
+`--mesh` is a target of `vllama_jax.mesh_presets` (its preset for the config's LLaMA size and
 stage: the mesh and settings such as `model.remat`, which `--config.x=y` overrides win over;
 `v5p-128:stage2` forces the stage) or an explicit `data,fsdp,tensor` shape. The real
 train step (the same functions `vllama-train` jits) is lowered and compiled for that many fake
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -36,13 +35,12 @@ import sys
 import time
 from typing import Any, Sequence
 
+from vllama_jax import config_loader
 from vllama_jax.cli_errors import UserError, entry_point
 
 GIB = 1024 ** 3
 REEXEC_ENV = "VLLAMA_PLAN_REEXEC"
 _COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PRESETS = os.path.join(_REPO, "configs", "mesh_presets.py")
 
 
 class PlanError(ValueError):
@@ -57,12 +55,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="Extra --config.x=y arguments override config fields.")
     p.add_argument("--config", required=True, help="config file (as for vllama-train; 'path:arg' works)")
     p.add_argument("--mesh", required=True,
-                   help="a target of configs/mesh_presets.py (e.g. v4-32, v5p-128:stage2) "
+                   help="a target of vllama_jax/mesh_presets.py (e.g. v4-32, v5p-128:stage2) "
                         "or data,fsdp,tensor")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="accelerator memory per device to judge by (default: the target's)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
-    p.add_argument("--presets", default=DEFAULT_PRESETS, help="the mesh presets file")
     args, rest = p.parse_known_args(list(argv))
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -72,29 +69,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def load_config(path: str, overrides: Sequence[str] = ()):
     """An ml_collections config file with `--config.x=y` overrides, as `vllama-train` reads it
-    (`cli_errors.load_config`: a missing file or an unknown key is one line, "did you mean")."""
-    from vllama_jax import cli_errors
-
+    (`config_loader.load`: a missing file or an unknown key is one line, "did you mean")."""
     try:
-        return cli_errors.load_config(path, overrides, prog="vllama-plan")
+        return config_loader.load(path, overrides, prog="vllama-plan")
     except UserError as e:
         raise PlanError(str(e)) from e
-
-
-def overridden(overrides: Sequence[str]) -> tuple[str, ...]:
-    """Dotted config paths set by `--config.a.b=v` arguments (a preset leaves them alone)."""
-    return tuple(o.split("=", 1)[0][len("--config."):] for o in overrides)
-
-
-def load_presets(path: str = DEFAULT_PRESETS):
-    if not os.path.isfile(path):
-        raise PlanError(f"mesh presets file {path!r} does not exist (--presets)")
-    name = "_vllama_mesh_presets"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +88,7 @@ class MeshChoice:
         return math.prod(self.shape)
 
 
-def resolve_mesh(mesh: str, config, presets_path: str = DEFAULT_PRESETS,
-                 hbm_gib: float | None = None, keep: Sequence[str] = ()) -> MeshChoice:
+def resolve_mesh(mesh: str, config, hbm_gib: float | None = None, keep: Sequence[str] = ()) -> MeshChoice:
     """`--mesh` -> shape (and the target's HBM / peak FLOPs when it names one).
 
     A target also applies its preset's settings (e.g. `train.accum_steps`) to `config`, except
@@ -120,7 +98,7 @@ def resolve_mesh(mesh: str, config, presets_path: str = DEFAULT_PRESETS,
         if min(shape) < 1:
             raise PlanError(f"--mesh {mesh!r}: every axis needs at least 1 device")
         return MeshChoice(shape, hbm_gib=hbm_gib)
-    presets = load_presets(presets_path)
+    from vllama_jax import mesh_presets as presets
     name, _, stage = mesh.partition(":")
     if stage and not re.fullmatch(r"stage[12]", stage):
         raise PlanError(f"--mesh {mesh!r}: the part after ':' must be stage1 or stage2")
@@ -319,11 +297,6 @@ def format_bytes(n: float) -> str:
     return f"{n:8.0f} B  "
 
 
-def _dtype(name):
-    import jax.numpy as jnp
-    return None if name in (None, "", "none", "None") else jnp.dtype(name)
-
-
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -338,7 +311,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     import jax
 
     from vllama_jax import sharding
-    from vllama_jax.train import loop, partition
+    from vllama_jax.train import config_lib, loop, partition
     from vllama_jax.train import step as S
     from vllama_jax.train.task import build_task
 
@@ -362,7 +335,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     check_divisible(su.abstract_frozen, sizes, "frozen")
 
     step_fn = S.make_train_step(task, su.tx, su.schedule, accum_steps=accum,
-                                compute_dtype=_dtype(config.train.get("compute_dtype")))
+                                compute_dtype=config_lib.dtype_of(config.train.get("compute_dtype")))
     jitted = S.jit_train_step(step_fn, mesh, su.state_sh, su.frozen_sh,
                               {k: v.sharding for k, v in batch.items()})
     say(f"lowering the train step for {n} devices...")
@@ -412,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
         config = load_config(args.config, overrides)
-        choice = resolve_mesh(args.mesh, config, args.presets, args.hbm_gib, keep=overridden(overrides))
+        choice = resolve_mesh(args.mesh, config, args.hbm_gib, keep=config_loader.overridden(overrides))
         check_batch_split(config, choice.shape)   # before minutes of building and compiling
         if not fake_devices_ready(choice.num_devices):
             return run_in_subprocess(choice.num_devices, argv)

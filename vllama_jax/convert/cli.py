@@ -38,10 +38,10 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vllama_jax import config_loader, tree_paths
 from vllama_jax.convert import hf_llama, imagebind, lavis, params_checkpoint, video_llama
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, export_entries,
-                                       np_dtype, progress_bar, read_state_dict, save_state_dict,
-                                       set_path)
+                                       np_dtype, progress_bar, read_state_dict, save_state_dict)
 from vllama_jax.cli_errors import UserError, entry_point
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
@@ -100,24 +100,12 @@ def _reading(path, progress: bool, kind: str):
         bar.close()
 
 
-def _load_train_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_vllama_convert_train_config", path)
-    if spec is None or not os.path.isfile(path):
-        raise UsageError(f"--train-config {path}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise UsageError(f"--train-config {path}: defines no get_config()")
-    return module.get_config()
-
-
 def _model_config(preset: str | None, hf_llama_config=None, train_config: str | None = None) -> VideoLlamaConfig:
     """The model from a trainer config file (as `vllama-train` builds it) or a VideoLlamaConfig preset;
     an HF LLaMA config (directory or config.json dict), when given, sets the LLaMA architecture."""
     if train_config:
         from vllama_jax.train.video_llama_task import model_config
-        config = model_config(_load_train_config(train_config))
+        config = model_config(config_loader.load_file(train_config))
     elif preset:
         config = VideoLlamaConfig.preset(preset)
     else:
@@ -129,15 +117,7 @@ def _model_config(preset: str | None, hf_llama_config=None, train_config: str | 
 
 def _subtree_names(params: Mapping) -> list[str]:
     """Component-level names ('image_encoder/qformer', 'llama', ...) present in a params tree."""
-    return [name for name, path in video_llama.PARAM_PATHS.items() if _has(params, path)]
-
-
-def _has(tree: Mapping, path) -> bool:
-    for name in path:
-        if not isinstance(tree, Mapping) or name not in tree:
-            return False
-        tree = tree[name]
-    return True
+    return [name for name, path in video_llama.PARAM_PATHS.items() if tree_paths.has(params, path)]
 
 
 def _put(params: dict, path: tuple[str, ...], value, source: str, sources: dict, out) -> None:
@@ -145,7 +125,7 @@ def _put(params: dict, path: tuple[str, ...], value, source: str, sources: dict,
     where = "/".join(path)
     if where in sources and sources[where]["source"] != source:
         print(f"note: {where} from {source} replaces the one from {sources[where]['source']}", file=out)
-    set_path(params, path, value)
+    tree_paths.set_in(params, path, value)
 
 
 def _print_report(source: str, report: ConversionReport, out) -> None:
@@ -211,28 +191,18 @@ def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
             got, report = video_llama.params_from_state_dict(sd, config, None, dtype)
             found = video_llama.components_in(sd, config)
         for name in found:
-            _put(params, video_llama.PARAM_PATHS[name], _get(got, video_llama.PARAM_PATHS[name]), str(path),
+            _put(params, video_llama.PARAM_PATHS[name], tree_paths.get(got, video_llama.PARAM_PATHS[name]), str(path),
                  sources, out)
         record(found, str(path), "video_llama", report)
     return params, sources, reports
 
 
-def _get(tree: Mapping, path):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
 def _merge(base: dict, update: Mapping) -> dict:
     """`base` with each component-level subtree of `update` replacing its counterpart."""
-    out = {k: v for k, v in base.items()}
+    out = dict(base)
     for name in _subtree_names(update):
         path = video_llama.PARAM_PATHS[name]
-        node = out
-        for p in path[:-1]:
-            node[p] = dict(node.get(p, {}))
-            node = node[p]
-        node[path[-1]] = _get(update, path)
+        out = tree_paths.replaced(out, path, tree_paths.get(update, path))
     return out
 
 
@@ -280,7 +250,7 @@ def _tower_entries(config: VideoLlamaConfig, fmt: str) -> tuple[list[Entry], boo
 
 
 def _need(params: Mapping, components: Sequence[str], flag: str, where) -> None:
-    missing = [c for c in components if not _has(params, video_llama.PARAM_PATHS[c])]
+    missing = [c for c in components if not tree_paths.has(params, video_llama.PARAM_PATHS[c])]
     if missing:
         have = ", ".join(_subtree_names(params)) or "nothing"
         raise UsageError(f"{flag}: {where} has no {', '.join('/'.join(video_llama.PARAM_PATHS[c]) for c in missing)} "
@@ -313,7 +283,7 @@ def _tokenizer_source(args, meta: Mapping) -> str | None:
     train_config = args.train_config or meta.get("train_config")
     candidates = []
     if train_config and os.path.isfile(train_config):
-        paths = _load_train_config(train_config).get("paths", {})
+        paths = config_loader.load_file(train_config).get("paths", {})
         candidates += [paths.get("tokenizer", ""), paths.get("llama_model", "")]
     candidates.append((meta.get("subtrees", {}).get("llama") or {}).get("source", ""))
     return next((c for c in candidates if _has_tokenizer(c)), None)
@@ -377,7 +347,7 @@ def cmd_export(args, out=sys.stdout) -> int:
         print(f"wrote {args.video_llama}: {len(sd)} keys ({', '.join(components)}"
               f"{' + buffers' if not args.no_buffers else ''})", file=out)
     if args.hf:
-        llama = _get(params, video_llama.PARAM_PATHS["llama"])
+        llama = tree_paths.get(params, video_llama.PARAM_PATHS["llama"])
         hf_llama.save_hf(llama, config.llama, args.hf, dtype=dtype, overwrite=True, progress=progress)
         print(f"wrote {args.hf} (HF LLaMA, {len(hf_llama.key_map(config.llama))} tensors)", file=out)
         _copy_tokenizer(_tokenizer_source(args, meta), args.hf, out)

@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vllama_jax.convert.common import (CheckpointError, atomic_dir, flatten, get_path as _get,
-                                       progress_bar, set_path as _set, tensor_to_numpy, torch_load)
+from vllama_jax import tree_paths
+from vllama_jax.convert.common import (CheckpointError, atomic_dir, get_path, progress_bar, tensor_to_numpy,
+                                       torch_load)
 from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.llama import LlamaConfig, RopeScaling
 
@@ -331,7 +332,7 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
             # One fresh C-ordered copy does cast + transpose and detaches the result from the file map.
             out = np.empty(src.shape, src.dtype if target is None else target)
             np.copyto(out, src, casting="unsafe")
-            _set(params, spec.path, put(spec.path, out))
+            tree_paths.set_in(params, spec.path, put(spec.path, out))
         else:
             # scan_layers: each layer's tensor goes into its slot of one [num_layers, ...] host array.
             rest = spec.path[1:]
@@ -342,7 +343,7 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
         bar.update(1)
     bar.close()
     for rest, out in stacked.items():
-        _set(params, ("layers",) + rest, put(("layers",) + rest, out))
+        tree_paths.set_in(params, ("layers",) + rest, put(("layers",) + rest, out))
     return config, params
 
 
@@ -441,7 +442,7 @@ def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *,
 def _plan_tensors(params, spec: dict[str, KeySpec], config: LlamaConfig,
                   dtype) -> list[tuple[str, tuple, np.dtype]]:
     """(HF key, HF shape, stored dtype) for every tensor, after checking the params tree."""
-    flat = flatten(params)
+    flat = tree_paths.flatten(params)
     expected = {s.path for s in spec.values()}
     extra = sorted("/".join(p) for p in flat if p not in expected)
     if extra:
@@ -506,7 +507,7 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         f.write(raw)
         for key, shape, dt in shard:
             s = spec[key]
-            array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
+            array = np.asarray(jax.device_get(get_path(params, s.path))).astype(dt, copy=False)
             f.write(np.ascontiguousarray(array.T if s.transpose else array).reshape(-1).view(np.uint8).data)
             bar.update(1)
 

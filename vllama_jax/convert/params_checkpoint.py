@@ -26,7 +26,8 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-from vllama_jax.convert.common import CheckpointError, CheckpointNotFoundError, atomic_dir, flatten
+from vllama_jax import tree_paths
+from vllama_jax.convert.common import CheckpointError, CheckpointNotFoundError, atomic_dir
 
 FORMAT = "vllama_jax.params"
 VERSION = 1
@@ -128,11 +129,9 @@ def _item_tree(item: Path) -> Any:
 
 
 def _subtree(tree: Any, keys: tuple[str, ...], where) -> Any:
-    for k in keys:
-        if not isinstance(tree, Mapping) or k not in tree:
-            raise CheckpointError(f"{where}: has no {'/'.join(keys)} entry")
-        tree = tree[k]
-    return tree
+    if not tree_paths.has(tree, keys):
+        raise CheckpointError(f"{where}: has no {'/'.join(keys)} entry")
+    return tree_paths.get(tree, keys)
 
 
 def params_metadata(path, step: int | None = None) -> dict:
@@ -194,7 +193,7 @@ def load_params(path, *, abstract: Mapping | None = None, subtrees: Iterable[str
 
 
 def _check_shapes(abstract: Mapping, stored: Mapping, where) -> None:
-    a, s = flatten(abstract), flatten(dict(stored))
+    a, s = tree_paths.flatten(abstract), tree_paths.flatten(dict(stored))
     missing = sorted("/".join(p) for p in a if p not in s)
     if missing:
         raise CheckpointError(f"{where}: lacks param(s) {missing[:10]}{' ...' if len(missing) > 10 else ''}")

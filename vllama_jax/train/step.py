@@ -12,7 +12,6 @@ float32). The model's own `dtype` config must match to get bf16 activations.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax
@@ -190,40 +189,17 @@ def make_forward_loss(task: Task, *, compute_dtype: Any = None) -> Callable:
 # Sharded jit
 
 
-class MeshJit:
-    """A jitted function that is traced and run with `mesh` set and the logical rules active,
-    so the models' `constrain(...)` calls become real sharding constraints."""
-
-    def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs):
-        self.mesh = mesh
-
-        @functools.wraps(fn)
-        def with_rules(*args):
-            with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-                return fn(*args)
-
-        self._jitted = jax.jit(with_rules, **jit_kwargs)
-
-    def __call__(self, *args):
-        with jax.set_mesh(self.mesh):
-            return self._jitted(*args)
-
-    def lower(self, *args):
-        with jax.set_mesh(self.mesh):
-            return self._jitted.lower(*args)
-
-
 def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: TrainState, frozen_sh: Any,
-                   batch_sh: Any) -> MeshJit:
+                   batch_sh: Any) -> sharding.MeshJit:
     """The train step as one jit: explicit in/out shardings, the train state donated."""
     replicated = NamedSharding(mesh, P())
-    return MeshJit(step_fn, mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
+    return sharding.MeshJit(step_fn, mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_fn: Callable, mesh: Mesh, params_sh: Any, frozen_sh: Any,
-                  batch_sh: Any) -> MeshJit:
-    return MeshJit(eval_fn, mesh, in_shardings=(params_sh, frozen_sh, batch_sh),
+                  batch_sh: Any) -> sharding.MeshJit:
+    return sharding.MeshJit(eval_fn, mesh, in_shardings=(params_sh, frozen_sh, batch_sh),
                    out_shardings=NamedSharding(mesh, P()))
 
 
