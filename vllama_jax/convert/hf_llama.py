@@ -28,6 +28,7 @@ embeddings, a redundant `lm_head.weight` (logged). Any other unmatched key is an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -277,6 +278,12 @@ class _Checkpoint:
                 out[k] = (s, path)
         return out
 
+    def tensor(self, key: str, path: Path) -> np.ndarray:
+        """One tensor of file `path` (a view into the file for safetensors: copy it, then drop it)."""
+        if self.kind == "safetensors":
+            return _SafetensorsFile(path).get(key)
+        return tensor_to_numpy(_torch_load(path)[key])   # memory-mapped: only this tensor is read
+
     def tensors(self, keys: set[str]) -> Iterator[tuple[str, np.ndarray]]:
         """(key, array) for `keys`, one file open at a time; arrays may be views into the file."""
         for path in self.files:
@@ -344,6 +351,84 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     for rest, out in stacked.items():
         _set(params, ("layers",) + rest, put(("layers",) + rest, out))
     return config, params
+
+
+def lazy_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype: Any = None,
+            strict: bool = True) -> tuple[LlamaConfig, dict]:
+    """`load_hf` without reading any weights yet: `(config, params)` whose leaves are
+    `params_checkpoint.LazyArray`s, each reading, transposing and casting its one tensor from its
+    file when loaded (with `config.scan_layers`, a stacked leaf gathers its `num_layers` tensors).
+    `params_checkpoint.save_params` writes such a tree one tensor at a time, so an import's host
+    memory is about one tensor, not the model. Names, shapes and extra keys are checked here, up front.
+    """
+    from vllama_jax.convert.params_checkpoint import LazyArray
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"HF LLaMA checkpoint directory {directory} does not exist")
+    config = config_from_hf(directory) if config is None else config
+    expected = key_map(config)
+    ckpt = _Checkpoint(directory)
+    found = ckpt.shapes()
+    _validate(expected, found, config, directory, strict)
+    target = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    dtypes = _stored_dtypes(ckpt, found, expected)
+
+    def one(key: str, out: np.ndarray | None = None) -> np.ndarray:
+        spec = expected[key]
+        array = ckpt.tensor(key, found[key][1])
+        src = array.T if spec.transpose else array
+        if out is None:
+            out = np.empty(src.shape, src.dtype if target is None else target)
+        np.copyto(out, src, casting="unsafe")   # cast + transpose in one copy, detached from the file
+        return out
+
+    params: dict = {}
+    stacked: dict = {}
+    for key, spec in expected.items():
+        shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+        dt = dtypes[key] if target is None else target
+        layer = _layer_index(spec.path) if config.scan_layers else None
+        if layer is None:
+            _set(params, spec.path, LazyArray(shape, dt, functools.partial(one, key), "/".join(spec.path)))
+        else:
+            stacked.setdefault(spec.path[1:], [shape, dt, {}])[2][layer] = key
+    for rest, (shape, dt, keys) in stacked.items():
+        def gather(keys=keys, shape=shape, dt=dt):
+            out = np.empty((config.num_layers,) + shape, dt)
+            for layer, key in keys.items():
+                one(key, out[layer])
+            return out
+        _set(params, ("layers",) + rest,
+             LazyArray((config.num_layers,) + shape, dt, gather, "/".join(("layers",) + rest)))
+    return config, params
+
+
+def _stored_dtypes(ckpt: _Checkpoint, found: dict, expected: dict) -> dict[str, np.dtype]:
+    """Each expected tensor's stored dtype, from the safetensors headers (a .bin shard is opened
+    memory-mapped to see them)."""
+    out = {}
+    for path in ckpt.files:
+        if ckpt.kind == "safetensors":
+            f = _SafetensorsFile(path)
+            for k, e in f.entries.items():
+                if k in expected:
+                    if e["dtype"] not in _ST_DTYPES:
+                        raise CheckpointError(f"{path}: tensor {k} has unsupported dtype {e['dtype']}")
+                    out[k] = _ST_DTYPES[e["dtype"]]
+        else:
+            state = _torch_load(path)
+            for k, v in state.items():
+                if k in expected:
+                    if str(v.dtype) not in _TORCH_NP:
+                        raise CheckpointError(f"{path}: tensor {k} has unsupported dtype {v.dtype}")
+                    out[k] = np.dtype(_TORCH_NP[str(v.dtype)])
+            del state
+    return out
+
+
+_TORCH_NP = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.bfloat16": jnp.bfloat16,
+             "torch.float64": np.float64}
 
 
 def _layer_index(path: tuple[str, ...]) -> int | None:
@@ -507,6 +592,9 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         for key, shape, dt in shard:
             s = spec[key]
             array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
-            f.write(np.ascontiguousarray(array.T if s.transpose else array).reshape(-1).view(np.uint8).data)
+            data = np.ascontiguousarray(array.T if s.transpose else array)
+            del array   # the transposed copy is written: its source goes first (2x one tensor at most)
+            f.write(data.reshape(-1).view(np.uint8).data)
+            del data
             bar.update(1)
 
