@@ -220,6 +220,33 @@ class _SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(e["shape"]) for k, e in self.entries.items()}
 
+    def read_into(self, key: str, out: np.ndarray, transpose: bool, block_bytes: int = 16 << 20) -> None:
+        """Tensor `key` (transposed if asked, cast to `out.dtype`) into `out`, read in row blocks of
+        about `block_bytes`: host memory is `out` plus one block, not a second copy of the tensor
+        (a memory map of the whole tensor would count in the RSS as it is read)."""
+        e = self.entries[key]
+        if e["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
+        dt, shape = _ST_DTYPES[e["dtype"]], tuple(e["shape"])
+        if (shape[::-1] if transpose else shape) != out.shape:
+            raise CheckpointError(f"{self.path}: tensor {key} {shape} does not fit {out.shape}")
+        if not out.size:
+            return
+        rows = shape[0] if shape else 1
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64))) * dt.itemsize
+        step = max(1, block_bytes // row_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + e["data_offsets"][0])
+            for i in range(0, rows, step):
+                n = min(step, rows - i)
+                block = np.frombuffer(f.read(n * row_bytes), dt).reshape((n,) + shape[1:] if shape else ())
+                if transpose:
+                    out[:, i:i + n] = block.T
+                elif shape:
+                    out[i:i + n] = block
+                else:
+                    out[...] = block
+
     def get(self, key: str) -> np.ndarray:
         e = self.entries[key]
         if e["dtype"] not in _ST_DTYPES:
@@ -376,11 +403,14 @@ def lazy_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
 
     def one(key: str, out: np.ndarray | None = None) -> np.ndarray:
         spec = expected[key]
-        array = ckpt.tensor(key, found[key][1])
-        src = array.T if spec.transpose else array
         if out is None:
-            out = np.empty(src.shape, src.dtype if target is None else target)
-        np.copyto(out, src, casting="unsafe")   # cast + transpose in one copy, detached from the file
+            shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+            out = np.empty(shape, dtypes[key] if target is None else target)
+        if ckpt.kind == "safetensors":
+            _SafetensorsFile(found[key][1]).read_into(key, out, spec.transpose)
+        else:
+            array = ckpt.tensor(key, found[key][1])
+            np.copyto(out, array.T if spec.transpose else array, casting="unsafe")
         return out
 
     params: dict = {}
@@ -577,6 +607,18 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** power)
 
 
+def _write_rows(f, array: np.ndarray, block_bytes: int = 16 << 20) -> None:
+    """`array`'s C-order bytes, copied out (a transposed view) a block of rows at a time: host
+    memory holds the array plus one block, not a second contiguous copy."""
+    if array.ndim == 0 or array.flags.c_contiguous:
+        f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        return
+    row_bytes = max(1, array[0].nbytes)
+    step = max(1, block_bytes // row_bytes)
+    for i in range(0, array.shape[0], step):
+        f.write(np.ascontiguousarray(array[i:i + step]).reshape(-1).view(np.uint8).data)
+
+
 def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar) -> None:
     """Writes the header first, then each tensor's bytes as it is fetched (one in memory at a time)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -592,9 +634,7 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         for key, shape, dt in shard:
             s = spec[key]
             array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
-            data = np.ascontiguousarray(array.T if s.transpose else array)
-            del array   # the transposed copy is written: its source goes first (2x one tensor at most)
-            f.write(data.reshape(-1).view(np.uint8).data)
-            del data
+            _write_rows(f, array.T if s.transpose else array)
+            del array
             bar.update(1)
 

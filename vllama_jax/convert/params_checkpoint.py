@@ -23,6 +23,7 @@ orbax params directory such as `<workdir>/frozen`.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -91,13 +92,40 @@ class LazyArray:
         return f"LazyArray({self.name!r}, {self.shape}, {self.dtype})"
 
 
+def trim_host_memory(collect: bool = False) -> None:
+    """Hands the heap memory freed so far back to the OS (glibc's `malloc_trim`; a no-op elsewhere);
+    with `collect`, runs the garbage collector first (~0.15 s with jax, orbax and torch loaded).
+
+    tensorstore encodes and decodes in its own threads' malloc arenas, which glibc does not shrink
+    by itself: without this, each tensor written or read leaves up to its size of freed but still
+    resident heap (measured: a 7B-width import's RSS stayed one 262 MB tensor higher after the
+    embedding, its peak 3x the largest tensor instead of 2x; benchmarks/convert_rss.py).
+    """
+    global _MALLOC_TRIM
+    if collect:
+        gc.collect()
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _streaming_registry():
     """orbax type handlers that write numpy and `LazyArray` leaves one at a time.
 
     orbax's own NumpyHandler deep-copies every host array (the whole model twice) and writes them
     all concurrently; this one writes them in order, making each `LazyArray` just before its write
-    and dropping it after. The files and metadata are NumpyHandler's ('np.ndarray'): a plain
-    orbax restore reads them back.
+    and dropping it after. tensorstore writes from the array without copying it
+    (`can_reference_source_data_indefinitely`, as NumpyHandler) and may keep it referenced until
+    the next write: at most two tensors alive at once. The files and metadata are NumpyHandler's
+    ('np.ndarray'): a plain orbax restore reads them back.
     """
     ocp = _ocp()
     from orbax.checkpoint._src.multihost import multihost
@@ -122,6 +150,7 @@ def _streaming_registry():
                 array = value.load() if isinstance(value, LazyArray) else value
                 await self._open_and_write(array, spec.json, info.ts_context)
                 del array
+                trim_host_memory()
 
     handler = StreamingNumpyHandler()
     th = ocp.type_handlers
@@ -144,7 +173,10 @@ def save_params(path, params: Mapping, manifest: Mapping | None = None, overwrit
     meta["format"], meta["version"] = FORMAT, VERSION
     path = Path(path).absolute()   # orbax refuses relative paths
     with atomic_dir(path, overwrite) as tmp:
-        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry())
+        # Uncompressed: reading a zstd-compressed array back holds its compressed bytes, the decoded
+        # chunk and the output at once (3x the tensor, measured), a raw one 2x. The price is disk:
+        # zstd-1 saved 13.5 % on random gaussian fp16 / bf16 weights.
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry(), use_compression=False)
         with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(tmp / PARAMS_ITEM, args=ocp.args.PyTreeSave(dict(params)))
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=str))
@@ -314,6 +346,9 @@ def _names(key_path) -> tuple[str, ...]:
 def _lazy_leaf(item: Path, keys: tuple[str, ...], meta) -> LazyArray:
     def load():
         ocp = _ocp()
+        # An orbax restore leaves reference cycles that hold its result: collect the previous
+        # tensor's before reading this one (else two are alive at once now and then).
+        trim_host_memory(collect=True)
         restore_item: Any = 0
         restore_args: Any = ocp.RestoreArgs(restore_type=np.ndarray)
         for k in reversed(keys):
@@ -321,6 +356,7 @@ def _lazy_leaf(item: Path, keys: tuple[str, ...], meta) -> LazyArray:
         with ocp.PyTreeCheckpointer() as ckptr:
             restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
                 item=restore_item, restore_args=restore_args, partial_restore=True))
+        trim_host_memory()   # tensorstore's freed read buffers
         return _subtree(restored, keys, item)
     return LazyArray(tuple(meta.shape), meta.dtype, load, "/".join(keys))
 
