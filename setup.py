@@ -32,6 +32,9 @@ EXTRAS = {
     "beam": ["apache-beam>=2.60,<3"],
     # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
     "web": ["gradio>=6.0,<7"],
+    # NVIDIA GPUs: the CUDA 12 build of the same jax (jax-cuda12-plugin + -pjrt and the CUDA/cuDNN
+    # libraries as pip wheels; the driver comes from the host). launch/gpu_single_host.sh expects it.
+    "gpu": ["jax[cuda12]>=0.7,<0.11"],
     # To view the TensorBoard logs the trainer writes (tensorboardX writes them without it).
     "tensorboard": ["tensorboard>=2.14,<3"],
     # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64

@@ -3,6 +3,7 @@
   vllama-plan --config configs/stage1_vicuna7b.py --mesh v4-32
   vllama-plan --config configs/stage2_llama2_13b.py --mesh 1,8,1 --hbm-gib 72 \
       --config.train.accum_steps=2 --json plan.json
+  vllama-plan --config configs/stage1_vicuna7b.py --mesh v4-32 --accum 1,2,4   # peaks side by side
 
 `--mesh` is a target of `vllama_jax.mesh_presets` (its preset for the config's LLaMA size and
 stage: the mesh and settings such as `model.remat`, which `--config.x=y` overrides win over;
@@ -60,11 +61,24 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="accelerator memory per device to judge by (default: the target's)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.add_argument("--accum", default=None, type=parse_accum, metavar="LIST",
+                   help="plan once per train.accum_steps in this comma list (e.g. 1,2,4) and print "
+                        "the per-device peaks side by side")
     args, rest = p.parse_known_args(list(argv))
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     return args, rest
+
+
+def parse_accum(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of accum_steps >= 1, e.g. 1,2,4")
+    return values
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -289,6 +303,31 @@ class Plan:
         return "\n".join(lines)
 
 
+def with_accum(config, accum: int):
+    """A copy of `config` with `train.accum_steps = accum`."""
+    import copy
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        out.train.accum_steps = int(accum)
+    return out
+
+
+def accum_table(plans: Sequence[Plan]) -> str:
+    """Peak per device for each accum_steps, against accum 1's peak plus one micro-batch of its
+    activations (its activations + temp / accum_steps, the activations scaling with the batch):
+    what accumulation should cost at most, since it only adds the gradient accumulators."""
+    base = next((p for p in plans if p.accum_steps == 1), None)
+    g = lambda n: format_bytes(n).strip()  # noqa: E731
+    lines = ["| accum_steps | micro-batch | activations + temp | peak per device | "
+             "accum-1 peak + 1 micro-batch of activations | within |", "|---|---|---|---|---|---|"]
+    for p in plans:
+        bound = None if base is None else base.peak_bytes + base.temp_bytes / p.accum_steps
+        lines.append(f"| {p.accum_steps} | {p.global_batch // p.accum_steps} | {g(p.temp_bytes)} | "
+                     f"{g(p.peak_bytes)} | {'-' if bound is None else g(bound)} | "
+                     f"{'-' if bound is None else ('yes' if p.peak_bytes <= bound else 'NO')} |")
+    return "\n".join(lines)
+
+
 def format_bytes(n: float) -> str:
     """Right-aligned, in the largest binary unit that keeps the number >= 1."""
     for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
@@ -387,20 +426,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         choice = resolve_mesh(args.mesh, config, args.hbm_gib, keep=config_loader.overridden(overrides))
         check_batch_split(config, choice.shape)   # before minutes of building and compiling
+        configs = [with_accum(config, a) for a in args.accum] if args.accum else [config]
+        for c in configs:
+            check_batch_split(c, choice.shape)
         if not fake_devices_ready(choice.num_devices):
             return run_in_subprocess(choice.num_devices, argv)
         import jax
-        report = plan(config, choice, config_name=args.config,
-                      say=lambda line: print(f"vllama-plan: {line}", file=sys.stderr, flush=True))
+        say = lambda line: print(f"vllama-plan: {line}", file=sys.stderr, flush=True)  # noqa: E731
+        reports = []
+        for c in configs:
+            if args.accum:
+                say(f"accum_steps={c.train.accum_steps}:")
+            reports.append(plan(c, choice, config_name=args.config, say=say))
     except PlanError as e:
         print(f"vllama-plan: {e}", file=sys.stderr)
         return 2
-    print(report.format())
+    print("\n\n".join(r.format() for r in reports))
+    if args.accum:
+        print("\n" + accum_table(reports))
     if args.json:
+        extra = {"jax_device_count": jax.device_count(), "subprocess": bool(os.environ.get(REEXEC_ENV))}
         with open(args.json, "w") as f:
-            json.dump({**report.to_dict(), "jax_device_count": jax.device_count(),
-                       "subprocess": bool(os.environ.get(REEXEC_ENV))}, f, indent=2)
-    return 1 if report.fits is False else 0
+            json.dump({"accum": [{**r.to_dict(), **extra} for r in reports]} if args.accum
+                      else {**reports[0].to_dict(), **extra}, f, indent=2)
+    return 1 if any(r.fits is False for r in reports) else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from vllama_jax import config_loader, tree_paths
@@ -150,8 +151,8 @@ def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
             check_strict(report, args.strict, source)
 
     if args.llama:
-        _, llama = hf_llama.load_hf(args.llama, config=config.llama, dtype=dtype, strict=args.strict,
-                                    progress=progress)
+        # Lazy: each tensor is read from its shard only as save_params writes it (bounded host memory).
+        _, llama = hf_llama.lazy_hf(args.llama, config=config.llama, dtype=dtype, strict=args.strict)
         _put(params, ("llama",), llama, str(args.llama), sources, out)
         record(["llama"], str(args.llama), "hf_llama", None)
         print(f"{args.llama}: loaded {len(hf_llama.key_map(config.llama))} tensors", file=out)
@@ -215,7 +216,7 @@ def cmd_import(args, out=sys.stdout) -> int:
         meta = params_checkpoint.read_manifest(dest) or {}
         if not meta:
             raise UsageError(f"--update: {dest} is not a params checkpoint")
-        base = params_checkpoint.load_params(dest)
+        base = params_checkpoint.lazy_params(dest)   # the kept subtrees stream from the old copy
     elif dest.exists() and not args.overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"{dest} exists and is not empty (pass --overwrite to replace it, or --update)")
     hf_config = args.llama or meta.get("llama_config")
@@ -301,6 +302,24 @@ def _copy_tokenizer(source: str | None, hf_dir: str, out) -> None:
     print(f"wrote {hf_dir}: tokenizer files {', '.join(copied)} from {source}", file=out)
 
 
+def _load_stacked(params: Mapping) -> Mapping:
+    """Stacked (scan_layers) towers are written per layer: each of their leaves is loaded once,
+    whole, here rather than once per layer (so those, unlike per-layer params, do not stream)."""
+    for name, (prefix, _) in video_llama.SCANNED.items():
+        path = video_llama.PARAM_PATHS[name]
+        if tree_paths.has(params, path) and prefix in tree_paths.get(params, path):
+            tower = dict(tree_paths.get(params, path))
+            tower[prefix] = jax.tree.map(np.asarray, tower[prefix])
+            params = _merge(params, _with(path, tower))
+    return params
+
+
+def _with(path, value) -> dict:
+    out: dict = {}
+    tree_paths.set_in(out, path, value)
+    return out
+
+
 def cmd_export(args, out=sys.stdout) -> int:
     outputs = {"video_llama": args.video_llama, "hf": args.hf, "blip2": args.blip2, "eva_vit": args.eva_vit,
                "imagebind": args.imagebind}
@@ -334,8 +353,9 @@ def cmd_export(args, out=sys.stdout) -> int:
                 raise UsageError(f"--{fmt.replace('_', '-')}: preset has no {', '.join(TOWER_FILES[fmt][0])}")
             _need(params, names, f"--{fmt.replace('_', '-')}", args.checkpoint)
             wanted |= set(names)
-    params = params_checkpoint.load_params(args.checkpoint, step=args.step,
-                                           subtrees={video_llama.PARAM_PATHS[c][0] for c in wanted})
+    # Lazy leaves: each tensor is restored as it is written (the HF export holds one at a time).
+    params = _load_stacked(params_checkpoint.lazy_params(
+        args.checkpoint, step=args.step, subtrees={video_llama.PARAM_PATHS[c][0] for c in wanted}))
 
     if args.video_llama:
         keys = sum(len(video_llama.component_entries(config, c)) for c in components)
