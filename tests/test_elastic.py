@@ -75,7 +75,7 @@ def test_resume_two_processes_on_one(tmp_path):
     procs, logs = _start_workers(tmp_path, steps=3)
     _wait_workers(procs, logs, deadline=t0 + 240)
     w0, w1 = (np.load(tmp_path / f"params_{i}.npz") for i in range(2))
-    data = sorted(p.name for p in (tmp_path / "workdir" / "checkpoints" / "3" / "data").iterdir())
+    data = sorted(p.name for p in (tmp_path / "workdir" / "checkpoints" / "3" / "data").glob("process_*"))
     assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
     resumed = run_phase((4, 1, 1), 6, str(tmp_path / "workdir"))
     reference = run_phase((1, 1, 1), 6, str(tmp_path / "reference"))
