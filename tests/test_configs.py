@@ -112,3 +112,15 @@ def test_data_loader_reads_the_configs(name):
     lc = loader.loader_config_from(c)
     assert lc.num_frames == c.data.num_frames and lc.max_txt_len == c.model.max_txt_len
     assert lc.num_media_tokens == c.data.num_query_placeholders
+
+
+def test_dtype_fields_parse_with_none_for_unset():
+    import jax.numpy as jnp
+
+    from vllama_jax.train import config_lib
+
+    assert config_lib.dtype_of("bfloat16") == jnp.bfloat16
+    assert config_lib.dtype_of("float32") == jnp.float32
+    assert all(config_lib.dtype_of(v) is None for v in (None, "", "none", "None"))
+    with pytest.raises(TypeError):
+        config_lib.dtype_of("float33")

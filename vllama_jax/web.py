@@ -205,7 +205,7 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     """Fills the model options from the demo run when no checkpoint is given; (args, example clips)."""
     examples = list(args.examples or [])
     if not args.checkpoint:
-        from vllama_jax.demo import chat_paths
+        from vllama_jax.demo.recipe import chat_paths
 
         paths = chat_paths(args.demo)
         missing = [p for p in paths["checkpoint"] + [paths["config"]] if not os.path.exists(p)]

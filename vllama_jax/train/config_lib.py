@@ -35,8 +35,8 @@ _DATASETS = {
 _MAX_TXT_LEN = {("vision", 1): 32, ("vision", 2): 320, ("audio", 1): 32, ("audio", 2): 512}
 
 _BACKBONES = {
-    "vicuna7b": dict(llama="llama_7b", template=VICUNA_TEMPLATE, end_sym="###", chat_format="vicuna"),
-    "llama2_7b": dict(llama="llama2_7b", template=LLAMA2_TEMPLATE, end_sym="</s>", chat_format="llama_v2"),
+    "vicuna7b": dict(llama="llama_7b", template=VICUNA_TEMPLATE, end_sym="###", conv_style="vicuna"),
+    "llama2_7b": dict(llama="llama2_7b", template=LLAMA2_TEMPLATE, end_sym="</s>", conv_style="llama_v2"),
 }
 
 
@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.max_txt_len = 32
     c.model.end_sym = "###"
     c.model.prompt_template = VICUNA_TEMPLATE
-    c.model.chat_format = "vicuna"
+    c.model.conv_style = "vicuna"
     c.model.remat = False            # rematerialise tower blocks in the backward pass
     c.model.dropout = 0.1
     # Loss logits over the vocab computed this many positions at a time (0: all [B, L, vocab] at once).
@@ -174,7 +174,7 @@ def video_llama(branch: str, stage: int, backbone: str) -> ml_collections.Config
     c.model.llama = bb["llama"]
     c.model.prompt_template = bb["template"]
     c.model.end_sym = bb["end_sym"]
-    c.model.chat_format = bb["chat_format"]
+    c.model.conv_style = bb["conv_style"]
     c.model.max_txt_len = _MAX_TXT_LEN[(branch, stage)]
     c.data.datasets = ml_collections.ConfigDict(
         {k: -1 if v is None else v for k, v in _DATASETS[stage].items()})
@@ -214,3 +214,12 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.checkpoint.save_frozen = True
     config.mesh.shape = (-1, 1, 1)
     return config
+
+
+def dtype_of(name):
+    """The jnp dtype a config's dtype field names (`train.compute_dtype`, `train.frozen_dtype`);
+    None where it is unset (None, '', 'none')."""
+    if name in (None, "", "none", "None"):
+        return None
+    import jax.numpy as jnp   # lazily: configs are built without jax
+    return jnp.dtype(name)

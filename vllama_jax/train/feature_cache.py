@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllama_jax import tree_paths
 from vllama_jax.models.video_llama import FROZEN_TOWERS
 from vllama_jax.progress import progress_bar
 
@@ -171,7 +172,7 @@ class CachedFeatureTask:
     stub: Callable[[Mapping[str, Any]], Mapping[str, Any]] = stub_video_llama_media
 
     def _drop(self, params):
-        return drop_subtrees(params, [o.path for o in self.outputs])
+        return tree_paths.without(params, [o.path for o in self.outputs])
 
     def init_params(self, rng):
         return self._drop(self.task.init_params(rng))
@@ -192,22 +193,6 @@ class CachedFeatureTask:
     def loss_fn(self, params, batch, rng, deterministic):
         with replaying(batch, self.outputs):
             return self.task.loss_fn(params, self.stub(batch), rng, deterministic)
-
-
-def drop_subtrees(tree: Mapping, paths: Iterable[Sequence[str]]) -> dict:
-    """A copy of the nested dict `tree` without the subtrees at `paths` (absent ones are skipped)."""
-    out = dict(tree)
-    for path in paths:
-        node, parents = out, []
-        for name in path[:-1]:
-            if not isinstance(node.get(name), Mapping):
-                break
-            parents.append((node, name))
-            node[name] = dict(node[name])
-            node = node[name]
-        else:
-            node.pop(path[-1], None)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +386,7 @@ def loader_source(config) -> Iterable[dict]:
 def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
     """The params the trainer would start from (same seed split, pretrained hook and dtypes),
     without the LLM, which the towers do not read."""
-    from vllama_jax.train import partition
+    from vllama_jax.train import config_lib, partition
 
     from vllama_jax.train.task import initial_params, trainable_patterns
 
@@ -413,14 +398,11 @@ def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
         raise ValueError(f"feature cache: cached towers must be frozen, but config.freeze trains {clash[:4]}")
     if getattr(task, "pretrained", None) is not None and hasattr(task.pretrained, "llama_model"):
         task = dataclasses.replace(task, pretrained=dataclasses.replace(task.pretrained, llama_model=""))
-    params = drop_subtrees(initial_params(task, int(t.seed), also_provided=("llama",)), [("llama",)])
-
-    def dtype(name):
-        return None if name in (None, "", "none", "None") else jnp.dtype(name)
+    params = tree_paths.without(initial_params(task, int(t.seed), also_provided=("llama",)), [("llama",)])
 
     # The towers are frozen: stored in frozen_dtype, computed in compute_dtype, as in the step.
-    params = partition.cast_floating(params, dtype(t.get("frozen_dtype")))
-    return partition.cast_floating(params, dtype(t.get("compute_dtype")))
+    params = partition.cast_floating(params, config_lib.dtype_of(t.get("frozen_dtype")))
+    return partition.cast_floating(params, config_lib.dtype_of(t.get("compute_dtype")))
 
 
 def build_from_config(config, task, outputs: Sequence[CachedOutput], path: str) -> FeatureDataset:

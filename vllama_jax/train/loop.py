@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -26,7 +25,7 @@ from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer, WorkdirLock, remove_interrupted_saves
 from vllama_jax.train import metrics as M
 from vllama_jax.train import optimizer as O
-from vllama_jax.train import partition, schedules
+from vllama_jax.train import config_lib, partition, schedules
 from vllama_jax.train import step as S
 from vllama_jax.train.task import (Task, check_provided, check_task, initial_params, run_keys,
                                    trainable_patterns)
@@ -77,10 +76,6 @@ class _PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _dtype(name):
-    return None if name in (None, "", "none", "None") else jnp.dtype(name)
-
-
 def total_steps(config) -> int:
     """`train.total_steps`, or max_epoch * iters_per_epoch when it is 0."""
     n = int(config.train.total_steps) or int(config.optim.max_epoch) * int(config.optim.iters_per_epoch)
@@ -105,7 +100,7 @@ def _setup(config, task: Task, mesh) -> _Setup:
     boxed = task.abstract_params()
     paths = partition.trainable_paths(boxed, trainable_patterns(config, task))
     b_train, b_frozen = partition.split(boxed, paths)
-    b_frozen = partition.cast_floating(b_frozen, _dtype(config.train.get("frozen_dtype")))
+    b_frozen = partition.cast_floating(b_frozen, config_lib.dtype_of(config.train.get("frozen_dtype")))
     schedule = schedules.make_schedule(config.optim)
     tx = O.make_optimizer(config.optim, schedule, b_train)
     state_sh = S.state_shardings(b_train, tx, mesh)
@@ -139,7 +134,7 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
         full_sh = sharding.param_shardings(task.abstract_params(), su.mesh)
         params = _fresh_params(task, full_sh, seed)
         trainable, frozen = partition.split(params, su.paths)
-        frozen = jax.jit(lambda f: partition.cast_floating(f, _dtype(config.train.get("frozen_dtype"))),
+        frozen = jax.jit(lambda f: partition.cast_floating(f, config_lib.dtype_of(config.train.get("frozen_dtype"))),
                          out_shardings=su.frozen_sh)(frozen)
         logger.write(partition.describe(trainable, frozen))
     if latest is not None:
@@ -203,7 +198,7 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     check_task(task)
     t = config.train
     mesh = sharding.make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
-    compute_dtype = _dtype(t.get("compute_dtype"))
+    compute_dtype = config_lib.dtype_of(t.get("compute_dtype"))
     n_steps = total_steps(config)
     log_every, save_every = int(t.log_every), int(t.save_every)
     eval_every = int(t.get("eval_every", 0))
