@@ -5,15 +5,15 @@ import os
 
 import pytest
 
-from vllama_jax import cli
+from vllama_jax.demo import cli
 
 
 def _run(tmp_path, *flags, seed=0):
     lines = []
     summary_path = tmp_path / "run" / "summary.json"
-    import vllama_jax.demo as demo
+    from vllama_jax.demo import recipe
 
-    summary = demo.run_demo(str(tmp_path / "run"), seed=seed, quick="--quick" in flags, workers=1, out=lines.append)
+    summary = recipe.run_demo(str(tmp_path / "run"), seed=seed, quick="--quick" in flags, workers=1, out=lines.append)
     assert json.loads(summary_path.read_text())["seed"] == seed
     return summary, "\n".join(lines)
 
