@@ -94,3 +94,19 @@ def test_loader_against_step_feeds_the_loaders_batches_to_the_step(tmp_path):
     assert out["llama_vocab"] >= len(encoder.tokenizer)
     for key in ("loader_examples_per_s", "step_examples_per_s", "step_fed_examples_per_s"):
         assert out[key] > 0 and len(out["rounds"][key.removesuffix("_examples_per_s")]) == 1
+
+
+def test_convert_rss_smoke(tmp_path):
+    """benchmarks/convert_rss.py at tiny width: the children's peak RSS is read back (the real
+    figures are the 7B-width rows in benchmarks/README.md) and the directories are gone after."""
+    import json
+
+    from benchmarks import convert_rss
+
+    out = tmp_path / "rss.json"
+    assert convert_rss.main(["--width", "tiny", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["checkpoint"]["tensors"] == 2 * 9 + 3
+    for k in ("import", "export"):
+        assert 50e6 < row[k]["peak_rss_bytes"] < 2e9
+    assert not any((tmp_path / "w" / "tiny").glob("*"))
