@@ -85,14 +85,13 @@ def outputs_for_media(media: Sequence[str]) -> tuple[CachedOutput, ...]:
 
 
 def _lookup(tree: Mapping, path: Sequence[str], what: str):
-    node = tree
-    for i, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            raise KeyError(f"{what}: submodule {'/'.join(path)!r} was not called (nothing recorded under "
-                           f"{'/'.join(path[:i + 1])!r}; recorded: "
-                           f"{sorted(node) if isinstance(node, Mapping) else node!r})")
-        node = node[name]
-    return node
+    i = tree_paths.missing_at(tree, path)
+    if i is not None:
+        node = tree_paths.get(tree, path[:i])
+        raise KeyError(f"{what}: submodule {'/'.join(path)!r} was not called (nothing recorded under "
+                       f"{'/'.join(path[:i + 1])!r}; recorded: "
+                       f"{sorted(node) if isinstance(node, Mapping) else node!r})")
+    return tree_paths.get(tree, path)
 
 
 def capture(module: nn.Module, variables: Any, outputs: Sequence[CachedOutput], batch_size: int,
