@@ -468,17 +468,17 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
     import jax
 
     d, m, t = config.data, config.model, config.train
-    prompts = _caption_prompts(config.paths.get("prompt_path", ""))
+    caption_prompts = _caption_prompts(config.paths.get("prompt_path", ""))
     media = int(d.num_query_placeholders)
     seq_len = int(d.get("seq_len", 0)) or -(-(1 + media + int(m.max_txt_len) +
-                                              (PROMPT_ALLOWANCE if prompts else 0)) // 8) * 8
+                                              (PROMPT_ALLOWANCE if caption_prompts else 0)) // 8) * 8
     global_batch = int(t.batch_size)
     if global_batch % jax.process_count():
         raise LoaderError(f"config.train.batch_size {global_batch} is not divisible by {jax.process_count()} processes")
     return LoaderConfig(
         batch_size=global_batch // jax.process_count(), seq_len=seq_len, num_frames=int(d.num_frames),
         image_size=int(d.image_size), num_media_tokens=media, num_audio_clips=int(d.num_audio_clips),
-        conv_style=str(m.conv_style), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
+        conv_style=str(m.conv_style), max_txt_len=int(m.max_txt_len), caption_prompts=caption_prompts,
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),

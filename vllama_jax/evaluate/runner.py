@@ -275,8 +275,8 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
         times = np.asarray(example["frame_times"], np.float32)[idx]
         soft = None
         time_msg = P.video_time_message(times) if example["media"] == "video" and lc.video_time_msg else ""
-        prompts = _record_prompts(example, k, lc, encoder, kinds, questions, caption_prompt, time_msg, where)
-        for kind, ids, text, info in prompts:
+        for kind, ids, text, info in _record_prompts(example, k, lc, encoder, kinds, questions, caption_prompt,
+                                                     time_msg, where):
             found = sum(i == encoder.patch_id for i in ids)
             if found != k:
                 raise EvalError(f"{where}: the prompt holds {found} media positions, expected {k}")
