@@ -168,7 +168,7 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
     task = VideoLlamaTask(config, tuple(media)) if task is None else task
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     boxed = task.abstract_params()
-    paths = partition.trainable_paths(boxed, partition.TRAINABLE_PRESETS["vision_branch"])
+    paths = partition.trainable_paths(boxed, VideoLlamaTask(config).trainable_patterns())   # the vision branch
     b_train, b_frozen = partition.split(boxed, paths)
     schedule = schedules.constant(1e-4)
     tx = optimizer.adamw(schedule, b_train)

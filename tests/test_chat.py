@@ -338,7 +338,7 @@ def test_load_for_inference_from_a_trainer_workdir(world, tmp_path):
     config.paths.tokenizer = world["tok_dir"]
     task = build_task(config)
     params = random_params(task.config, seed=3)
-    trainable, frozen = partition.split(params, partition.resolve_patterns("vision_branch"))
+    trainable, frozen = partition.split(params, task.trainable_patterns())
     tx = optax.adamw(1e-3)
     with Checkpointer(str(tmp_path), async_save=False) as ckpt:
         for step, shift in ((2, 1.0), (5, 2.0)):

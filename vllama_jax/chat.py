@@ -191,7 +191,7 @@ class Chat:
 
     @property
     def has_audio_branch(self) -> bool:
-        return self.config.imagebind_audio is not None and self.config.audio_qformer is not None
+        return self.config.has_audio
 
     # -- uploads -------------------------------------------------------------------------------
 

@@ -162,18 +162,18 @@ def _from_workdirs(workdirs: Sequence[str], train_config, step: int | None) -> t
     """Frozen params from the first workdir's `frozen/` (or, as the trainer makes them, the seed's
     random init overwritten by the configured pretrained towers), then each workdir's trained params
     (only those: a later run's frozen copy of an earlier run's branch must not replace it)."""
-    from vllama_jax.train.task import init_unprovided
+    from vllama_jax.train.task import initial_params
     from vllama_jax.train.video_llama_task import build_task
 
     task = build_task(train_config)
     params = _frozen_params(workdirs[0])
     trained = [_trained_params(w, step if i == 0 else None) for i, w in enumerate(workdirs)]
     if params is None:
-        # The trainer's own init key (loop._initial_state), so random frozen towers come out the same;
-        # only what neither the pretrained files nor the workdirs provide is initialised.
-        init_rng = jax.random.split(jax.random.PRNGKey(int(train_config.train.get("seed", 0))))[0]
-        params = init_unprovided(task, init_rng, also_provided={k for t, _ in trained for k in t})
-        params = jax.tree.map(np.asarray, task.load_pretrained(params))
+        # The trainer's starting params, so random frozen towers come out the same; only what
+        # neither the pretrained files nor the workdirs provide is initialised.
+        params = initial_params(task, int(train_config.train.get("seed", 0)),
+                                also_provided={k for t, _ in trained for k in t})
+        params = jax.tree.map(np.asarray, params)
         if not any(getattr(task.pretrained, f.name) for f in dataclasses.fields(task.pretrained)):
             log.warning("%s has no frozen/ checkpoint and the config names no pretrained towers: the frozen "
                         "towers are the trainer's random init for seed %s", workdirs[0],

@@ -54,6 +54,7 @@ from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry,
                                        sort_rest, transposed_entry)
 from vllama_jax import tree_paths
 from vllama_jax.models import scan as layer_scan
+from vllama_jax.models.video_llama import BRANCHES as MODEL_BRANCHES
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
 StateDict = Mapping[str, np.ndarray]
@@ -64,10 +65,9 @@ Params = dict[str, Any]
 COMPONENTS = ("visual_encoder", "ln_vision", "image_qformer", "llama", "llama_proj",
               "video_frame_position_embedding", "video_qformer", "audio_encoder", "audio_vision_encoder",
               "audio_qformer", "audio_llama_proj", "audio_position_embedding")
-BRANCHES = {
-    "video": ("llama_proj", "video_frame_position_embedding", "video_qformer"),
-    "audio": ("audio_qformer", "audio_llama_proj", "audio_position_embedding"),
-}
+# The trained components of each branch, as the model declares them (`vllama-convert --branch`
+# names the vision branch by its medium, 'video').
+BRANCHES = {"video": MODEL_BRANCHES["vision"].trains, "audio": MODEL_BRANCHES["audio"].trains}
 TRAINABLE = BRANCHES["video"] + BRANCHES["audio"]
 AUDIO_COMPONENTS = ("audio_encoder", "audio_vision_encoder") + BRANCHES["audio"]
 PARAM_PATHS = {

@@ -299,13 +299,11 @@ def _tokenizer(path):
 
 def _frozen_tower(model, batch, medium: str):
     """Only the frozen tower of `medium`, on the clips' frames / fbank clips flattened."""
-    x = batch["frames"] if medium == "video" else batch["audio"]
-    tower = model.image_encoder if medium == "video" else model.audio_encoder
-    return tower(x.reshape(-1, *x.shape[2:]).astype(np.float32))
+    from vllama_jax.models.video_llama import FROZEN_TOWERS
 
-
-CACHED = {"video": ("image_encoder", "image_features", "frames"),
-          "audio": ("audio_encoder", "audio_features", "audio")}
+    tower = FROZEN_TOWERS[medium]
+    x = batch[tower.input_key]
+    return getattr(model, tower.module)(x.reshape(-1, *x.shape[2:]).astype(np.float32))
 
 
 def tower_features(model_config, towers: dict, media: dict, medium: str, batch_size: int = 32):
@@ -314,10 +312,11 @@ def tower_features(model_config, towers: dict, media: dict, medium: str, batch_s
     import jax
 
     from vllama_jax.inference import abstract_params
-    from vllama_jax.models.video_llama import VideoLlama
+    from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlama
     from vllama_jax.train import feature_cache as FC
 
-    tower, key, source = CACHED[medium]
+    t = FROZEN_TOWERS[medium]
+    tower, key, source = t.module, t.cache_key, t.input_key
     x = media[source]
     batches = ({source: x[i:i + batch_size]} for i in range(0, len(x), batch_size))
     # VideoLlama's setup creates every param; only the tower's are read, the rest may be zeros.
@@ -345,7 +344,7 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
         run_paths[key] = str(layout.run(start))
     config = demo_module.stage_config(demo, branch, stage, paths=run_paths, vocab_size=vocab_size)
     task = build_task(config)
-    cached_outputs = tuple(FC.CachedOutput((CACHED[m][0],), CACHED[m][1]) for m in task.media)
+    cached_outputs = FC.outputs_for_media(task.media)
     # Each branch trains on the text about its own medium (synthetic.py's seen / heard splits); the
     # run beside the video tokens (demo_config.joint_stage) on the questions about both, so it also
     # learns how its tokens affect the visual answers. (On the heard questions only, that effect
@@ -596,7 +595,7 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     from vllama_jax.train.video_llama_task import model_config
 
     vconfig = model_config(demo_module.stage_config(demo, "audio", 1, paths=paths, vocab_size=vocab_size))
-    features = {}   # cached frozen-tower outputs of the train clips, by CACHED key
+    features = {}   # cached frozen-tower outputs of the train clips, by FrozenTower.cache_key
     for branch in ("vision", "audio"):
         for stage in (1, 2):
             name = f"{branch}{stage}"

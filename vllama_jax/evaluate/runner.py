@@ -69,7 +69,7 @@ def default_loader_config(model: InferenceModel) -> "LoaderConfig":
 def _media_for(example: Mapping, media: Sequence[str] | None, model: InferenceModel) -> tuple[str, ...]:
     """The media of one record: `media` (default: audio first, then video, when the model has the
     audio branch), without audio when the record has no sound (the reference falls back the same way)."""
-    has_audio = model.config.imagebind_audio is not None and model.config.audio_qformer is not None
+    has_audio = model.config.has_audio
     wanted = tuple(media) if media is not None else (("audio", "video") if has_audio else ("video",))
     if "audio" in wanted and not has_audio:
         raise EvalError("media includes 'audio' but the model has no audio branch")

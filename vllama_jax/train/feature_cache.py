@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax import tree_paths
+from vllama_jax.models.video_llama import FROZEN_TOWERS
 from vllama_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -64,16 +65,11 @@ class CachedOutput:
             raise ValueError(f"CachedOutput.path must be a non-empty tuple of module names, got {self.path!r}")
 
 
-# The frozen towers of `vllama_jax.models.video_llama.VideoLlama`.
-VIDEO_LLAMA_OUTPUTS = (
-    CachedOutput(("image_encoder",), "image_features"),          # [B, T, Q_img, D_img]
-    CachedOutput(("audio_encoder",), "audio_features"),          # [B, M, E]
-    CachedOutput(("audio_vision_encoder",), "audio_vision_features"),  # [B, T, E]
-)
-
-
-_OUTPUT_OF_MEDIUM = {"video": VIDEO_LLAMA_OUTPUTS[0], "audio": VIDEO_LLAMA_OUTPUTS[1],
-                     "audio_from_frames": VIDEO_LLAMA_OUTPUTS[2]}
+# The frozen towers of `vllama_jax.models.video_llama.VideoLlama`, by medium, as its branches
+# declare them: image_features [B, T, Q_img, D_img], audio_features [B, M, E],
+# audio_vision_features [B, T, E].
+_OUTPUT_OF_MEDIUM = {m: CachedOutput((t.module,), t.cache_key) for m, t in FROZEN_TOWERS.items()}
+VIDEO_LLAMA_OUTPUTS = tuple(_OUTPUT_OF_MEDIUM.values())
 
 
 def outputs_for_media(media: Sequence[str]) -> tuple[CachedOutput, ...]:
@@ -182,6 +178,9 @@ class CachedFeatureTask:
 
     def abstract_params(self):
         return self._drop(self.task.abstract_params())
+
+    def trainable_patterns(self) -> tuple[str, ...]:
+        return tuple(getattr(self.task, "trainable_patterns", lambda: ())())
 
     def pretrained_subtrees(self) -> tuple[str, ...]:
         return tuple(getattr(self.task, "pretrained_subtrees", lambda: ())())
@@ -388,19 +387,17 @@ def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
     without the LLM, which the towers do not read."""
     from vllama_jax.train import config_lib, partition
 
+    from vllama_jax.train.task import initial_params, trainable_patterns
+
     t = config.train
-    patterns = partition.resolve_patterns(config.freeze.get("preset"), config.freeze.get("patterns", ()))
-    trainable = partition.trainable_paths(task.abstract_params(), patterns)
+    trainable = partition.trainable_paths(task.abstract_params(), trainable_patterns(config, task))
     cached = ["/".join(o.path) for o in outputs]
     clash = sorted(p for p in trainable if any(p == c or p.startswith(c + "/") for c in cached))
     if clash:
         raise ValueError(f"feature cache: cached towers must be frozen, but config.freeze trains {clash[:4]}")
     if getattr(task, "pretrained", None) is not None and hasattr(task.pretrained, "llama_model"):
         task = dataclasses.replace(task, pretrained=dataclasses.replace(task.pretrained, llama_model=""))
-    init_rng = jax.random.split(jax.random.PRNGKey(int(t.seed)))[0]   # as the trainer's _initial_state
-    params = jax.jit(lambda r: tree_paths.without(task.init_params(r), [("llama",)]))(init_rng)
-    if callable(getattr(task, "load_pretrained", None)):
-        params = tree_paths.without(task.load_pretrained(params), [("llama",)])
+    params = tree_paths.without(initial_params(task, int(t.seed), also_provided=("llama",)), [("llama",)])
 
     # The towers are frozen: stored in frozen_dtype, computed in compute_dtype, as in the step.
     params = partition.cast_floating(params, config_lib.dtype_of(t.get("frozen_dtype")))
