@@ -373,13 +373,13 @@ def cache_dir(path: str) -> str:
 def loader_source(config) -> Iterable[dict]:
     """One pass over the training shards of `config.data` with eval transforms (uniform frames,
     plain resize, the first prompt): the fixed view of each example the cache stores."""
-    from data_pipelines import loader as L
+    from data_pipelines import loader
 
-    cfg = dataclasses.replace(L.loader_config_from(config, train=False), shuffle=False, num_epochs=1,
+    cfg = dataclasses.replace(loader.loader_config_from(config, train=False), shuffle=False, num_epochs=1,
                               drop_remainder=False)
-    encoder = L._encoder_from(config)
-    for spec in L._dataset_specs(config.data):
-        yield from L.make_loader(spec, cfg, encoder)
+    encoder = loader._encoder_from(config)
+    for spec in loader._dataset_specs(config.data):
+        yield from loader.make_loader(spec, cfg, encoder)
 
 
 def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
