@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax import tree_paths
-from vllama_jax.convert.common import (CheckpointError, atomic_dir, get_path, progress_bar, tensor_to_numpy,
-                                       torch_load)
+from vllama_jax.convert.common import (CheckpointError, atomic_dir, get_path as _get, progress_bar,
+                                       tensor_to_numpy, torch_load)
 from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.llama import LlamaConfig, RopeScaling
 
@@ -634,7 +634,7 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         f.write(raw)
         for key, shape, dt in shard:
             s = spec[key]
-            array = np.asarray(jax.device_get(get_path(params, s.path))).astype(dt, copy=False)
+            array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
             _write_rows(f, array.T if s.transpose else array)
             del array
             bar.update(1)
