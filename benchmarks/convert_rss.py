@@ -50,7 +50,7 @@ def llama_config(width: str, layers: int):
 def write_hf(path: str, config, shard_bytes: int, seed: int = 0) -> dict:
     """A random fp16 HF checkpoint written tensor by tensor (the writer never holds the model either)."""
     from vllama_jax.convert import hf_llama
-    from vllama_jax.convert.common import set_path
+    from vllama_jax import tree_paths
     from vllama_jax.convert.params_checkpoint import LazyArray
 
     params: dict = {}
@@ -60,7 +60,7 @@ def write_hf(path: str, config, shard_bytes: int, seed: int = 0) -> dict:
         def make(shape=shape, i=i):
             rng = np.random.default_rng([seed, i])
             return ((rng.random(shape, dtype=np.float32) - 0.5) * 0.04).astype(np.float16)
-        set_path(params, spec.path, LazyArray(shape, np.float16, make, "/".join(spec.path)))
+        tree_paths.set_in(params, spec.path, LazyArray(shape, np.float16, make, "/".join(spec.path)))
     hf_llama.save_hf(params, config, path, max_shard_size=shard_bytes, progress=False)
     sizes = [int(np.prod(s.hf_shape)) * 2 for s in hf_llama.key_map(config).values()]
     return {"bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "tensors": len(sizes),

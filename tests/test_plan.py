@@ -201,11 +201,11 @@ def test_accum_sweep_prints_the_peaks_side_by_side(tmp_path, capsys):
     for p in report["accum"]:
         _check_report_arithmetic(p)
     assert "| accum_steps | micro-batch |" in r.stdout and "| 2 | 8 |" in r.stdout
-    assert P.parse_accum("1, 2,4") == (1, 2, 4)
+    assert plan.parse_accum("1, 2,4") == (1, 2, 4)
     with pytest.raises(SystemExit):
-        P.parse_args(["--config", "c", "--mesh", "1,1,1", "--accum", "0,2"])
+        plan.parse_args(["--config", "c", "--mesh", "1,1,1", "--accum", "0,2"])
     assert "accum_steps >= 1" in capsys.readouterr().err
-    assert P.main(["--config", os.path.join(CONFIGS, "toy.py"), "--mesh", "1,4,1", "--accum", "1,3"]) == 2
+    assert plan.main(["--config", os.path.join(CONFIGS, "toy.py"), "--mesh", "1,4,1", "--accum", "1,3"]) == 2
     assert "micro-batch" in capsys.readouterr().err
 
 
