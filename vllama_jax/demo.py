@@ -638,15 +638,22 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out, from_phas
         for stage in (1, 2):
             name = f"{branch}{stage}"
             if from_phase is not None and RESUMABLE.index(name) < RESUMABLE.index(from_phase):
+                if not layout.run(name).is_dir():
+                    from vllama_jax.cli_errors import UserError
+
+                    raise UserError(f"--from-phase {from_phase}: {layout.run(name)} is missing (run the phases "
+                                    "before it first)")
                 configs[name] = stage_run_config(layout, demo, demo_module, branch, stage, paths, vocab_size)
                 continue
             what = {1: "video-caption pretraining", 2: "instruction tuning"}[stage]
             trains = ("video Q-Former, frame positions, query tokens, llama_proj" if branch == "vision" else
                       "audio Q-Former, audio positions, query tokens, audio_llama_proj")
             with phases(name, f"stage {stage} ({what}), {branch} branch: trains {trains}"):
-                medium = "video" if branch == "vision" else "audio"
-                if CACHED[medium][1] not in features:
-                    features.update(tower_features(vconfig, towers, media, medium).arrays)
+                # The joint run (demo_config.joint_stage) also reads the video tokens.
+                needed = ["video"] if branch == "vision" else ["audio"] + (["video"] if stage == 2 else [])
+                for medium in needed:
+                    if CACHED[medium][1] not in features:
+                        features.update(tower_features(vconfig, towers, media, medium).arrays)
                 if from_phase is not None:
                     # A rerun starts the run afresh, not from the earlier run's last step.
                     shutil.rmtree(layout.run(name), ignore_errors=True)

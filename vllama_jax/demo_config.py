@@ -151,6 +151,10 @@ def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, pa
         m.train_with_media = ("video",)
         d.num_query_placeholders = demo.num_video_query_token + demo.num_audio_query_token
     d.seq_len = 0 if stage == 1 else demo.data.conv_seq_len
+    # Every answer a target: the reference's vicuna mask drifts by two tokens per turn with this
+    # tokenizer, which leaves one-word answers after the first turns untrained (and trains on
+    # question tokens instead); the demo's model is trained from scratch, so it needs no drift.
+    d.aligned_targets = True
     d.datasets = ml_collections.ConfigDict()
     d.dataset_shards = ml_collections.ConfigDict()
     c.paths.prompt_path = ""          # the demo's stage 2 is conversations only
