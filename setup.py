@@ -32,6 +32,9 @@ EXTRAS = {
     "beam": ["apache-beam>=2.60,<3"],
     # vllama-web, the Gradio demo page (the reference's demo is Gradio too).
     "web": ["gradio>=6.0,<7"],
+    # NVIDIA GPUs: the CUDA 12 build of the same jax (jax-cuda12-plugin + -pjrt and the CUDA/cuDNN
+    # libraries as pip wheels; the driver comes from the host). launch/gpu_single_host.sh expects it.
+    "gpu": ["jax[cuda12]>=0.7,<0.11"],
     # To view the TensorBoard logs the trainer writes (tensorboardX writes them without it).
     "tensorboard": ["tensorboard>=2.14,<3"],
     # decord: the original's video reader, the reference for our FFmpeg-scaled frames (x86-64
@@ -53,15 +56,15 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "vllama-demo=vllama_jax.cli:demo_main",
+            "vllama-demo=vllama_jax.demo.cli:demo_main",
             "vllama-prepare-data=data_pipelines.cli:main",
             "vllama-train=vllama_jax.train.cli:main",
             "vllama-convert=vllama_jax.convert.cli:main",
             "vllama-chat=vllama_jax.chat:main",
             "vllama-web=vllama_jax.web:main",
-            "vllama-eval=vllama_jax.evaluate:main",
+            "vllama-eval=vllama_jax.evaluate.cli:main",
             "vllama-plan=vllama_jax.plan:main",
-            "vllama-bench=vllama_jax.cli:bench_main",
+            "vllama-bench=vllama_jax.bench:bench_main",
         ],
     },
 )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import sys
@@ -99,9 +98,8 @@ def main(argv=None) -> int:
     for r in projection:
         print(f"| {r['workers']} | {r['hours']} |")
     print(f"storage: {out['webvid2m']['storage_tb']} TB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    from benchmarks.common import write_json
+    write_json(args.json, out)
     return 0
 
 

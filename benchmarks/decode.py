@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -124,14 +122,8 @@ def _time(fn, reps):
     return statistics.median(times), times, out
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"load average {os.getloadavg()}"
-
-
 def main(argv=None) -> int:
+    from benchmarks.common import uptime, write_json
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.threads == 1:
         if "jax" in sys.modules:
@@ -163,7 +155,7 @@ def main(argv=None) -> int:
     print(f"threads: {args.threads or 'library defaults'}; jax {jax.devices()[0].platform}")
     print(f"LLaMA {args.preset}: hidden {config.hidden_size}, {config.num_layers} layers, vocab {config.vocab_size}; "
           f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.reps} reps")
-    print(f"uptime: {_uptime()}")
+    print(f"uptime: {uptime()}")
     record("ours_cached", *_time(lambda: generate(params, config, gen, input_ids=ids).tokens.block_until_ready(),
                                  args.reps))
     uncached = _uncached_fn(config, args.new_tokens)
@@ -215,17 +207,16 @@ def main(argv=None) -> int:
         print(f"  {k:<28} {v:6.2f}x")
     print("tokens equal to ours (greedy to ours_cached, beams to ours_beam): "
           + ", ".join(f"{k} {v:.0%}" for k, v in match.items()))
-    print(f"uptime: {_uptime()}")
+    print(f"uptime: {uptime()}")
     if args.json:
         out = {"config": {"preset": args.preset, "hidden_size": config.hidden_size, "num_layers": config.num_layers,
                           "vocab_size": config.vocab_size},
                "threads": args.threads, "batch": args.batch, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "reps": args.reps, "beams": args.beams,
-               "results": results, "ratios": ratios, "tokens_match": match, "uptime": _uptime(),
+               "results": results, "ratios": ratios, "tokens_match": match, "uptime": uptime(),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "jax_devices": [str(d) for d in jax.devices()]}}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -100,6 +99,7 @@ def attention(reps: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import show, write_json
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
@@ -112,11 +112,9 @@ def main(argv=None) -> int:
     result = {}
     for name in args.only or list(parts):
         result[name] = parts[name]()
-        print(json.dumps({name: result[name]}, indent=1), flush=True)
+        show({name: result[name]})
     result["load_avg_1m"] = os.getloadavg()[0]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

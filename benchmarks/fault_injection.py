@@ -17,7 +17,6 @@ faulted run ended bit-equal, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -176,10 +175,9 @@ def main(argv=None) -> int:
                             ("SIGTERM", "SIGTERM"), ("missed", "missed"))}
     print(f"faults survived: {survived} of {total} ({', '.join(f'{v} {k}' for k, v in by_kind.items())}); "
           f"every final state bit-equal to the uninterrupted run: {ok}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"survived": survived, "faults": total, "by_kind": by_kind, "all_bit_equal": ok,
-                       "runs": results}, f, indent=1)
+    from benchmarks.common import write_json
+    write_json(args.json, {"survived": survived, "faults": total, "by_kind": by_kind, "all_bit_equal": ok,
+                           "runs": results})
     return 0 if ok else 1
 
 

@@ -10,7 +10,6 @@ losses are compared (same state, batch and dropout rng: they must agree to float
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,8 +19,8 @@ import numpy as np
 def measure(config_name: str, *, steps: int, rounds: int) -> dict:
     import jax
 
-    from benchmarks.train_step import (WORKLOADS, bench_configs, build_runner, interleaved, load_average,
-                                       summarize, synthetic_batch)
+    from benchmarks.common import load_average
+    from benchmarks.train_step import WORKLOADS, bench_configs, build_runner, interleaved, summarize, synthetic_batch
     from vllama_jax.models.video_llama import VideoLlama
     from vllama_jax.train import feature_cache as FC
     from vllama_jax.train.video_llama_task import VideoLlamaTask
@@ -63,13 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    result = []
-    for name in args.config or ["tiny_224", "tiny"]:
-        result.append(measure(name, steps=args.steps, rounds=args.rounds))
-        print(json.dumps(result[-1], indent=1), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    from benchmarks.common import measure_each
+    measure_each(args.config or ["tiny_224", "tiny"], lambda name: measure(name, steps=args.steps, rounds=args.rounds),
+                 args.json)
     return 0
 
 

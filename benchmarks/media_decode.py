@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import fractions
-import json
-import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,25 +99,6 @@ def decord_frames(path):
     return ((frames.astype(np.float32) / 255.0) - V.CLIP_MEAN) / V.CLIP_STD
 
 
-def _torch_resample(wav, orig: int, new: int):
-    """torchaudio.functional.resample (sinc_interp_hann, width 6, rolloff 0.99) on [C, S]."""
-    import torch
-
-    g = math.gcd(orig, new)
-    orig, new = orig // g, new // g
-    base = min(orig, new) * 0.99
-    width = math.ceil(6 * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float32)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=torch.float32)[:, None, None] / new + idx
-    t = (t * base).clamp(-6, 6)
-    window = torch.cos(t * math.pi / 6 / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.tensor(1.0), t.sin() / t) * window * (base / orig)
-    length = wav.shape[-1]
-    x = torch.nn.functional.pad(wav[:, None], (width, width + orig))
-    out = torch.nn.functional.conv1d(x, kernel, stride=orig).transpose(1, 2).reshape(wav.shape[0], -1)
-    return out[:, : math.ceil(new * length / orig)]
-
 
 def _torch_kaldi_fbank(wav, banks):
     """torchaudio.compliance.kaldi.fbank with ImageBind's arguments, as its torch ops: channel 0,
@@ -144,13 +122,16 @@ def original_audio(path):
     import av
     import torch
 
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from audio_reference import torchaudio_resample
+
     from data_pipelines.audio import clip_timepoints, mel_banks
 
     with av.open(path) as c:
         rate = c.streams.audio[0].rate
         wav = torch.from_numpy(np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], axis=1))
     if rate != 16000:
-        wav = _torch_resample(wav, rate, 16000)
+        wav = torchaudio_resample(wav, rate, 16000)
     banks = torch.from_numpy(np.array(mel_banks(128, 512, 16000.0)))
     clips = []
     for start, end in clip_timepoints(wav.size(1) / 16000, 8, 2):
@@ -167,14 +148,8 @@ READERS = {"ours_frames": ours_frames, "decord_frames": decord_frames,
            "ours_audio": ours_audio, "original_audio": original_audio}
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"load average {os.getloadavg()}"
-
-
 def main(argv=None) -> int:
+    from benchmarks.common import uptime, write_json
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--reps", type=int, default=7)
@@ -186,7 +161,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    uptime_before = _uptime()
+    uptime_before = uptime()
     levels = lambda x: x * np.array([0.26862954, 0.26130258, 0.27577711]) * 255  # noqa: E731
     result = {"reps": args.reps, "clips": {}, "uptime_before": uptime_before, "cpus": os.cpu_count()}
     for name, bframes in (("h264 with B-frames", True), ("h264 without B-frames", False)):
@@ -219,11 +194,9 @@ def main(argv=None) -> int:
         print(f"audio: original / ours = {r['audio_ratio_original_over_ours']:.2f}x "
               f"(max |diff| {r['audio_max_abs_vs_original']:.1e})")
         print(f"8 frames + 8 clips: original / ours = {r['total_ratio']:.2f}x")
-    result["uptime_after"] = _uptime()
+    result["uptime_after"] = uptime()
     print(f"load before: {uptime_before}\nload after:  {result['uptime_after']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

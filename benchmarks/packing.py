@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -99,7 +98,8 @@ def example_rows(config, lengths, seq_len: int, num_frames: int, seed: int = 0) 
 
 
 def measure(steps: int, rounds: int, batch_size: int, seq_len: int, max_examples: int, stream: int) -> dict:
-    from benchmarks.train_step import bench_configs, build_runner, interleaved, load_average, matmul_peak, summarize
+    from benchmarks.common import load_average
+    from benchmarks.train_step import bench_configs, build_runner, interleaved, matmul_peak, summarize
 
     config = bench_configs()["small"]
     k = config.num_media_tokens(("video",))
@@ -154,10 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = measure(args.steps, args.rounds, args.batch_size, args.seq_len, args.max_examples, args.stream)
-    print(json.dumps(result, indent=1), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    from benchmarks.common import show, write_json
+    show(result)
+    write_json(args.json, result)
     return 0
 
 

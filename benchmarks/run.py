@@ -38,13 +38,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"load average {os.getloadavg()}"
-
-
 def parts(quick: bool) -> dict[str, list[str]]:
     """Part name -> command (without --json), run from the repository root."""
     steps, rounds = ("1", "2") if quick else ("2", "3")
@@ -69,9 +62,10 @@ def parts(quick: bool) -> dict[str, list[str]]:
 
 
 def run_part(name: str, cmd: list[str], timeout: float) -> dict:
+    from benchmarks.common import uptime
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{name}.json")
-        before, start = _uptime(), time.perf_counter()
+        before, start = uptime(), time.perf_counter()
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         try:
             proc = subprocess.run(cmd + ["--json", path], cwd=ROOT, timeout=timeout, text=True,
@@ -80,7 +74,7 @@ def run_part(name: str, cmd: list[str], timeout: float) -> dict:
         except subprocess.TimeoutExpired as e:
             log, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
         wall = time.perf_counter() - start
-        result = {"wall_s": wall, "uptime_before": before, "uptime_after": _uptime(), "returncode": rc}
+        result = {"wall_s": wall, "uptime_before": before, "uptime_after": uptime(), "returncode": rc}
         if rc == 0 and os.path.isfile(path):
             with open(path) as f:
                 result["result"] = json.load(f)
@@ -200,6 +194,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import uptime
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     ap.add_argument("--only", action="append", help="run only these parts (repeatable)")
@@ -210,14 +205,14 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only or ()) - set(todo))
     if unknown:
         ap.error(f"unknown parts {unknown}; known: {sorted(todo)}")
-    results = {"uptime_start": _uptime(), "cpus": os.cpu_count()}
+    results = {"uptime_start": uptime(), "cpus": os.cpu_count()}
     parts_out = {}
     for name, cmd in todo.items():
         if args.only and name not in args.only:
             continue
         parts_out[name] = run_part(name, cmd, args.timeout)
     results.update(parts_out)
-    results["uptime_end"] = _uptime()
+    results["uptime_end"] = uptime()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     print()

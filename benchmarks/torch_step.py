@@ -22,7 +22,6 @@ on a loaded 2-core machine torch's OpenMP pool spin-waits for a busy core, which
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -111,8 +110,8 @@ def measure(config_name: str, steps: int, rounds: int) -> dict:
     import jax
     import torch
 
-    from benchmarks.train_step import (WORKLOADS, bench_configs, build_runner, load_average, summarize,
-                                       synthetic_batch)
+    from benchmarks.common import load_average
+    from benchmarks.train_step import WORKLOADS, bench_configs, build_runner, summarize, synthetic_batch
     from vllama_jax.models.video_llama import VideoLlama
     from vllama_jax.train import feature_cache as FC
     from vllama_jax.train.video_llama_task import VideoLlamaTask
@@ -186,10 +185,9 @@ def main(argv=None) -> int:
         ap.error("--threads: 0 (defaults) or 1")
     result = measure(args.config, args.steps, args.rounds)
     result["threads"] = args.threads or "default"
-    print(json.dumps(result, indent=1), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    from benchmarks.common import show, write_json
+    show(result)
+    write_json(args.json, result)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -169,7 +168,7 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
     task = VideoLlamaTask(config, tuple(media)) if task is None else task
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     boxed = task.abstract_params()
-    paths = partition.trainable_paths(boxed, partition.TRAINABLE_PRESETS["vision_branch"])
+    paths = partition.trainable_paths(boxed, VideoLlamaTask(config).trainable_patterns())   # the vision branch
     b_train, b_frozen = partition.split(boxed, paths)
     schedule = schedules.constant(1e-4)
     tx = optimizer.adamw(schedule, b_train)
@@ -188,7 +187,7 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
     step = S.make_train_step(task, tx, schedule, accum_steps=accum_steps)
     fn = S.jit_train_step(step, mesh, state_sh, frozen_sh, sharding.batch_shardings(batch, mesh))
     if not donate:
-        fn = S.MeshJit(step, mesh, in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(batch, mesh)),
+        fn = sharding.MeshJit(step, mesh, in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(batch, mesh)),
                        out_shardings=(state_sh, sharding.logical_sharding(mesh, ())))
     start = time.perf_counter()
     compiled = fn.lower(state, frozen, batch).compile()
@@ -226,17 +225,12 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 # ------------------------------------------------------------------------------------ main
 
 def measure(config_name: str, *, steps: int, rounds: int, peak: float | None = None) -> dict[str, Any]:
     """Compile time, s/step, examples/s and fraction of the matmul peak of one config."""
+    from benchmarks.common import load_average
+
     config = bench_configs()[config_name]
     work = WORKLOADS[config_name]
     runner = build_runner(config_name, config, synthetic_batch(config, work))
@@ -266,13 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the results (a list, one per config) here")
     args = ap.parse_args(argv)
-    results = []
-    for name in args.config or ["tiny", "small"]:
-        results.append(measure(name, steps=args.steps, rounds=args.rounds))
-        print(json.dumps(results[-1], indent=1), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    from benchmarks.common import measure_each
+    measure_each(args.config or ["tiny", "small"], lambda name: measure(name, steps=args.steps, rounds=args.rounds),
+                 args.json)
     return 0
 
 

@@ -212,6 +212,35 @@ def _frame_sampling(spec: DatasetSpec, config: LoaderConfig, kind: str) -> str:
     return "headtail" if config.train and kind == "caption" else "uniform"
 
 
+def frame_indices(example: dict, num_frames: int, sampling: str = "uniform",
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """Which stored frames a record shows: `num_frames` of a video's stored pool (`sampling`), an image's one."""
+    if example["media"] == "video":
+        return V.sample_indices(len(example["frames"]), num_frames, sampling, rng)
+    return np.zeros(1, np.int64)
+
+
+def frame_pixels(example: dict, idx: np.ndarray, image_size: int, rng: np.random.Generator | None = None,
+                 train: bool = False) -> np.ndarray:
+    """The frames `idx` as the model sees them, float32 [len(idx), S, S, 3]: resized and CLIP-normalised,
+    after a random resized crop when `train`. The trainer's rows (ExampleTransform) and the eval's
+    clips (vllama_jax.evaluate.runner) both get their pixels here."""
+    raw = np.stack([decode_jpeg(example["frames"][i]) for i in idx])
+    if train:
+        return V.train_transform(raw, rng, image_size, squash=example["media"] == "video")
+    return V.eval_transform(raw, image_size)
+
+
+def stored_fbank(example: dict, num_audio_clips: int, where: str) -> np.ndarray:
+    """A record's fbank clips float32 [M, 1, 128, 204]; LoaderError unless M is `num_audio_clips`."""
+    fbank = np.asarray(example["fbank"], np.float32)
+    want = (num_audio_clips, 1, 128, 204)
+    if fbank.shape != want:
+        raise LoaderError(f"{where}: fbank shape {fbank.shape}, expected {want} (config.data.num_audio_clips "
+                          f"= {want[0]}; vllama-prepare-data --audio-clips sets what shards store)")
+    return fbank
+
+
 class ExampleTransform:
     """Decoded record -> one batch row (numpy). A grain RandomMap: `random_map(example, rng)`."""
 
@@ -229,14 +258,8 @@ class ExampleTransform:
 
     def _frames(self, example, rng, sampling):
         cfg = self.config
-        stored = example["frames"]
-        is_video = example["media"] == "video"
-        idx = V.sample_indices(len(stored), cfg.num_frames, sampling, rng) if is_video else np.zeros(1, np.int64)
-        raw = np.stack([decode_jpeg(stored[i]) for i in idx])
-        if cfg.train:
-            pix = V.train_transform(raw, rng, cfg.image_size, squash=is_video)
-        else:
-            pix = V.eval_transform(raw, cfg.image_size)
+        idx = frame_indices(example, cfg.num_frames, sampling, rng)
+        pix = frame_pixels(example, idx, cfg.image_size, rng, cfg.train)
         frames = np.zeros((cfg.num_frames, cfg.image_size, cfg.image_size, 3), np.float32)
         frames[:len(pix)] = pix
         mask = np.zeros(cfg.num_frames, bool)
@@ -245,12 +268,7 @@ class ExampleTransform:
         return frames, mask, times
 
     def _audio(self, example, where):
-        fbank = np.asarray(example["fbank"], np.float32)
-        want = (self.config.num_audio_clips, 1, 128, 204)
-        if fbank.shape != want:
-            raise LoaderError(f"{where}: fbank shape {fbank.shape}, expected {want} (config.data.num_audio_clips "
-                              f"= {want[0]}; vllama-prepare-data --audio-clips sets what shards store)")
-        return fbank
+        return stored_fbank(example, self.config.num_audio_clips, where)
 
     def _text(self, example, rng, times, where):
         cfg, enc = self.config, self.encoder
@@ -461,7 +479,7 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
     return LoaderConfig(
         batch_size=global_batch // jax.process_count(), seq_len=seq_len, num_frames=int(d.num_frames),
         image_size=int(d.image_size), num_media_tokens=media, num_audio_clips=int(d.num_audio_clips),
-        conv_style=str(m.chat_format), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
+        conv_style=str(m.conv_style), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),

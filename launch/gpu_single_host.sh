@@ -16,7 +16,10 @@ Usage: launch/gpu_single_host.sh --config CONFIG --workdir DIR [options] [-- TRA
   -h, --help             this text
 
 TRAINER_ARGS go to vllama-train (e.g. --config.train.accum_steps=2). $PYTHON picks the
-interpreter (default python3); it needs this package and jax[cuda12] installed.
+interpreter (default python3); it needs this package with its GPU extra, which brings the CUDA
+build of jax:   pip install -e ".[gpu]"
+Before training, the script checks that jax sees a GPU and stops (exit 2) when it does not
+(a CPU-only jax would otherwise train on the CPU); JAX_PLATFORMS=cpu skips the check.
 EOF
 }
 
@@ -54,6 +57,13 @@ main() {
         "${trainer_args[@]}")
 
   cd "$repo"
+  if ((!dry_run)) && [[ "${JAX_PLATFORMS:-}" != "cpu" ]]; then
+    local backend
+    backend="$(env ${gpus:+CUDA_VISIBLE_DEVICES="$gpus"} "${PYTHON:-python3}" -c \
+      'import jax; print(jax.default_backend())' 2>/dev/null | tail -n 1)" || backend="none (jax failed to import)"
+    [[ "$backend" == "gpu" ]] || die "jax sees no GPU (its backend: ${backend:-unknown}): install the CUDA build with" \
+      "pip install -e \".[gpu]\" (and check nvidia-smi), or set JAX_PLATFORMS=cpu to run on the CPU anyway"
+  fi
   if ((dry_run)); then
     quote "${cmd[@]}"
     printf '\n'

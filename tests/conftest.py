@@ -41,13 +41,13 @@ def quick_demo(tmp_path_factory):
     import json
     from types import SimpleNamespace
 
-    from vllama_jax import demo
+    from vllama_jax.demo import recipe
 
     names = ("jax_disable_most_optimizations", "jax_compilation_cache_dir")
     before = {k: jax.config.values[k] for k in names}
     workdir = tmp_path_factory.mktemp("quick_demo") / "run"
     lines = []
-    summary = demo.run_demo(str(workdir), seed=0, quick=True, workers=1, out=lines.append)
+    summary = recipe.run_demo(str(workdir), seed=0, quick=True, workers=1, out=lines.append)
     assert json.loads((workdir / "summary.json").read_text())["seed"] == 0
     return SimpleNamespace(summary=summary, text="\n".join(lines), workdir=str(workdir),
                            settings=(before, {k: jax.config.values[k] for k in names}))

@@ -5,8 +5,10 @@
 
 Trains through the real `vllama_jax.train.loop.train` (orbax checkpoints included) on a global
 mesh spanning every process. Each process feeds only the rows of the global batch that live on
-its own devices; `sharding.shard_batch` turns them into global arrays with
-`jax.make_array_from_process_local_data`. At the end every process gathers the (sharded) trainable
+its own devices: the toy builder makes only this process' examples (checked here against the
+mesh's row layout); `sharding.shard_batch` turns them into global arrays with
+`jax.make_array_from_process_local_data`. `--save-every` / `--tokens-out` serve the elastic-resume
+test (a checkpoint of this run is resumed by one process). At the end every process gathers the (sharded) trainable
 params and writes them, with the logged losses, to `--out`.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--save-every", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -65,20 +68,23 @@ def run(args, t0):
 
     assert jax.process_count() == args.num_processes, jax.process_count()
     assert jax.local_device_count() == args.local_devices, jax.local_device_count()
-    config = toy_config_dict(total_steps=args.steps, log_every=1, save_every=0)
+    config = toy_config_dict(total_steps=args.steps, log_every=1, save_every=args.save_every)
     shape = tuple(int(s) for s in args.mesh.split(","))
     mesh = sharding.make_mesh(shape)
     rows = local_rows(mesh, int(config.train.batch_size))
     print(f"process {jax.process_index()}: devices {[d.id for d in jax.local_devices()]}, "
           f"batch rows {rows.start}:{rows.stop}", flush=True)
     task = toy.build_task(config)
-    train_iter = LocalRows(toy.build_train_iter(config), rows)
+    own = toy.process_rows(int(config.train.batch_size), jax.process_index(), jax.process_count())
+    assert own == rows, f"toy feeds rows {own}, the mesh puts this process' devices on rows {rows}"
+    train_iter = Recorder(toy.build_train_iter(config))
     result = loop.train(config, task, train_iter, workdir=args.workdir, mesh=mesh)
     print(f"trained after {time.monotonic() - t0:.1f}s", flush=True)
     params = multihost_utils.process_allgather(result.state.params, tiled=True)
     flat = {k: np.asarray(v) for k, v in partition.flatten(params).items()}
     losses = np.asarray([h["loss"] for h in result.history], np.float64)
-    np.savez(args.out, losses=losses, step=result.step, **{f"param/{k}": v for k, v in flat.items()})
+    np.savez(args.out, losses=losses, step=result.step, tokens=np.stack(train_iter.tokens),
+             **{f"param/{k}": v for k, v in flat.items()})
 
 
 def local_rows(mesh, global_batch: int) -> slice:
@@ -96,17 +102,20 @@ def local_rows(mesh, global_batch: int) -> slice:
     return rows
 
 
-class LocalRows:
-    """This process' rows of each global batch; the checkpointed state is the global iterator's."""
+class Recorder:
+    """Passes the toy iterator through, keeping each batch's tokens (which examples this process fed)."""
 
-    def __init__(self, it, rows: slice):
-        self.it, self.rows = it, rows
+    def __init__(self, it):
+        self.it, self.tokens = it, []
+        self.state_is_global = it.state_is_global
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return {k: v[self.rows] for k, v in next(self.it).items()}
+        batch = next(self.it)
+        self.tokens.append(batch["tokens"])
+        return batch
 
     def get_state(self):
         return self.it.get_state()

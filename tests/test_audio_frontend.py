@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from audio_reference import torchaudio_resample
 from data_pipelines import audio as A
 from data_pipelines.media import write_mp4
 
@@ -173,25 +174,9 @@ def imagebind_reference_file(path, num_clips: int = 8) -> np.ndarray:
     # torchaudio.load's normalize=True: integer PCM scaled to [-1, 1), float kept
     wav = wav.astype(np.float32) / 32768.0 if wav.dtype == np.int16 else wav.astype(np.float32)
     if rate != SR:
-        wav = np.stack([torchaudio_resample(ch, rate, SR) for ch in wav])
+        wav = torchaudio_resample(torch.from_numpy(wav), rate, SR).numpy()
     return imagebind_reference(wav, num_clips)
 
-
-def torchaudio_resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """torchaudio.functional.resample (sinc_interp_hann, width 6, rolloff 0.99) from torch ops."""
-    g = math.gcd(orig, new)
-    orig, new = orig // g, new // g
-    base = min(orig, new) * 0.99
-    width = math.ceil(6 * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float32)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=torch.float32)[:, None, None] / new + idx
-    t = (t * base).clamp(-6, 6)
-    window = torch.cos(t * math.pi / 6 / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.tensor(1.0), t.sin() / t) * window * (base / orig)
-    w = torch.nn.functional.pad(torch.from_numpy(x)[None], (width, width + orig))
-    out = torch.nn.functional.conv1d(w[:, None], kernel, stride=orig).transpose(1, 2).reshape(1, -1)
-    return out[0, : math.ceil(new * x.size / orig)].numpy()
 
 
 # ----------------------------------------------------------------------------- fbank parity
@@ -318,7 +303,7 @@ def test_resample_matches_torchaudio_algorithm(orig):
     x = tone(1.5, 440.0, 0.5, sr=orig) + noise(1.5 * orig / SR, 0.05)[: int(1.5 * orig)]
     ours = A.resample(x, orig, SR)
     assert ours.shape == (math.ceil(SR * x.size / orig),)
-    np.testing.assert_allclose(ours, torchaudio_resample(x, orig, SR), atol=2e-6)
+    np.testing.assert_allclose(ours, torchaudio_resample(torch.from_numpy(x)[None], orig, SR)[0].numpy(), atol=2e-6)
     clean = A.resample(tone(1.5, 440.0, 0.5, sr=orig), orig, SR)
     inner = slice(400, -400)  # away from torchaudio's zero-padded ends
     np.testing.assert_allclose(clean[inner], tone(1.5)[: clean.size][inner], atol=5e-4)

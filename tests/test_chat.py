@@ -328,17 +328,17 @@ def test_load_for_inference_from_a_trainer_workdir(world, tmp_path):
     over the saved frozen params; the model config and media layout come from the trainer config."""
     import optax
     from vllama_jax.checkpoint import Checkpointer
-    from vllama_jax.inference import load_train_config
+    from vllama_jax import config_loader
     from vllama_jax.train import partition
     from vllama_jax.train.step import init_state
     from vllama_jax.train.video_llama_task import build_task
 
-    config = load_train_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_stage2.py"))
+    config = config_loader.load_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_stage2.py"))
     config.unlock()
     config.paths.tokenizer = world["tok_dir"]
     task = build_task(config)
     params = random_params(task.config, seed=3)
-    trainable, frozen = partition.split(params, partition.resolve_patterns("vision_branch"))
+    trainable, frozen = partition.split(params, task.trainable_patterns())
     tx = optax.adamw(1e-3)
     with Checkpointer(str(tmp_path), async_save=False) as ckpt:
         for step, shift in ((2, 1.0), (5, 2.0)):

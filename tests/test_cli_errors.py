@@ -15,9 +15,9 @@ SCRIPTS = {
     "vllama-prepare-data": ("data_pipelines.cli", "main"),
     "vllama-convert": ("vllama_jax.convert.cli", "main"),
     "vllama-chat": ("vllama_jax.chat", "main"),
-    "vllama-eval": ("vllama_jax.evaluate", "main"),
+    "vllama-eval": ("vllama_jax.evaluate.cli", "main"),
     "vllama-plan": ("vllama_jax.plan", "main"),
-    "vllama-demo": ("vllama_jax.cli", "demo_main"),
+    "vllama-demo": ("vllama_jax.demo.cli", "demo_main"),
 }
 
 
@@ -150,8 +150,8 @@ def test_prepare_data_on_the_wrong_source_files_is_one_line(tmp_path, capsys, fi
 
 
 def test_vllama_bench_runs_from_any_directory(tmp_path, monkeypatch, capfd):
-    from vllama_jax import cli
+    from vllama_jax import bench
 
     monkeypatch.chdir(tmp_path)
-    assert cli.bench_main(["--help"]) == 0
+    assert bench.bench_main(["--help"]) == 0
     assert "benchmarks" in capfd.readouterr().out.lower()

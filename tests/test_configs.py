@@ -4,7 +4,8 @@ import os
 import pytest
 
 from train_utils import REPO
-from vllama_jax.train import cli, loop, partition
+from vllama_jax.train import cli, loop
+from vllama_jax.train.task import build_task, trainable_patterns
 
 CONFIGS = ["stage1_vicuna7b", "stage2_vicuna7b", "stage1_llama2_7b", "stage2_llama2_7b",
            "audio_branch", "tiny_stage1", "tiny_stage2", "toy"]
@@ -20,7 +21,7 @@ def _load(name, *overrides, arg=""):
 def test_every_config_loads_and_resolves(name):
     c = _load(name)
     assert loop.total_steps(c) > 0
-    assert partition.resolve_patterns(c.freeze.preset, c.freeze.patterns)
+    assert trainable_patterns(c, build_task(c))
     assert ":" in c.task.builder and ":" in c.data.train_builder
 
 
@@ -38,8 +39,7 @@ def test_vision_stage_reference_hyperparameters(name, lr, min_lr, warmup, ipe, e
     assert (o.b1, o.b2, o.lr_sched) == (0.9, 0.999, "linear_warmup_cosine_lr")
     assert c.train.batch_size == batch and c.model.max_txt_len == txt
     assert c.data.num_frames == 8 and c.data.image_size == 224
-    assert c.freeze.preset == "vision_branch" and not c.model.equip_audio_branch
-    assert not c.model.frozen_llama_proj and c.model.frozen_audio_qformer
+    assert c.model.train_branch == "vision" and not c.model.equip_audio_branch
     if "llama2" in name:
         assert c.model.llama == "llama2_7b" and c.model.prompt_template.startswith("[INST] <<SYS>>")
         assert c.model.end_sym == "</s>"
@@ -56,8 +56,7 @@ def test_audio_branch_stages():
     assert (s2.optim.init_lr, s2.optim.min_lr, s2.optim.warmup_steps) == (3e-5, 1e-5, 400)
     assert s2.model.max_txt_len == 512
     for c in (s1, s2):
-        assert c.freeze.preset == "audio_branch" and c.model.equip_audio_branch
-        assert c.model.frozen_video_qformer and c.model.frozen_llama_proj and not c.model.frozen_audio_qformer
+        assert c.model.train_branch == "audio" and c.model.equip_audio_branch
         assert c.data.num_query_placeholders == 8
     llama2 = _load("audio_branch", arg="2,llama2_7b")
     assert llama2.model.llama == "llama2_7b"
@@ -87,11 +86,11 @@ def test_tiny_configs_are_small():
 
 def test_command_line_overrides():
     c = _load("stage1_vicuna7b", "--config.optim.init_lr=3e-4", "--config.mesh.shape=(2,2,2)",
-              "--config.freeze.preset=audio_branch", "--config.train.accum_steps=4",
+              "--config.model.train_branch=audio", "--config.train.accum_steps=4",
               "--config.data.dataset_shards.webvid=/data/webvid-*.array_record")
     assert c.optim.init_lr == 3e-4 and tuple(c.mesh.shape) == (2, 2, 2)
     assert c.data.dataset_shards.webvid == "/data/webvid-*.array_record"
-    assert c.freeze.preset == "audio_branch" and c.train.accum_steps == 4
+    assert c.model.train_branch == "audio" and c.train.accum_steps == 4
     with pytest.raises(Exception, match="init_lrr"):
         _load("stage1_vicuna7b", "--config.optim.init_lrr=1")
     with pytest.raises(Exception, match="init_lr"):
@@ -113,3 +112,15 @@ def test_data_loader_reads_the_configs(name):
     lc = loader.loader_config_from(c)
     assert lc.num_frames == c.data.num_frames and lc.max_txt_len == c.model.max_txt_len
     assert lc.num_media_tokens == c.data.num_query_placeholders
+
+
+def test_dtype_fields_parse_with_none_for_unset():
+    import jax.numpy as jnp
+
+    from vllama_jax.train import config_lib
+
+    assert config_lib.dtype_of("bfloat16") == jnp.bfloat16
+    assert config_lib.dtype_of("float32") == jnp.float32
+    assert all(config_lib.dtype_of(v) is None for v in (None, "", "none", "None"))
+    with pytest.raises(TypeError):
+        config_lib.dtype_of("float33")

@@ -14,6 +14,7 @@ import pytest
 
 import llama_reference
 import video_llama_reference as vref
+from vllama_jax import tree_paths
 from vllama_jax.convert import cli, common, hf_llama, params_checkpoint
 from vllama_jax.convert import video_llama as vl
 from vllama_jax.models.llama import LlamaConfig
@@ -57,7 +58,7 @@ def _run(*argv):
 
 
 def _equal_trees(a, b):
-    fa, fb = common.flatten(a), common.flatten(b)
+    fa, fb = tree_paths.flatten(a), tree_paths.flatten(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -149,11 +150,11 @@ TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_stage2
 def trainer_import(tmp_path_factory):
     """Original files exported for the model of a trainer config, imported with `--train-config`:
     (the params they hold, the import)."""
-    from vllama_jax.inference import load_train_config
+    from vllama_jax import config_loader
     from vllama_jax.train.video_llama_task import build_task
 
     d = tmp_path_factory.mktemp("trainer_import")
-    params = vref.random_params(build_task(load_train_config(str(TRAIN_CONFIG))).config, seed=9)
+    params = vref.random_params(build_task(config_loader.load_file(str(TRAIN_CONFIG))).config, seed=9)
     src = params_checkpoint.save_params(d / "src", params, {"train_config": str(TRAIN_CONFIG)})
     files = {"video_llama": d / "v.pth", "hf": d / "hf", "blip2": d / "b.pth"}
     rc, out = _run("export", src, *(x for k, v in files.items() for x in (f"--{k.replace('_', '-')}", v)))
@@ -166,24 +167,25 @@ def trainer_import(tmp_path_factory):
 
 
 def test_trainer_config_import_loads_with_the_trainers_layout(trainer_import, exported):
-    from vllama_jax.inference import load_for_inference, load_train_config
+    from vllama_jax import config_loader
+    from vllama_jax.inference import load_for_inference
 
     params, dest = trainer_import
-    tc = load_train_config(str(TRAIN_CONFIG))
+    tc = config_loader.load_file(str(TRAIN_CONFIG))
     model = load_for_inference(dest, tokenizer=exported["hf"])
     assert (model.num_frames, model.image_size) == (tc.data.num_frames, tc.data.image_size)
-    assert model.conv_style == tc.model.get("chat_format", "vicuna")
+    assert model.conv_style == tc.model.get("conv_style", "vicuna")
     _equal_trees(model.params, params)
 
 
 def test_imported_checkpoint_starts_a_training_run(trainer_import):
     """The import named as a run's `paths.ckpt`: the trainer's pretrained hook puts every imported
     param in place of the random init."""
-    from vllama_jax.inference import load_train_config
+    from vllama_jax import config_loader
     from vllama_jax.train.video_llama_task import build_task
 
     params, dest = trainer_import
-    config = load_train_config(str(TRAIN_CONFIG))
+    config = config_loader.load_file(str(TRAIN_CONFIG))
     config.unlock()
     config.paths.ckpt = str(dest)
     task = build_task(config)

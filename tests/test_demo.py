@@ -5,15 +5,15 @@ import os
 
 import pytest
 
-from vllama_jax import cli
+from vllama_jax.demo import cli
 
 
 def _run(tmp_path, *flags, seed=0):
     lines = []
     summary_path = tmp_path / "run" / "summary.json"
-    import vllama_jax.demo as demo
+    from vllama_jax.demo import recipe
 
-    summary = demo.run_demo(str(tmp_path / "run"), seed=seed, quick="--quick" in flags, workers=1, out=lines.append)
+    summary = recipe.run_demo(str(tmp_path / "run"), seed=seed, quick="--quick" in flags, workers=1, out=lines.append)
     assert json.loads(summary_path.read_text())["seed"] == seed
     return summary, "\n".join(lines)
 
@@ -102,9 +102,9 @@ def test_rerun_from_a_phase_reproduces_it(quick_demo, tmp_path):
 
 
 def cli_demo_rerun(workdir, phase, out, seed=0):
-    from vllama_jax import demo
+    from vllama_jax.demo import recipe
 
-    return demo.run_demo(str(workdir), seed=seed, quick=True, workers=1, from_phase=phase, out=out)
+    return recipe.run_demo(str(workdir), seed=seed, quick=True, workers=1, from_phase=phase, out=out)
 
 
 def jax_leaves(tree):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.tokenizer import build_demo_tokenizer, load_tokenizer
-from vllama_jax import demo_pretrain as DP
+from vllama_jax.demo import pretrain as DP
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data_pipelines import synthetic
 from data_pipelines.records import encode_example, encode_jpeg, make_example
 from data_pipelines.shards import WRITER_OPTIONS
-from vllama_jax import evaluate as E
+from vllama_jax.evaluate import cli, metrics, runner
 from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for
 from vllama_jax.inference import InferenceModel, save_params_msgpack
 from vllama_jax.models.llama import LlamaConfig
@@ -34,64 +34,64 @@ def get_config():
 def test_bleu_by_hand():
     # 1-grams 5/6 ("the" clipped to 1), 2-grams 3/5, 3-grams 2/4, 4-grams 1/3, equal lengths.
     cand, ref = "The cat sat on the mat.", "the cat sat on a mat"
-    assert E.bleu([cand], [ref]) == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
-    assert E.bleu([cand], [ref], max_n=1) == pytest.approx(5 / 6)
-    assert E.bleu([cand], [ref], max_n=2) == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
+    assert metrics.bleu([cand], [ref]) == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    assert metrics.bleu([cand], [ref], max_n=1) == pytest.approx(5 / 6)
+    assert metrics.bleu([cand], [ref], max_n=2) == pytest.approx(math.sqrt(5 / 6 * 3 / 5))
     # All n-grams match, 4 words against 6: only the brevity penalty exp(1 - 6/4).
-    assert E.bleu(["the cat sat on"], ["the cat sat on the mat"]) == pytest.approx(math.exp(-0.5))
+    assert metrics.bleu(["the cat sat on"], ["the cat sat on the mat"]) == pytest.approx(math.exp(-0.5))
     # Closest reference length (5 is closer to 4 than 9) and clipping against the best reference.
-    assert E.bleu(["the cat sat on"], [["a b c d e f g h i", "the cat sat on it"]]) == pytest.approx(
+    assert metrics.bleu(["the cat sat on"], [["a b c d e f g h i", "the cat sat on it"]]) == pytest.approx(
         math.exp(1 - 5 / 4))
     # Corpus level: counts are summed before the ratios, not averaged per sentence.
-    got = E.bleu(["a b c d", "x y"], ["a b c d", "x z"], max_n=2)
+    got = metrics.bleu(["a b c d", "x y"], ["a b c d", "x z"], max_n=2)
     assert got == pytest.approx(math.sqrt((4 + 1) / (4 + 2) * (3 + 0) / (3 + 1)))
-    assert E.bleu(["a b c"], ["x y z"]) == 0.0 and E.bleu([""], ["a"]) == 0.0
-    assert E.bleu(["w x y z"], ["w x y z"]) == pytest.approx(1.0)
+    assert metrics.bleu(["a b c"], ["x y z"]) == 0.0 and metrics.bleu([""], ["a"]) == 0.0
+    assert metrics.bleu(["w x y z"], ["w x y z"]) == pytest.approx(1.0)
 
 
 def test_cider_d_by_hand():
     # Two clips with disjoint words: every n-gram has df 1, IDF log 2; a candidate equal to its
     # reference has cosine 1 at every order and no length penalty: 10 per clip.
     refs = ["a red circle moves", "the blue square jumps"]
-    assert E.cider(refs, refs) == pytest.approx(10.0)
+    assert metrics.cider(refs, refs) == pytest.approx(10.0)
     # An order the sentence is too short for scores 0 (as coco-caption): 3 words have no 4-gram.
-    assert E.cider(["a red circle moves", "the blue square"], ["a red circle moves", "the blue square"]) == \
+    assert metrics.cider(["a red circle moves", "the blue square"], ["a red circle moves", "the blue square"]) == \
         pytest.approx((10.0 + 7.5) / 2)
     # An n-gram found in every reference set has IDF log(2) - log(2) = 0: it counts for nothing.
-    assert E.cider(["x", "x"], ["x", "x"]) == 0.0
+    assert metrics.cider(["x", "x"], ["x", "x"]) == 0.0
     # Unigrams only, worked by hand: clips {"a b"}, {"a c"}; candidate 1 "a b b" (3 words vs 2).
     # df: a=2, b=1, c=1; idf: a=0, b=c=log 2. cand vec b: 2 log2, ref vec b: log2.
     # dot = min(2l, l) * l = l^2; norms 2l and l -> cos 1/2; penalty exp(-1/72).
     l2 = math.log(2)
     clip1 = 10 * (min(2 * l2, l2) * l2) / (2 * l2 * l2) * math.exp(-1 / 72)
     clip2 = 10.0  # "a c" against itself
-    assert E.cider(["a b b", "a c"], ["a b", "a c"], max_n=1) == pytest.approx((clip1 + clip2) / 2)
+    assert metrics.cider(["a b b", "a c"], ["a b", "a c"], max_n=1) == pytest.approx((clip1 + clip2) / 2)
     # Several references: the per-reference similarities are averaged.
-    two = E.cider(["a b", "c d"], [["a b", "a e"], ["c d", "c d"]], max_n=1)
+    two = metrics.cider(["a b", "c d"], [["a b", "a e"], ["c d", "c d"]], max_n=1)
     # df over reference sets: a=1, b=1, e=1, c=1, d=1 -> all IDF log 2; clip 1: ref "a b" cos 1,
     # ref "a e": dot l^2 over (sqrt2 l)^2 = 1/2 -> mean 3/4; clip 2: 1.
     assert two == pytest.approx(10 * (0.75 + 1.0) / 2)
 
 
 def test_metric_inputs_are_checked():
-    with pytest.raises(E.EvalError, match="2 candidates but 1 reference"):
-        E.bleu(["a", "b"], ["a"])
-    with pytest.raises(E.EvalError, match="at least one reference"):
-        E.cider(["a"], [[]])
-    with pytest.raises(E.EvalError, match="unknown attribute 'smell'"):
-        E.score_attributes([{"smell": "bad"}], [{"smell": "bad"}])
+    with pytest.raises(metrics.EvalError, match="2 candidates but 1 reference"):
+        metrics.bleu(["a", "b"], ["a"])
+    with pytest.raises(metrics.EvalError, match="at least one reference"):
+        metrics.cider(["a"], [[]])
+    with pytest.raises(metrics.EvalError, match="unknown attribute 'smell'"):
+        metrics.score_attributes([{"smell": "bad"}], [{"smell": "bad"}])
 
 
 def test_answer_parsing():
     colours = synthetic.ATTRIBUTES["colour"]
-    assert E.normalize_answer("  Red!!  circle, moving_left ") == "red circle moving left"
-    assert E.parse_choice("Red.", colours) == "red"
-    assert E.parse_choice("red, I think blue", colours) == "red"          # the first word decides
-    assert E.parse_choice("It is BLUE.", colours) == "blue"               # the only value named
-    assert E.parse_choice("blue or green", colours) == "blue"
-    assert E.parse_choice("either green or blue", colours) is None        # several named: no answer
-    assert E.parse_choice("a reddish one", colours) is None               # whole words only
-    assert E.parse_choice("", colours) is None
+    assert metrics.normalize_answer("  Red!!  circle, moving_left ") == "red circle moving left"
+    assert metrics.parse_choice("Red.", colours) == "red"
+    assert metrics.parse_choice("red, I think blue", colours) == "red"          # the first word decides
+    assert metrics.parse_choice("It is BLUE.", colours) == "blue"               # the only value named
+    assert metrics.parse_choice("blue or green", colours) == "blue"
+    assert metrics.parse_choice("either green or blue", colours) is None        # several named: no answer
+    assert metrics.parse_choice("a reddish one", colours) is None               # whole words only
+    assert metrics.parse_choice("", colours) is None
 
 
 def test_score_attributes_and_qa_accuracy():
@@ -99,7 +99,7 @@ def test_score_attributes_and_qa_accuracy():
               {"colour": "red", "pitch": "high"}, {"colour": "green", "pitch": "low"}]
     answers = [{"colour": "red", "pitch": "low"}, {"colour": "It is blue.", "pitch": "medium"},
                {"colour": "green", "pitch": "high"}, {"colour": "hmm", "pitch": "low"}]
-    s = E.score_attributes(answers, labels)
+    s = metrics.score_attributes(answers, labels)
     c, p = s["per_attribute"]["colour"], s["per_attribute"]["pitch"]
     assert (c["correct"], c["total"], c["accuracy"], c["chance"], c["majority"], c["unparsed"]) == \
         (2, 4, 0.5, 0.25, 0.5, 1)
@@ -108,7 +108,7 @@ def test_score_attributes_and_qa_accuracy():
     assert s["overall"] == 5 / 8 and s["total"] == 8
     assert s["groups"]["visual"] == {"accuracy": 0.5, "chance": 0.25, "attributes": ["colour"]}
     assert s["groups"]["audio"]["accuracy"] == 0.75
-    q = E.qa_accuracy(["Red.", "a red one", "blue"], ["red", "red", "a blue circle"])
+    q = metrics.qa_accuracy(["Red.", "a red one", "blue"], ["red", "red", "a blue circle"])
     assert q == {"count": 3, "exact": 1 / 3, "contains": 2 / 3}
 
 
@@ -174,7 +174,7 @@ def direct_answer(model, prompt_text, record, media, max_new_tokens):
     from data_pipelines import video as V
     from data_pipelines.records import decode_jpeg
     from data_pipelines.tokenizer import TextEncoder
-    from vllama_jax.chat import encode_media
+    from vllama_jax.media_encoding import encode_media
 
     enc = TextEncoder(model.tokenizer)
     ids = np.asarray(enc(prompt_text))
@@ -199,21 +199,21 @@ def test_prompts_are_the_training_text_cut_at_the_answer(world):
     from data_pipelines import prompts as P
     from data_pipelines.tokenizer import TextEncoder
 
-    assert E.qa_prompt("<ImageHere>\nWhat is it?", "image", 2, "vicuna") == \
+    assert runner.qa_prompt("<ImageHere>\nWhat is it?", "image", 2, "vicuna") == \
         "\n\n###Human: <Image><ImageHere><ImageHere></Image>\nWhat is it?\n###Assistant:"
-    assert E.qa_prompt("What is it?", "video", 2, "llama_v2", "msg. ") == \
+    assert runner.qa_prompt("What is it?", "video", 2, "llama_v2", "msg. ") == \
         "[INST] <<SYS>>\n \n<</SYS>>\n\n<Video><ImageHere><ImageHere></Video> msg. What is it? [/INST]"
     # Token level: the prompt's ids are the first ids of the training conversation's, so the
     # model's next token is the answer's first (with its word-start space) as in training.
     enc = TextEncoder(world["model"].tokenizer)
     turns = [{"from": "human", "value": "<ImageHere> What colour is the object?"}, {"from": "gpt", "value": "red"}]
     for style in ("vicuna", "llama_v2"):
-        prompt = enc(E.qa_prompt(turns[0]["value"], "video", 3, style, "msg. "))
+        prompt = enc(runner.qa_prompt(turns[0]["value"], "video", 3, style, "msg. "))
         train, _ = P.tokenize_conversation(P.insert_media(turns, "video", 3, "msg. "), enc, style)
         assert train[:len(prompt)] == prompt, style
         assert "".join(enc.tokenizer.convert_ids_to_tokens(train[len(prompt):])).startswith("\u2581red"), style
-    with pytest.raises(E.EvalError, match="conv_style must be one of"):
-        E.qa_prompt("Q?", "video", 1, "chatml")
+    with pytest.raises(metrics.EvalError, match="conv_style must be one of"):
+        runner.qa_prompt("Q?", "video", 1, "chatml")
 
 
 def test_end_to_end_report(world, tmp_path):
@@ -222,9 +222,9 @@ def test_end_to_end_report(world, tmp_path):
     records = world["records"]
     # Stage-2 Vicuna captions end with "###" like the answers, and one 64 bucket holds every prompt:
     # the questions and captions share one compiled generate program (the suite stays fast).
-    lc = dataclasses.replace(E.default_loader_config(world["model"]), end_sym="###")
-    report = E.run_eval(world["model"], world["shard"], loader_config=lc, batch_size=4, max_new_tokens=5,
-                        bucket=64, progress=False)
+    lc = dataclasses.replace(runner.default_loader_config(world["model"]), end_sym="###")
+    report = runner.run_eval(world["model"], world["shard"], loader_config=lc, batch_size=4, max_new_tokens=5,
+                             bucket=64, progress=False)
     assert report["settings"]["stop_strings"] == {"qa": ["###"], "caption": ["###"]}
     ex = report["examples"]
     assert len(ex) == 3 * (5 + 1)
@@ -249,55 +249,59 @@ def test_end_to_end_report(world, tmp_path):
     for i, rec_i, media in ((0, 0, ("video",)), (8, 2, ("audio", "video"))):
         turns = records[rec_i]["conversations"]
         k = 8 if media == ("video",) else 12
-        text = E.qa_prompt(turns[2 * (i % 6)]["value"], "video", k, "vicuna", times)
+        text = runner.qa_prompt(turns[2 * (i % 6)]["value"], "video", k, "vicuna", times)
         assert ex[i]["answer"] == direct_answer(world["model"], text, records[rec_i], media, 5), i
-    path = E.write_report(report, tmp_path / "out" / "report.json")
+    path = runner.write_report(report, tmp_path / "out" / "report.json")
     loaded = json.loads(open(path).read())
     assert loaded["metrics"]["qa"]["count"] == 15 and len(loaded["examples"]) == 18
-    assert "accuracy" in E.format_summary(report)
+    assert "accuracy" in metrics.format_summary(report)
     # Only the questions, video only, from decoded dicts, the first record only.
-    small = E.run_eval(world["model"], records[:1], media=("video",), kinds=("qa",), batch_size=4,
-                       max_new_tokens=5, bucket=64, progress=False)
+    small = runner.run_eval(world["model"], records[:1], media=("video",), kinds=("qa",), batch_size=4,
+                            max_new_tokens=5, bucket=64, progress=False)
     assert [e["answer"] for e in small["examples"]] == [e["answer"] for e in ex[:5]]
 
 
 def test_cli_writes_a_report(world, tmp_path):
     params_file = save_params_msgpack(world["model"].params, tmp_path / "params.msgpack")
     out = tmp_path / "report.json"
-    rc = E.main(["--checkpoint", str(params_file), "--config", str(_config_file(tmp_path)), "--tokenizer",
-                 world["tok_dir"], "--shards", world["shard"], "--out", str(out), "--batch-size", "4",
-                 "--max-new-tokens", "5", "--bucket", "64", "--limit", "1"])
+    rc = cli.main(["--checkpoint", str(params_file), "--config", str(_config_file(tmp_path)), "--tokenizer",
+                   world["tok_dir"], "--shards", world["shard"], "--out", str(out), "--batch-size", "4",
+                   "--max-new-tokens", "5", "--bucket", "64", "--limit", "1"])
     assert rc == 0
     report = json.loads(out.read_text())
     assert len(report["examples"]) == 5 and report["settings"]["shards"] == [world["shard"]]
 
 
 def test_bad_input_gives_clear_errors(world, tmp_path, capsys):
-    with pytest.raises(E.EvalError, match="does not exist"):
-        E.run_eval(world["model"], str(tmp_path / "missing.array_record"), progress=False)
-    with pytest.raises(E.EvalError, match="matches no file"):
-        E.run_eval(world["model"], str(tmp_path / "nothing-*.array_record"), progress=False)
-    with pytest.raises(E.EvalError, match="shard paths / globs or decoded example dicts"):
-        E.run_eval(world["model"], [42], progress=False)
-    with pytest.raises(E.EvalError, match="no qa / caption items in the 0 records"):
-        E.run_eval(world["model"], [], progress=False)
+    with pytest.raises(metrics.EvalError, match="does not exist"):
+        runner.run_eval(world["model"], str(tmp_path / "missing.array_record"), progress=False)
+    with pytest.raises(metrics.EvalError, match="matches no file"):
+        runner.run_eval(world["model"], str(tmp_path / "nothing-*.array_record"), progress=False)
+    with pytest.raises(metrics.EvalError, match="shard paths / globs or decoded example dicts"):
+        runner.run_eval(world["model"], [42], progress=False)
+    with pytest.raises(metrics.EvalError, match="no qa / caption items in the 0 records"):
+        runner.run_eval(world["model"], [], progress=False)
     small_vocab = world["model"].config.replace(llama=LlamaConfig.preset("tiny"))
-    with pytest.raises(E.EvalError, match="this tokenizer does not belong to this model"):
-        E.run_eval(InferenceModel(small_vocab, {}, world["model"].tokenizer), world["records"], progress=False)
+    with pytest.raises(metrics.EvalError, match="this tokenizer does not belong to this model"):
+        runner.run_eval(InferenceModel(small_vocab, {}, world["model"].tokenizer), world["records"], progress=False)
     no_audio = InferenceModel(world["model"].config.replace(audio_qformer=None, imagebind_audio=None,
                                                             imagebind_vision=None), {}, world["model"].tokenizer)
-    with pytest.raises(E.EvalError, match="media must list 'audio' and/or 'video' once each"):
-        E.run_eval(world["model"], world["records"], media=("video", "video"), progress=False)
-    with pytest.raises(E.EvalError, match="kinds must be among"):
-        E.run_eval(world["model"], world["records"], kinds=("qa", "vqa"), progress=False)
-    with pytest.raises(E.EvalError, match="model has no audio branch"):
-        E.run_eval(no_audio, world["records"], media=("audio", "video"), progress=False)
-    rc = E.main(["--checkpoint", str(tmp_path / "none.msgpack"), "--config", "tiny", "--tokenizer",
-                 world["tok_dir"], "--shards", world["shard"]])
+    with pytest.raises(metrics.EvalError, match="media must list 'audio' and/or 'video' once each"):
+        runner.run_eval(world["model"], world["records"], media=("video", "video"), progress=False)
+    with pytest.raises(metrics.EvalError, match="kinds must be among"):
+        runner.run_eval(world["model"], world["records"], kinds=("qa", "vqa"), progress=False)
+    with pytest.raises(metrics.EvalError, match="model has no audio branch"):
+        runner.run_eval(no_audio, world["records"], media=("audio", "video"), progress=False)
+    # A stored fbank of another clip count than the model's (media_encoding.record_media's check).
+    other_clips = dict(world["records"][2], fbank=np.zeros((3, 1, 128, 204), np.float16))
+    with pytest.raises(metrics.EvalError, match=r"fbank shape \(3, 1, 128, 204\), expected \(2, 1, 128, 204\)"):
+        runner.run_eval(world["model"], [other_clips], kinds=("qa",), progress=False)
+    rc = cli.main(["--checkpoint", str(tmp_path / "none.msgpack"), "--config", "tiny", "--tokenizer",
+                   world["tok_dir"], "--shards", world["shard"]])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-    rc = E.main(["--checkpoint", str(save_params_msgpack(world["model"].params, tmp_path / "p.msgpack")),
-                 "--config", str(_config_file(tmp_path)), "--tokenizer", world["tok_dir"],
-                 "--shards", str(tmp_path / "gone.array_record")])
+    rc = cli.main(["--checkpoint", str(save_params_msgpack(world["model"].params, tmp_path / "p.msgpack")),
+                   "--config", str(_config_file(tmp_path)), "--tokenizer", world["tok_dir"],
+                   "--shards", str(tmp_path / "gone.array_record")])
     err = capsys.readouterr().err
     assert rc == 2 and "gone.array_record" in err and "does not exist" in err
 
@@ -323,7 +327,7 @@ def test_eval_on_the_synthetic_writer_output(world, tmp_path):
     shards = sorted(f for split in ("caption_test", "instruct_test")
                     for f in glob.glob(str(tmp_path / "data" / f"*-{split}.array_record-?????-of-?????")))
     assert len(shards) == 2, shards
-    report = E.run_eval(model, shards, batch_size=8, max_new_tokens=6, progress=False)
+    report = runner.run_eval(model, shards, batch_size=8, max_new_tokens=6, progress=False)
     assert len(report["examples"]) == 4 * 5 + 4
     assert all(e["media"] == ["audio", "video"] for e in report["examples"])
     qa = [e for e in report["examples"] if e["kind"] == "qa"]

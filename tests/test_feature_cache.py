@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from vllama_jax.models.video_llama import VideoLlama, VideoLlamaConfig, dummy_batch
+from vllama_jax.models.video_llama import BRANCHES, VideoLlama, VideoLlamaConfig, dummy_batch
 from vllama_jax.train import config_lib
 from vllama_jax.train import feature_cache as FC
 from vllama_jax.train import partition
@@ -17,7 +17,7 @@ from vllama_jax.train.task import build_task
 from vllama_jax.train.video_llama_task import VideoLlamaTask
 
 MEDIA = ("audio", "video")
-TRAINABLE = partition.TRAINABLE_PRESETS["vision_and_audio"]
+TRAINABLE = BRANCHES["vision"].trainable_patterns() + BRANCHES["audio"].trainable_patterns()
 
 
 def _random_rows(config: VideoLlamaConfig, batch_size, num_frames, media, seed, num_clips=1):

@@ -225,6 +225,15 @@ def test_gpu_single_host_runs_the_trainer(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
 
 
+def test_gpu_single_host_stops_without_a_gpu(tmp_path):
+    """A CPU-only jax (this machine) would train on the CPU: the script says to install the GPU extra."""
+    r = _script("gpu_single_host.sh", *_toy_args(tmp_path / "run"), env=_clean_env(PYTHON=sys.executable),
+                check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "jax sees no GPU (its backend: cpu)" in r.stderr and '.[gpu]' in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 FAKE_SRUN = textwrap.dedent('''\
     #!{python}
     """Stand-in for srun on one machine: starts $SLURM_NTASKS copies of the command with the

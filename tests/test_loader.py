@@ -234,7 +234,7 @@ def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
     c = ml_collections.ConfigDict()
     c.paths = ml_collections.ConfigDict({"tokenizer": str(tmp_path / "tok"), "llama_model": "",
                                          "prompt_path": "prompts/alignment_image.txt"})
-    c.model = ml_collections.ConfigDict({"max_txt_len": 16, "end_sym": "###", "chat_format": "vicuna",
+    c.model = ml_collections.ConfigDict({"max_txt_len": 16, "end_sym": "###", "conv_style": "vicuna",
                                          "prompt_template": P.VICUNA_CAPTION_TEMPLATE})
     c.train = ml_collections.ConfigDict({"batch_size": 4, "seed": 3})
     shard_dir = shards["caption"][0].rsplit("/", 1)[0]

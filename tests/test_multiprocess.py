@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from train_utils import toy_config_dict, to_numpy
+from train_utils import toy_batches, toy_config_dict, to_numpy
 from vllama_jax import sharding
 from vllama_jax.train import loop, partition, toy
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(tmp_path, num_processes=2, local_devices=2):
+def _start_workers(tmp_path, num_processes=2, local_devices=2, steps=STEPS):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs, logs = [], []
@@ -44,7 +44,7 @@ def _start_workers(tmp_path, num_processes=2, local_devices=2):
             cmd = [sys.executable, WORKER, "--coordinator", f"127.0.0.1:{port}",
                    "--num-processes", str(num_processes), "--process-id", str(i),
                    "--local-devices", str(local_devices), "--mesh", ",".join(map(str, MESH)),
-                   "--steps", str(STEPS), "--workdir", str(tmp_path / "workdir"),
+                   "--steps", str(steps), "--workdir", str(tmp_path / "workdir"),
                    "--out", str(tmp_path / f"params_{i}.npz")]
             procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
     except BaseException:
@@ -100,8 +100,14 @@ def test_two_processes_match_one_process(tmp_path):
     out = _wait_workers(procs, logs, deadline=t0 + TIMEOUT_S)
     wall = time.monotonic() - t0
     p0, p1 = (np.load(tmp_path / f"params_{i}.npz") for i in range(2))
-    # Each process really fed only its own half of the batch.
+    # Each process really fed only its own half of the batch: disjoint examples that together are
+    # the one-process run's global batches.
     assert "batch rows 0:8" in out and "batch rows 8:16" in out, out
+    t0_rows = {r.tobytes() for r in p0["tokens"].reshape(-1, p0["tokens"].shape[-1])}
+    t1_rows = {r.tobytes() for r in p1["tokens"].reshape(-1, p1["tokens"].shape[-1])}
+    assert len(t0_rows) == STEPS * 8 and not t0_rows & t1_rows
+    np.testing.assert_array_equal(np.concatenate([p0["tokens"], p1["tokens"]], axis=1),
+                                  np.stack([b["tokens"] for b in toy_batches(STEPS)]))
     assert int(p0["step"]) == STEPS
     np.testing.assert_allclose(p0["losses"], ref_losses, rtol=0, atol=1e-6)
     assert set(k for k in p0.files if k.startswith("param/")) == set(ref_params)

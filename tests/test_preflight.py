@@ -10,7 +10,7 @@ from train_utils import REPO
 from data_pipelines import cli as prep
 from data_pipelines import loader as L
 from data_pipelines.loader import ShardSource
-from vllama_jax.cli_errors import load_config_file
+from vllama_jax import config_loader
 from vllama_jax.train import cli as train_cli
 from vllama_jax.train import preflight
 from vllama_jax.train.video_llama_task import build_task
@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 
 
 def _config(data, **data_fields):
-    c = load_config_file(TINY1)
+    c = config_loader.load_file(TINY1)
     c.data.shards, c.paths.tokenizer = data
     for k, v in data_fields.items():
         c.data[k] = v

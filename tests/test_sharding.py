@@ -49,3 +49,24 @@ def test_sharded_forward_equals_single_device():
     out = jax.jit(model.apply)(sharded, sharding.shard_batch(x, mesh))
     assert out.sharding.spec == P(("data", "fsdp"))
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
+
+
+def test_jit_with_rules_binds_constraints_only_on_a_mesh():
+    """The one jit-on-a-mesh helper: inside use_mesh the models' logical constraints become real
+    shardings (mlp -> tensor); with no mesh the same function runs unsharded; MeshJit does both."""
+    from vllama_jax.models.common import constrain
+
+    def fn(x, *, axes):
+        return constrain(x * 2, axes)
+
+    x = jnp.ones((4, 8))
+    mesh = sharding.make_mesh((2, 2, 2))
+    jitted = sharding.jit_with_rules(fn, static_argnames=("axes",))
+    with sharding.use_mesh(mesh):
+        out = jitted(x, axes=(None, "mlp"))
+    assert out.sharding.spec == P(None, "tensor")
+    with sharding.use_mesh(None):
+        np.testing.assert_array_equal(jitted(x, axes=(None, "mlp")), 2 * np.ones((4, 8)))
+    mesh_jit = sharding.MeshJit(lambda y: constrain(y + 1, ("batch", None)), mesh)
+    assert mesh_jit(x).sharding.spec == P(("data", "fsdp"))
+    assert "sharding" in mesh_jit.lower(x).as_text()

@@ -2,6 +2,7 @@
 eval, NaN stop, SIGTERM save-and-exit."""
 import glob
 import os
+import re
 import signal
 
 import flax.linen as nn
@@ -202,3 +203,38 @@ def test_remat_config_rematerialises_the_tower():
         fn = lambda p: task.loss_fn(p, batch, jax.random.PRNGKey(0), True)[0]  # noqa: E731
         jaxprs[remat] = str(jax.make_jaxpr(jax.grad(fn))(params))
     assert "remat" in jaxprs[True] and "remat" not in jaxprs[False]
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """Compiled HLO text -> {computation name ('ENTRY' for the entry one): its lines}."""
+    out, cur = {}, None
+    for line in hlo.split("\n"):
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            cur = "ENTRY" if head.group(1) else head.group(2)
+            out[cur] = []
+        elif cur:
+            out[cur].append(line)
+    return out
+
+
+def test_accumulation_gathers_the_weights_inside_the_loop():
+    """Issue 23: with accum_steps > 1 the params are loop-invariant, and XLA hoisted their FSDP
+    all-gathers out of the micro-batch loop (every layer's gathered weights alive for the whole
+    loop: 41 GiB vs 14.4 at accum 1 for the 7B stage-1 plan). The optimization barrier in
+    `_accumulate` keeps every all-gather inside the while body. (Without it this toy step has 18
+    all-gathers in ENTRY and none in the body.)"""
+    task = toy_task()
+    mesh = sharding.make_mesh((1, 8, 1), devices=jax.devices()[:8])
+    batch = toy_batches(1)[0]
+    state, frozen, tx, sched, paths = setup_state(task, mesh=mesh)
+    b_train, b_frozen = partition.split(task.abstract_params(), paths)
+    step = S.jit_train_step(S.make_train_step(task, tx, sched, accum_steps=2), mesh,
+                            S.state_shardings(b_train, tx, mesh), sharding.param_shardings(b_frozen, mesh),
+                            sharding.batch_shardings(batch, mesh))
+    hlo = step.lower(state, frozen, sharding.shard_batch(batch, mesh)).compile().as_text()
+    comps = _computations(hlo)
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    gathers = lambda lines: [ln for ln in lines if " all-gather(" in ln or " all-gather-start(" in ln]  # noqa: E731
+    assert bodies and sum(len(gathers(comps[b])) for b in bodies) > 0
+    assert gathers(comps["ENTRY"]) == [], "all-gathers hoisted out of the accumulation loop"

@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_close
 
 import video_llama_reference as vref
+from vllama_jax import tree_paths
 from vllama_jax.convert import common, hf_llama
 from vllama_jax.convert import video_llama as vl
 from vllama_jax.models.qformer import QFormer
@@ -27,7 +28,7 @@ def params():
 
 
 def _equal_trees(a, b):
-    fa, fb = common.flatten(a), common.flatten(b)
+    fa, fb = tree_paths.flatten(a), tree_paths.flatten(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])

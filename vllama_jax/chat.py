@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
@@ -40,13 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.prompts import CONV_STYLES
+from data_pipelines.records import IMAGE_PLACEHOLDER
 from vllama_jax.cli_errors import entry_point
 from vllama_jax.generate import GenerationConfig, generate, pad_prompts, stop_tables_for, stream
 from vllama_jax.inference import InferenceModel
-from vllama_jax.models.video_llama import VideoLlama
+from vllama_jax.media_encoding import (MediaError, encode_media, load_audio, load_image_frames,
+                                       load_video_frames)
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
-VICUNA, LLAMA_2 = "vicuna", "llama_v2"
+VICUNA, LLAMA_2 = CONV_STYLES
 # demo_audiovideo.py: the system text set for an image upload (a video upload clears it).
 IMAGE_SYSTEM = ("You are able to understand the visual content that the user provides. "
                 "Follow the instructions carefully and explain your answers in detail.")
@@ -124,69 +125,14 @@ def clean_answer(text: str, conv: Conversation) -> str:
     return text.split(conv.sep2)[0].split(conv.roles[1] + ":")[-1].strip()
 
 
-# ------------------------------------------------------------------------------------ media
-
-def _media_error(path: str, what: str) -> ChatError | None:
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        return ChatError(f"expected a file path for the {what}, got {path!r}")
-    if not os.path.exists(path):
-        return ChatError(f"{what} file {str(path)!r} does not exist")
-    if os.path.isdir(path):
-        return ChatError(f"{what} path {str(path)!r} is a directory, not a file")
-    return None
-
-
-def load_video_frames(path: str, num_frames: int, image_size: int) -> tuple[np.ndarray, str, bool]:
-    """(frames float32 [T,S,S,3] CLIP-normalised, the reference's time message, has an audio track).
-
-    Frames are scaled to S x S inside FFmpeg while decoding, the pixels the original's decord
-    `VideoReader(height=S, width=S)` gives."""
-    from data_pipelines import prompts
-    from data_pipelines.video import MediaDecodeError, decode_video, normalize
-
-    err = _media_error(path, "video")
-    if err:
-        raise err
-    try:
-        decoded = decode_video(path, num_frames, "uniform", size=(image_size, image_size))
-    except MediaDecodeError as e:
-        raise ChatError(f"{str(path)!r} is not a readable video ({e.reason})") from e
-    return normalize(decoded.frames), prompts.video_time_message(decoded.times), decoded.has_audio
-
-
-def load_image_frames(path: str, image_size: int) -> np.ndarray:
-    from data_pipelines.video import MediaDecodeError, load_image_clip
-
-    err = _media_error(path, "image")
-    if err:
-        raise err
-    try:
-        return load_image_clip(path, size=image_size)
-    except MediaDecodeError as e:
-        raise ChatError(f"{str(path)!r} is not a readable image ({e.reason})") from e
-
-
-def load_audio(path: str, num_clips: int) -> np.ndarray | None:
-    """fbank clips float32 [M,1,128,204], or None when the file has no audio track."""
-    from data_pipelines.audio import AudioDecodeError, load_audio_clips
-
-    err = _media_error(path, "audio")
-    if err:
-        raise err
-    try:
-        clips = load_audio_clips(path, num_clips=num_clips)
-    except (AudioDecodeError, ValueError) as e:
-        raise ChatError(f"cannot read audio from {str(path)!r}: {getattr(e, 'reason', e)}") from e
-    return clips.fbank if clips.present else None
-
-
 # ------------------------------------------------------------------------------------ chat
 
-@functools.partial(jax.jit, static_argnames=("config", "method"))
-def encode_media(params, x, *, config, method: str):
-    """Soft tokens `[1, K, d_llm]` of one medium (`VideoLlama.encode_video` / `encode_audio`);
-    module-level so every Chat over the same config shares the compiled program."""
-    return VideoLlama(config).apply({"params": params}, x, method=getattr(VideoLlama, method))
+def _read(load, *args):
+    """A `media_encoding` loader's result; its `MediaError` as a `ChatError` (the conversation is unchanged)."""
+    try:
+        return load(*args)
+    except MediaError as e:
+        raise ChatError(str(e)) from e
 
 
 def default_generation(style: str, tokenizer) -> GenerationConfig:
@@ -245,7 +191,7 @@ class Chat:
 
     @property
     def has_audio_branch(self) -> bool:
-        return self.config.imagebind_audio is not None and self.config.audio_qformer is not None
+        return self.config.has_audio
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -255,12 +201,12 @@ class Chat:
         if audio and not self.has_audio_branch:
             raise ChatError("this model has no audio branch; upload the video without audio")
         use_audio = self.has_audio_branch and self.use_audio if audio is None else bool(audio)
-        frames, msg, has_track = load_video_frames(path, self.model.num_frames, self.model.image_size)
+        frames, msg, has_track = _read(load_video_frames, path, self.model.num_frames, self.model.image_size)
         fbank, why = None, "no audio track found"
         if use_audio and has_track:
             try:
                 fbank = load_audio(path, self.model.num_audio_clips)
-            except ChatError as e:  # the reference falls back to the frames on any audio failure too
+            except MediaError as e:  # the reference falls back to the frames on any audio failure too
                 why = str(e)
         video = self._video_tokens(frames)
         self.conv.system = ""
@@ -283,7 +229,7 @@ class Chat:
 
     def upload_image(self, path: str) -> str:
         """An image as a 1-frame video (the demo also sets its image system text)."""
-        frames = load_image_frames(path, self.model.image_size)
+        frames = _read(load_image_frames, path, self.model.image_size)
         self.media.append(self._video_tokens(frames))
         self.conv.system = IMAGE_SYSTEM
         self.conv.append_message(self.conv.roles[0], "<Image><ImageHere></Image> ")
@@ -294,7 +240,7 @@ class Chat:
         """Only the sound of a file (not in the reference: its audio half of the audio+video message)."""
         if not self.has_audio_branch:
             raise ChatError("this model has no audio branch")
-        fbank = load_audio(path, self.model.num_audio_clips)
+        fbank = _read(load_audio, path, self.model.num_audio_clips)
         if fbank is None:
             raise ChatError(f"{str(path)!r} has no audio track")
         self.media.append(self._audio_tokens(fbank))
@@ -499,7 +445,7 @@ def add_model_arguments(p: argparse.ArgumentParser, checkpoint_required: bool = 
                    help="trainer config file (configs/*.py) for workdirs, or a VideoLlamaConfig preset for .msgpack "
                         "(a params checkpoint names its own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the config / next to the file)")
-    p.add_argument("--conv-style", choices=(VICUNA, LLAMA_2), default=None)
+    p.add_argument("--conv-style", choices=CONV_STYLES, default=None)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
 

@@ -3,8 +3,30 @@
 Layout under `workdir`:
 
   checkpoints/<step>/state   trainable params, optimizer state, step, rng   (orbax StandardSave)
-  checkpoints/<step>/data    the data iterator's state, one file per process (grain handler)
-  checkpoints/<step>/meta    step and the trainable param paths, to refuse a mismatched resume
+  checkpoints/<step>/data    the data iterator's state, one file per process (grain handler:
+                             `process_<i>-of-<n>.json`)
+  checkpoints/<step>/meta    step, the trainable param paths (to refuse a mismatched resume) and
+                             the process count that wrote `data`
+
+The state is any object with `step`, `to_dict()` and a `from_dict` classmethod (the trainer's
+`train.step.TrainState`); this module does not import the trainer, the trainer imports it.
+
+Elastic resume. The arrays are restored onto the abstract state's shardings, so a checkpoint
+written on one mesh (say data 2 x fsdp 4 on 8 devices) restores onto any other mesh whose axes
+divide the shapes (data 4, one device...). The data iterator's state is where the process count
+matters: grain's handler writes `process_<i>-of-<n>.json` and on restore reads only the file
+named by the *current* index and count, so after a change of process count it finds no file
+(`ValueError: File ... does not exist`); it guarantees nothing about re-splitting a position
+across another count, and a sharded grain pipeline's per-process position (an index into that
+process' own slice of the shuffled data) has no meaning under another split. So `restore`:
+- same count: grain's handler, as written;
+- another count, iterator with `state_is_global = True` (its state is one position in the
+  global example order, equal on every process, each process deriving its own rows from it,
+  e.g. `train.toy`): every written file must hold the same state, which is set on each new
+  process;
+- another count, any other iterator: refused (`ProcessCountChangeError`, a UserError) naming
+  both counts and the way out (resume with the old count).
+
   frozen/                    the frozen params, written once if asked (they normally come from
                              their pretrained source and are never re-saved)
 
@@ -42,7 +64,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vllama_jax.cli_errors import UserError
-from vllama_jax.train.step import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +307,29 @@ class _TrainableSetMismatch(ValueError, UserError):
     """The checkpoint holds another trainable set: a config change, not damage."""
 
 
+class ProcessCountChangeError(ValueError, UserError):
+    """The data state was written by another process count and the iterator cannot re-split it."""
+
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+def _data_files(step_dir: str) -> dict[int, epath.Path]:
+    """{process index: file} of a step's data item, all of one process count (checked)."""
+    d = epath.Path(step_dir) / "data"
+    found, counts = {}, set()
+    for f in (d.iterdir() if d.is_dir() else ()):
+        m = _DATA_FILE.match(f.name)
+        if m:
+            found[int(m.group(1))] = f
+            counts.add(int(m.group(2)))
+    if len(counts) > 1:
+        raise ValueError(f"{d}: data state files of several process counts {sorted(counts)}")
+    if counts and sorted(found) != list(range(counts.pop())):
+        raise ValueError(f"{d}: data state files missing, have processes {sorted(found)}")
+    return found
+
+
 class Checkpointer:
     """Periodic train-state checkpoints plus a one-time frozen-params checkpoint."""
 
@@ -307,12 +351,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, state: TrainState, data_iter: Any = None, *, trainable_paths=(),
+    def save(self, state: Any, data_iter: Any = None, *, trainable_paths=(),
              wait: bool = False) -> int:
-        """Saves `state` at `state.step`; returns that step."""
+        """Saves `state` (with `.step`, `.to_dict()`) at `state.step`; returns that step."""
         step = int(jax.device_get(state.step))
         items = {"state": ocp.args.StandardSave(state.to_dict()),
-                 "meta": ocp.args.JsonSave({"step": step, "trainable_paths": sorted(trainable_paths)})}
+                 "meta": ocp.args.JsonSave({"step": step, "trainable_paths": sorted(trainable_paths),
+                                            "process_count": jax.process_count()})}
         if data_iter is not None:
             _check_iterator(data_iter)
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
@@ -324,21 +369,22 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(os.fspath(self.manager.directory), str(step))
 
-    def restore_newest(self, abstract: TrainState, data_iter: Any = None, *,
-                       trainable_paths=None) -> tuple[TrainState | None, int | None]:
+    def restore_newest(self, abstract: Any, data_iter: Any = None, *,
+                       trainable_paths=None) -> tuple[Any, int | None]:
         """(state, step) of the newest step that restores, or (None, None) with no checkpoint.
 
         A step that fails to restore is reported (step, file, problem) and the next older one is
         tried; once one restores, the failed newer ones are renamed aside (`set_aside`). If none
         restores, nothing is renamed and CheckpointDamagedError names each step's problem. A
-        checkpoint of a different trainable set is not damage: that ValueError passes through.
+        checkpoint of a different trainable set, or a data state this iterator cannot re-split
+        across a changed process count, is not damage: those errors pass through.
         """
         steps = sorted(self.all_steps(), reverse=True)
         failed: list[tuple[int, str]] = []
         for step in steps:
             try:
                 state = self.restore(abstract, data_iter, step=step, trainable_paths=trainable_paths)
-            except _TrainableSetMismatch:
+            except (_TrainableSetMismatch, ProcessCountChangeError):
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of a step's files is damage to report
                 problem = describe_damage(self.step_dir(step), e)
@@ -360,10 +406,11 @@ class Checkpointer:
                 f"move the step dirs aside to start over")
         return None, None
 
-    def restore(self, abstract: TrainState, data_iter: Any = None, *, step: int | None = None,
-                trainable_paths=None) -> TrainState:
-        """Restores the latest (or given) step into arrays shaped and sharded like `abstract`;
-        sets `data_iter`'s state from the same step."""
+    def restore(self, abstract: Any, data_iter: Any = None, *, step: int | None = None,
+                trainable_paths=None) -> Any:
+        """Restores the latest (or given) step into arrays shaped and sharded like `abstract`
+        (returned as `type(abstract).from_dict(...)`); sets `data_iter`'s state from the same
+        step, across a change of process count when the iterator allows it (module doc)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
@@ -374,11 +421,40 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.workdir} was trained with a different trainable set: "
                 f"missing there {sorted(want - have)[:5]}, extra there {sorted(have - want)[:5]}")
         items = {"state": ocp.args.StandardRestore(abstract.to_dict())}
+        global_state = None
         if data_iter is not None:
             _check_iterator(data_iter)
-            items["data"] = grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iter))
+            files = _data_files(self.step_dir(step))
+            if not files or len(files) == jax.process_count():
+                items["data"] = grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iter))
+            else:
+                global_state = self._global_data_state(step, files, data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return TrainState.from_dict(restored["state"])
+        if global_state is not None:
+            restorer = _IteratorRestorer(data_iter)
+            restorer.set_state(global_state)
+            restorer.start_prefetch()
+        return type(abstract).from_dict(restored["state"])
+
+    def _global_data_state(self, step: int, files: dict, data_iter: Any) -> bytes:
+        """The one data state that `len(files)` processes wrote, for a run with another count."""
+        was, now = len(files), jax.process_count()
+        if not getattr(data_iter, "state_is_global", False):
+            raise ProcessCountChangeError(
+                f"checkpoint step {step} in {self.workdir} was written by {was} process(es) and this run "
+                f"has {now}: the data iterator ({type(data_iter).__name__}) keeps a per-process position "
+                f"in its own shard of the data, which cannot be re-split over {now} process(es) without "
+                f"repeating or skipping examples; resume with {was} process(es) (the mesh may differ)")
+        states = {i: f.read_bytes() for i, f in sorted(files.items())}
+        first = states[0]
+        differ = [i for i, s in states.items() if json.loads(s) != json.loads(first)]
+        if differ:
+            raise ProcessCountChangeError(
+                f"checkpoint step {step} in {self.workdir}: the {was} processes wrote different data "
+                f"positions (process 0 vs {differ}), so no one global position exists to resume on {now}")
+        log.info("checkpoint step %d: data position written by %d process(es) resumed on %d",
+                 step, was, now)
+        return first
 
     # -- frozen params ----------------------------------------------------------------------
 

@@ -13,8 +13,8 @@
 - Library log lines that tell a user nothing (`LOG_NOISE`, e.g. orbax's "Metadata file does not
   exist" for every checkpoint it reads) are dropped.
 
-`config_overrides` checks `--config.a.b=v` arguments against a loaded ml_collections config and
-names the closest existing key ("did you mean"), for the CLIs that take a trainer config.
+`suggest` names the closest of several choices ("did you mean"); config files and their
+`--config.a.b=v` overrides are `vllama_jax.config_loader`'s.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def _user_error_types() -> tuple[type, ...]:
                          ("vllama_jax.checkpoint", "CheckpointDamagedError"),
                          ("vllama_jax.checkpoint", "WorkdirLockedError"),
                          ("vllama_jax.inference", "LoadError"),
-                         ("vllama_jax.evaluate", "EvalError"),
+                         ("vllama_jax.evaluate.metrics", "EvalError"),
+                         ("vllama_jax.media_encoding", "MediaError"),
                          ("vllama_jax.chat", "ChatError"),
                          ("vllama_jax.plan", "PlanError"),
                          ("vllama_jax.convert.cli", "UsageError"),
@@ -134,73 +135,9 @@ def entry_point(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]
     return wrap
 
 
-# ------------------------------------------------------------------------------ config overrides
+# ------------------------------------------------------------------------------ suggestions
 
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest of `choices`, or ''."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def override_paths(argv: Sequence[str], flag: str = "config") -> list[tuple[str, str]]:
-    """(dotted path, the argument) of every `--config.a.b=v` / `--config.a.b v` argument."""
-    prefix = f"--{flag}."
-    out = []
-    for arg in argv:
-        if arg.startswith(prefix):
-            out.append((arg[len(prefix):].split("=", 1)[0], arg))
-    return out
-
-
-def check_override_keys(config, argv: Sequence[str], flag: str = "config") -> None:
-    """Raises UserError naming the first `--config.x.y` whose key the config does not have."""
-    for path, arg in override_paths(argv, flag):
-        node, walked = config, []
-        for key in path.split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if key not in keys:
-                where = f"{flag}.{'.'.join(walked)}" if walked else flag
-                if not keys:
-                    raise UserError(f"{arg}: {where} is a value ({type(node).__name__}), it has no field {key!r}")
-                raise UserError(f"{arg}: {where} has no key {key!r}{suggest(key, keys)}")
-            node, walked = node[key], walked + [key]
-
-
-def load_config_file(path: str):
-    """`get_config()` of a python config file ('path:arg' passes arg), with errors naming the file."""
-    import importlib.util
-
-    file, _, arg = path.partition(":") if not os.path.isfile(path) else (path, "", "")
-    if not os.path.isfile(file):
-        raise UserError(f"config file {file!r} does not exist")
-    name = f"_vllama_config_{abs(hash(os.path.abspath(file)))}"
-    spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - the file is the user's
-        raise UserError(f"config file {file!r} failed to load: {type(e).__name__}: {one_line(e)}") from e
-    if not callable(getattr(module, "get_config", None)):
-        raise UserError(f"config file {file!r} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def load_config(path: str, overrides: Sequence[str] = (), prog: str = "vllama"):
-    """A trainer config file with `--config.a.b=v` overrides applied as `vllama-train` does
-    (ml_collections' config_flags), every problem a UserError naming the file or the key."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    check_override_keys(load_config_file(path), overrides)
-    argv = [prog, f"--config={path}", *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
-    try:
-        fv(argv)
-        config = fv.config
-        config.keys()   # a file that failed to load raises here
-    except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"--config {path}: {one_line(e)}") from e
-    return config

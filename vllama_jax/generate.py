@@ -41,7 +41,6 @@ import dataclasses
 import functools
 from typing import Any, Iterator, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -325,9 +324,7 @@ def _prepare(params, config, gen, input_ids, inputs_embeds, attention_mask, rng,
 
 
 def _in_mesh(mesh, fn, *args, **kwargs):
-    if mesh is None:
-        return fn(*args, **kwargs, mesh=None)
-    with jax.set_mesh(mesh):
+    with sharding.use_mesh(mesh):
         return fn(*args, **kwargs, mesh=mesh)
 
 
@@ -368,7 +365,7 @@ def stream(params: Any, config: LlamaConfig, gen: GenerationConfig, *, input_ids
     yield _result_jit(state, gen=static)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gen", "mesh"))
+@functools.partial(sharding.jit_with_rules, static_argnames=("config", "gen", "mesh"))
 def _generate(params, input_ids, inputs_embeds, attention_mask, consts, *, config, gen, mesh):
     state = _start(params, input_ids, inputs_embeds, attention_mask, consts, config=config, gen=gen, mesh=mesh)
     state = jax.lax.while_loop(lambda s: _running(s, gen),
@@ -377,63 +374,62 @@ def _generate(params, input_ids, inputs_embeds, attention_mask, consts, *, confi
 
 
 def _start(params, input_ids, inputs_embeds, attention_mask, consts, *, config, gen, mesh):
-    """Prefill, then the first token choice: the decode state."""
-    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        model = Llama(config)
-        variables = {"params": params}
-        prompt = input_ids if input_ids is not None else inputs_embeds
-        b, length = prompt.shape[:2]
-        n_new, k = gen.max_new_tokens, gen.num_beams
-        # The last new token is never fed back, so prompt + n_new - 1 slots suffice; one spare keeps n_new=1 legal.
-        cache = _constrain(init_cache(config, b, length + n_new), mesh)
-        out = model.apply(variables, input_ids, attention_mask, inputs_embeds=inputs_embeds, cache=cache,
-                          return_hidden=True, return_logits=False)
-        last = length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
-        hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)
-        logits = model.apply(variables, hidden, method=Llama.head)[:, 0]
+    """Prefill, then the first token choice: the decode state (traced with the logical rules)."""
+    model = Llama(config)
+    variables = {"params": params}
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    b, length = prompt.shape[:2]
+    n_new, k = gen.max_new_tokens, gen.num_beams
+    # The last new token is never fed back, so prompt + n_new - 1 slots suffice; one spare keeps n_new=1 legal.
+    cache = _constrain(init_cache(config, b, length + n_new), mesh)
+    out = model.apply(variables, input_ids, attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+                      return_hidden=True, return_logits=False)
+    last = length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
+    hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)
+    logits = model.apply(variables, hidden, method=Llama.head)[:, 0]
 
-        seen = None
-        if gen.repetition_penalty != 1.0:
-            seen = jnp.zeros((b, config.vocab_size), bool)
-            if input_ids is not None:
-                rows = jnp.broadcast_to(jnp.arange(b)[:, None], input_ids.shape)
-                ids = jnp.clip(input_ids, 0, config.vocab_size - 1)
-                seen = jnp.zeros((b, config.vocab_size), jnp.int32).at[rows, ids].max(attention_mask) > 0
-        tables = consts.tables
-        pending = jnp.zeros((b, 1 if tables is None else tables.contains.shape[0],
-                             1 if tables is None else tables.finishes.shape[-1]), bool)
-        pad = consts.knobs.pad
-        if k == 1:
-            zeros = jnp.zeros((b,), jnp.int32)
-            state = dict(t=jnp.int32(0), tokens=jnp.full((b, n_new), pad, jnp.int32), done=jnp.zeros((b,), bool),
-                         num=zeros, reason=zeros, seen=seen, pending=pending, cache=out.cache, last=zeros)
-            return _greedy_advance(state, logits, consts, gen)
-        # Beam search: the K beams of a row share its prefill, so its cache rows are copied K times.
-        rows = jnp.repeat(jnp.arange(b), k)
-        expand = lambda x: None if x is None else jnp.take(x, rows, axis=0)
-        full = lambda value, dtype: jnp.full((b, k), value, dtype)
-        state = dict(t=jnp.int32(0), cache=_constrain(_take_cache_rows(out.cache, rows), mesh),
-                     seen=expand(seen), pending=expand(pending), last=jnp.zeros((b * k,), jnp.int32),
-                     run_tokens=jnp.full((b, k, n_new), pad, jnp.int32),
-                     # Only beam 0 is live at first, so the K beams do not all pick the same tokens (HF).
-                     run_scores=full(-1e9, jnp.float32).at[:, 0].set(0.0),
-                     fin_tokens=jnp.full((b, k, n_new), pad, jnp.int32), fin_scores=full(-1e9, jnp.float32),
-                     fin_num=full(0, jnp.int32), fin_reason=full(FINISH_LENGTH, jnp.int32),
-                     fin_done=full(False, bool), improvable=jnp.ones((b,), bool), alive=jnp.bool_(True))
-        return _beam_advance(state, expand(logits), consts, gen)
+    seen = None
+    if gen.repetition_penalty != 1.0:
+        seen = jnp.zeros((b, config.vocab_size), bool)
+        if input_ids is not None:
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], input_ids.shape)
+            ids = jnp.clip(input_ids, 0, config.vocab_size - 1)
+            seen = jnp.zeros((b, config.vocab_size), jnp.int32).at[rows, ids].max(attention_mask) > 0
+    tables = consts.tables
+    pending = jnp.zeros((b, 1 if tables is None else tables.contains.shape[0],
+                         1 if tables is None else tables.finishes.shape[-1]), bool)
+    pad = consts.knobs.pad
+    if k == 1:
+        zeros = jnp.zeros((b,), jnp.int32)
+        state = dict(t=jnp.int32(0), tokens=jnp.full((b, n_new), pad, jnp.int32), done=jnp.zeros((b,), bool),
+                     num=zeros, reason=zeros, seen=seen, pending=pending, cache=out.cache, last=zeros)
+        return _greedy_advance(state, logits, consts, gen)
+    # Beam search: the K beams of a row share its prefill, so its cache rows are copied K times.
+    rows = jnp.repeat(jnp.arange(b), k)
+    expand = lambda x: None if x is None else jnp.take(x, rows, axis=0)
+    full = lambda value, dtype: jnp.full((b, k), value, dtype)
+    state = dict(t=jnp.int32(0), cache=_constrain(_take_cache_rows(out.cache, rows), mesh),
+                 seen=expand(seen), pending=expand(pending), last=jnp.zeros((b * k,), jnp.int32),
+                 run_tokens=jnp.full((b, k, n_new), pad, jnp.int32),
+                 # Only beam 0 is live at first, so the K beams do not all pick the same tokens (HF).
+                 run_scores=full(-1e9, jnp.float32).at[:, 0].set(0.0),
+                 fin_tokens=jnp.full((b, k, n_new), pad, jnp.int32), fin_scores=full(-1e9, jnp.float32),
+                 fin_num=full(0, jnp.int32), fin_reason=full(FINISH_LENGTH, jnp.int32),
+                 fin_done=full(False, bool), improvable=jnp.ones((b,), bool), alive=jnp.bool_(True))
+    return _beam_advance(state, expand(logits), consts, gen)
 
 
 def _step(params, consts, state, *, config, gen, mesh):
-    """Feeds the last chosen tokens through the cache and chooses the next ones."""
-    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        tok = state["last"]
-        # Finished greedy rows feed masked slots; beams always feed (HF keeps every beam's mask 1).
-        mask = (~state["done"]) if gen.num_beams == 1 else jnp.ones(tok.shape, bool)
-        out = Llama(config).apply({"params": params}, tok[:, None], mask.astype(jnp.int32)[:, None],
-                                  cache=state["cache"])
-        state = {**state, "cache": out.cache}
-        advance = _greedy_advance if gen.num_beams == 1 else _beam_advance
-        return advance(state, out.logits[:, 0], consts, gen)
+    """Feeds the last chosen tokens through the cache and chooses the next ones (traced with the
+    logical rules)."""
+    tok = state["last"]
+    # Finished greedy rows feed masked slots; beams always feed (HF keeps every beam's mask 1).
+    mask = (~state["done"]) if gen.num_beams == 1 else jnp.ones(tok.shape, bool)
+    out = Llama(config).apply({"params": params}, tok[:, None], mask.astype(jnp.int32)[:, None],
+                              cache=state["cache"])
+    state = {**state, "cache": out.cache}
+    advance = _greedy_advance if gen.num_beams == 1 else _beam_advance
+    return advance(state, out.logits[:, 0], consts, gen)
 
 
 def _running(state, gen) -> jax.Array:
@@ -459,8 +455,8 @@ def _preview(state, gen) -> GenerationOutput:
                             finish_reason=jnp.full((b,), FINISH_LENGTH, jnp.int32), scores=state["run_scores"][:, 0])
 
 
-_start_jit = jax.jit(_start, static_argnames=("config", "gen", "mesh"))
-_step_jit = jax.jit(_step, static_argnames=("config", "gen", "mesh"))
+_start_jit = sharding.jit_with_rules(_start, static_argnames=("config", "gen", "mesh"))
+_step_jit = sharding.jit_with_rules(_step, static_argnames=("config", "gen", "mesh"))
 _result_jit = jax.jit(_result, static_argnames=("gen",))
 _preview_jit = jax.jit(_preview, static_argnames=("gen",))
 

@@ -21,7 +21,6 @@ trained with (frames, image size, audio clips, conversation style).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 from typing import Any, Sequence
@@ -29,11 +28,11 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from data_pipelines.prompts import CONV_STYLES
+from vllama_jax import config_loader
 from vllama_jax.models.video_llama import VideoLlamaConfig, init_params
 
 log = logging.getLogger(__name__)
-
-CONV_STYLES = ("vicuna", "llama_v2")
 
 
 class LoadError(ValueError):
@@ -121,19 +120,8 @@ def load_params_msgpack(path: str | os.PathLike, config: VideoLlamaConfig) -> di
 
 # ------------------------------------------------------------------------------------ trainer workdirs
 
-def load_train_config(config: Any):
-    """An ml_collections ConfigDict from a config object or a `configs/*.py` path (`get_config()`)."""
-    if not isinstance(config, (str, os.PathLike)):
-        return config
-    path = os.fspath(config)
-    if not os.path.isfile(path):
-        raise LoadError(f"trainer config file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_vllama_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise LoadError(f"trainer config file {path!r} defines no get_config()")
-    return module.get_config()
+# A config object as is, or a `configs/*.py[:arg]` path loaded (`config_loader`'s errors).
+load_train_config = config_loader.resolve
 
 
 def _as_load_error(fn, *args, **kwargs):
@@ -178,18 +166,18 @@ def _from_workdirs(workdirs: Sequence[str], train_config, step: int | None) -> t
     """Frozen params from the first workdir's `frozen/` (or, as the trainer makes them, the seed's
     random init overwritten by the configured pretrained towers), then each workdir's trained params
     (only those: a later run's frozen copy of an earlier run's branch must not replace it)."""
-    from vllama_jax.train.task import init_unprovided
+    from vllama_jax.train.task import initial_params
     from vllama_jax.train.video_llama_task import build_task
 
     task = build_task(train_config)
     params = _frozen_params(workdirs[0])
     trained = [_trained_params(w, step if i == 0 else None) for i, w in enumerate(workdirs)]
     if params is None:
-        # The trainer's own init key (loop._initial_state), so random frozen towers come out the same;
-        # only what neither the pretrained files nor the workdirs provide is initialised.
-        init_rng = jax.random.split(jax.random.PRNGKey(int(train_config.train.get("seed", 0))))[0]
-        params = init_unprovided(task, init_rng, also_provided={k for t, _ in trained for k in t})
-        params = jax.tree.map(np.asarray, task.load_pretrained(params))
+        # The trainer's starting params, so random frozen towers come out the same; only what
+        # neither the pretrained files nor the workdirs provide is initialised.
+        params = initial_params(task, int(train_config.train.get("seed", 0)),
+                                also_provided={k for t, _ in trained for k in t})
+        params = jax.tree.map(np.asarray, params)
         if not any(getattr(task.pretrained, f.name) for f in dataclasses.fields(task.pretrained)):
             log.warning("%s has no frozen/ checkpoint and the config names no pretrained towers: the frozen "
                         "towers are the trainer's random init for seed %s", workdirs[0],
@@ -229,12 +217,12 @@ def model_config_from(config: Any) -> VideoLlamaConfig:
         return config
     if config is None:
         raise LoadError("no model config: pass a VideoLlamaConfig, its preset name or a trainer config")
-    if isinstance(config, str) and not config.endswith(".py"):
+    if isinstance(config, str) and not config_loader.split_spec(config)[0].endswith(".py"):
         try:
             return VideoLlamaConfig.preset(config)
         except ValueError as e:
             raise LoadError(str(e)) from e
-    loaded = load_train_config(config)
+    loaded = config_loader.resolve(config)
     if isinstance(loaded, VideoLlamaConfig):
         return loaded
     from vllama_jax.train.video_llama_task import model_config
@@ -261,7 +249,7 @@ def _trainer_config_of(config: Any):
         return None
     if isinstance(config, (str, os.PathLike)) and not os.fspath(config).endswith(".py"):
         return None
-    loaded = load_train_config(config)
+    loaded = config_loader.resolve(config)
     return loaded if hasattr(loaded, "model") and not isinstance(loaded, VideoLlamaConfig) else None
 
 
@@ -316,19 +304,19 @@ def load_for_inference(checkpoint: str | os.PathLike | Sequence[str], config: An
                                    **_media_layout(vconfig))
         else:  # imported for a trainer config: its tokenizer, chat format and media layout
             tok = _tokenizer(tokenizer, tc.paths.get("tokenizer", "") or llama_source)
-            model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("chat_format", "vicuna")),
+            model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("conv_style", "vicuna")),
                                    **_trainer_media_layout(tc))
     else:
         for p in paths:
             if not os.path.isdir(os.path.join(p, "checkpoints")):
                 raise LoadError(f"checkpoint {p!r} is neither a .msgpack file nor a trainer workdir (checkpoints/) "
                                 "nor a `vllama-convert import` params checkpoint (manifest.json)")
-        tc = load_train_config(config)
+        tc = config_loader.resolve(config)
         if isinstance(tc, VideoLlamaConfig) or not hasattr(tc, "model"):
             raise LoadError("a trainer workdir needs the trainer's config (configs/*.py or its ConfigDict)")
         vconfig, params = _from_workdirs(paths, tc, step)
         tok = _tokenizer(tokenizer, tc.paths.get("tokenizer", "") or tc.paths.get("llama_model", ""))
-        model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("chat_format", "vicuna")),
+        model = InferenceModel(vconfig, params, tok, conv_style or str(tc.model.get("conv_style", "vicuna")),
                                **_trainer_media_layout(tc))
     if mesh is not None:
         from vllama_jax import sharding

@@ -3,8 +3,9 @@
   vllama-plan --config configs/stage1_vicuna7b.py --mesh v4-32
   vllama-plan --config configs/stage2_llama2_13b.py --mesh 1,8,1 --hbm-gib 72 \
       --config.train.accum_steps=2 --json plan.json
+  vllama-plan --config configs/stage1_vicuna7b.py --mesh v4-32 --accum 1,2,4   # peaks side by side
 
-`--mesh` is a target of `configs/mesh_presets.py` (its preset for the config's LLaMA size and
+`--mesh` is a target of `vllama_jax.mesh_presets` (its preset for the config's LLaMA size and
 stage: the mesh and settings such as `model.remat`, which `--config.x=y` overrides win over;
 `v5p-128:stage2` forces the stage) or an explicit `data,fsdp,tensor` shape. The real
 train step (the same functions `vllama-train` jits) is lowered and compiled for that many fake
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -36,13 +36,12 @@ import sys
 import time
 from typing import Any, Sequence
 
+from vllama_jax import config_loader
 from vllama_jax.cli_errors import UserError, entry_point
 
 GIB = 1024 ** 3
 REEXEC_ENV = "VLLAMA_PLAN_REEXEC"
 _COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PRESETS = os.path.join(_REPO, "configs", "mesh_presets.py")
 
 
 class PlanError(ValueError):
@@ -57,12 +56,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="Extra --config.x=y arguments override config fields.")
     p.add_argument("--config", required=True, help="config file (as for vllama-train; 'path:arg' works)")
     p.add_argument("--mesh", required=True,
-                   help="a target of configs/mesh_presets.py (e.g. v4-32, v5p-128:stage2) "
+                   help="a target of vllama_jax/mesh_presets.py (e.g. v4-32, v5p-128:stage2) "
                         "or data,fsdp,tensor")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="accelerator memory per device to judge by (default: the target's)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
-    p.add_argument("--presets", default=DEFAULT_PRESETS, help="the mesh presets file")
+    p.add_argument("--accum", default=None, type=parse_accum, metavar="LIST",
+                   help="plan once per train.accum_steps in this comma list (e.g. 1,2,4) and print "
+                        "the per-device peaks side by side")
     args, rest = p.parse_known_args(list(argv))
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -70,31 +71,23 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+def parse_accum(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of accum_steps >= 1, e.g. 1,2,4")
+    return values
+
+
 def load_config(path: str, overrides: Sequence[str] = ()):
     """An ml_collections config file with `--config.x=y` overrides, as `vllama-train` reads it
-    (`cli_errors.load_config`: a missing file or an unknown key is one line, "did you mean")."""
-    from vllama_jax import cli_errors
-
+    (`config_loader.load`: a missing file or an unknown key is one line, "did you mean")."""
     try:
-        return cli_errors.load_config(path, overrides, prog="vllama-plan")
+        return config_loader.load(path, overrides, prog="vllama-plan")
     except UserError as e:
         raise PlanError(str(e)) from e
-
-
-def overridden(overrides: Sequence[str]) -> tuple[str, ...]:
-    """Dotted config paths set by `--config.a.b=v` arguments (a preset leaves them alone)."""
-    return tuple(o.split("=", 1)[0][len("--config."):] for o in overrides)
-
-
-def load_presets(path: str = DEFAULT_PRESETS):
-    if not os.path.isfile(path):
-        raise PlanError(f"mesh presets file {path!r} does not exist (--presets)")
-    name = "_vllama_mesh_presets"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +102,7 @@ class MeshChoice:
         return math.prod(self.shape)
 
 
-def resolve_mesh(mesh: str, config, presets_path: str = DEFAULT_PRESETS,
-                 hbm_gib: float | None = None, keep: Sequence[str] = ()) -> MeshChoice:
+def resolve_mesh(mesh: str, config, hbm_gib: float | None = None, keep: Sequence[str] = ()) -> MeshChoice:
     """`--mesh` -> shape (and the target's HBM / peak FLOPs when it names one).
 
     A target also applies its preset's settings (e.g. `train.accum_steps`) to `config`, except
@@ -120,7 +112,7 @@ def resolve_mesh(mesh: str, config, presets_path: str = DEFAULT_PRESETS,
         if min(shape) < 1:
             raise PlanError(f"--mesh {mesh!r}: every axis needs at least 1 device")
         return MeshChoice(shape, hbm_gib=hbm_gib)
-    presets = load_presets(presets_path)
+    from vllama_jax import mesh_presets as presets
     name, _, stage = mesh.partition(":")
     if stage and not re.fullmatch(r"stage[12]", stage):
         raise PlanError(f"--mesh {mesh!r}: the part after ':' must be stage1 or stage2")
@@ -311,17 +303,37 @@ class Plan:
         return "\n".join(lines)
 
 
+def with_accum(config, accum: int):
+    """A copy of `config` with `train.accum_steps = accum`."""
+    import copy
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        out.train.accum_steps = int(accum)
+    return out
+
+
+def accum_table(plans: Sequence[Plan]) -> str:
+    """Peak per device for each accum_steps, against accum 1's peak plus one micro-batch of its
+    activations (its activations + temp / accum_steps, the activations scaling with the batch):
+    what accumulation should cost at most, since it only adds the gradient accumulators."""
+    base = next((p for p in plans if p.accum_steps == 1), None)
+    g = lambda n: format_bytes(n).strip()  # noqa: E731
+    lines = ["| accum_steps | micro-batch | activations + temp | peak per device | "
+             "accum-1 peak + 1 micro-batch of activations | within |", "|---|---|---|---|---|---|"]
+    for p in plans:
+        bound = None if base is None else base.peak_bytes + base.temp_bytes / p.accum_steps
+        lines.append(f"| {p.accum_steps} | {p.global_batch // p.accum_steps} | {g(p.temp_bytes)} | "
+                     f"{g(p.peak_bytes)} | {'-' if bound is None else g(bound)} | "
+                     f"{'-' if bound is None else ('yes' if p.peak_bytes <= bound else 'NO')} |")
+    return "\n".join(lines)
+
+
 def format_bytes(n: float) -> str:
     """Right-aligned, in the largest binary unit that keeps the number >= 1."""
     for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if abs(n) >= size:
             return f"{n / size:8.2f} {unit}"
     return f"{n:8.0f} B  "
-
-
-def _dtype(name):
-    import jax.numpy as jnp
-    return None if name in (None, "", "none", "None") else jnp.dtype(name)
 
 
 def _cost(compiled) -> dict:
@@ -338,7 +350,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     import jax
 
     from vllama_jax import sharding
-    from vllama_jax.train import loop, partition
+    from vllama_jax.train import config_lib, loop, partition
     from vllama_jax.train import step as S
     from vllama_jax.train.task import build_task
 
@@ -362,7 +374,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     check_divisible(su.abstract_frozen, sizes, "frozen")
 
     step_fn = S.make_train_step(task, su.tx, su.schedule, accum_steps=accum,
-                                compute_dtype=_dtype(config.train.get("compute_dtype")))
+                                compute_dtype=config_lib.dtype_of(config.train.get("compute_dtype")))
     jitted = S.jit_train_step(step_fn, mesh, su.state_sh, su.frozen_sh,
                               {k: v.sharding for k, v in batch.items()})
     say(f"lowering the train step for {n} devices...")
@@ -412,22 +424,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
         config = load_config(args.config, overrides)
-        choice = resolve_mesh(args.mesh, config, args.presets, args.hbm_gib, keep=overridden(overrides))
+        choice = resolve_mesh(args.mesh, config, args.hbm_gib, keep=config_loader.overridden(overrides))
         check_batch_split(config, choice.shape)   # before minutes of building and compiling
+        configs = [with_accum(config, a) for a in args.accum] if args.accum else [config]
+        for c in configs:
+            check_batch_split(c, choice.shape)
         if not fake_devices_ready(choice.num_devices):
             return run_in_subprocess(choice.num_devices, argv)
         import jax
-        report = plan(config, choice, config_name=args.config,
-                      say=lambda line: print(f"vllama-plan: {line}", file=sys.stderr, flush=True))
+        say = lambda line: print(f"vllama-plan: {line}", file=sys.stderr, flush=True)  # noqa: E731
+        reports = []
+        for c in configs:
+            if args.accum:
+                say(f"accum_steps={c.train.accum_steps}:")
+            reports.append(plan(c, choice, config_name=args.config, say=say))
     except PlanError as e:
         print(f"vllama-plan: {e}", file=sys.stderr)
         return 2
-    print(report.format())
+    print("\n\n".join(r.format() for r in reports))
+    if args.accum:
+        print("\n" + accum_table(reports))
     if args.json:
+        extra = {"jax_device_count": jax.device_count(), "subprocess": bool(os.environ.get(REEXEC_ENV))}
         with open(args.json, "w") as f:
-            json.dump({**report.to_dict(), "jax_device_count": jax.device_count(),
-                       "subprocess": bool(os.environ.get(REEXEC_ENV))}, f, indent=2)
-    return 1 if report.fits is False else 0
+            json.dump({"accum": [{**r.to_dict(), **extra} for r in reports]} if args.accum
+                      else {**reports[0].to_dict(), **extra}, f, indent=2)
+    return 1 if any(r.fits is False for r in reports) else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ whose `batch` dim already took `fsdp`.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -121,13 +123,41 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, batch)
 
 
-def with_rules(fn):
-    """Runs `fn` with the project's logical rules active (for `nn.with_logical_constraint`).
+def with_rules(fn: Callable) -> Callable:
+    """`fn` traced with the project's logical rules active (for `nn.with_logical_constraint`).
 
-    Activation constraints only bind when a mesh is in context too: call the (jitted) result
-    inside `with jax.set_mesh(mesh):`, as `vllama_jax.train.step` does.
+    Activation constraints only bind when a mesh is in context too: jit the result and call it
+    inside `use_mesh(mesh)` (`MeshJit` does both).
     """
+    @functools.wraps(fn)   # keeps the signature, so jit's static_argnames still resolve
     def wrapped(*args, **kwargs):
         with nn.logical_axis_rules(LOGICAL_RULES):
             return fn(*args, **kwargs)
     return wrapped
+
+
+def use_mesh(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or nothing for None (unsharded callers share the code path)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def jit_with_rules(fn: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit` of `fn` traced with the logical rules; run it inside `use_mesh` for the models'
+    `constrain(...)` calls to become real sharding constraints."""
+    return jax.jit(with_rules(fn), **jit_kwargs)
+
+
+class MeshJit:
+    """A jitted function that is traced and run with `mesh` set and the logical rules active."""
+
+    def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs):
+        self.mesh = mesh
+        self._jitted = jit_with_rules(fn, **jit_kwargs)
+
+    def __call__(self, *args):
+        with use_mesh(self.mesh):
+            return self._jitted(*args)
+
+    def lower(self, *args):
+        with use_mesh(self.mesh):
+            return self._jitted.lower(*args)

@@ -160,7 +160,7 @@ def build_app(handlers: Handlers, examples: Sequence[str] = (), description: str
             with gr.Column(scale=1):
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video")
                 image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="image")
-                audio = gr.Checkbox(value=handlers.model.config.audio_qformer is not None, label="Audio",
+                audio = gr.Checkbox(value=handlers.model.config.has_audio, label="Audio",
                                     info="use the video's sound", elem_id="audio")
                 upload = gr.Button("Upload & Start Chat", variant="primary", elem_id="upload")
                 restart = gr.Button("Restart", elem_id="restart")
@@ -205,7 +205,7 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     """Fills the model options from the demo run when no checkpoint is given; (args, example clips)."""
     examples = list(args.examples or [])
     if not args.checkpoint:
-        from vllama_jax.demo import chat_paths
+        from vllama_jax.demo.recipe import chat_paths
 
         paths = chat_paths(args.demo)
         missing = [p for p in paths["checkpoint"] + [paths["config"]] if not os.path.exists(p)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from data_pipelines.adapters.common import expect_list, item, load_json, unique_ids
+from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
 
 NAME = "cc595k"
 ANNOTATION = "chat.json"
@@ -29,7 +29,7 @@ def _caption(entry) -> tuple:
 
 def items_from_json(json_path: str, image_dir: str) -> List[Dict]:
     entries = expect_list(load_json(json_path, "CC595k chat.json"), json_path, "CC595k chat.json")
-    ids = unique_ids(f"{NAME}/{e.get('id', i) if isinstance(e, dict) else i}" for i, e in enumerate(entries))
+    ids = entry_ids(entries, NAME, "id")
     out = []
     for uid, entry in zip(ids, entries):
         caption, instruction, error = _caption(entry)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-from data_pipelines.adapters.common import expect_list, item, load_json, unique_ids
+from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
 
 NAME = "cc_sbu_align"
 ANNOTATION = "filter_cap.json"
@@ -21,7 +21,7 @@ def items_from_dir(source_dir: str) -> List[Dict]:
         raise ValueError(f"cc_sbu_align: {path!r} must be {{'annotations': [...]}}, got keys "
                          f"{list(data)[:5] if isinstance(data, dict) else type(data).__name__}")
     entries = expect_list(data["annotations"], path, "cc_sbu_align annotations")
-    ids = unique_ids(f"{NAME}/{e.get('image_id', i) if isinstance(e, dict) else i}" for i, e in enumerate(entries))
+    ids = entry_ids(entries, NAME, "image_id")
     out = []
     for uid, entry in zip(ids, entries):
         entry = entry if isinstance(entry, dict) else {}

@@ -76,6 +76,12 @@ def unique_ids(ids: Iterable[str]) -> List[str]:
     return out
 
 
+def entry_ids(entries: Sequence[Any], name: str, id_field: str) -> List[str]:
+    """`unique_ids` of `name/<entry[id_field]>`, the entry's index standing in where the field (or
+    the entry as a dict) is missing."""
+    return unique_ids(f"{name}/{e.get(id_field, i) if isinstance(e, dict) else i}" for i, e in enumerate(entries))
+
+
 def load_json(path: str, what: str) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: {path!r} does not exist")

@@ -10,7 +10,7 @@ import os
 from typing import Dict, List, Optional
 
 from data_pipelines import records
-from data_pipelines.adapters.common import expect_list, item, load_json, unique_ids
+from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
 
 NAME = "llava_instruct150k"
 ANNOTATION = "llava_instruct_150k.json"
@@ -40,7 +40,7 @@ def conversation_error(turns) -> str:
 
 def items_from_json(json_path: str, image_dir: str) -> List[Dict]:
     entries = expect_list(load_json(json_path, "LLaVA instruct json"), json_path, "LLaVA instruct json")
-    ids = unique_ids(f"{NAME}/{e.get('id', i) if isinstance(e, dict) else i}" for i, e in enumerate(entries))
+    ids = entry_ids(entries, NAME, "id")
     out = []
     for uid, entry in zip(ids, entries):
         entry = entry if isinstance(entry, dict) else {}

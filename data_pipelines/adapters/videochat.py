@@ -13,7 +13,7 @@ import os
 from typing import Dict, List, Optional
 
 from data_pipelines import records
-from data_pipelines.adapters.common import expect_list, item, load_json, unique_ids
+from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
 
 NAME = "videochat_instruct11k"
 ANNOTATION = "videochat_instruct_11k.json"
@@ -38,7 +38,7 @@ def qa_turns(qa) -> tuple:
 
 def items_from_json(json_path: str, video_dir: str) -> List[Dict]:
     entries = expect_list(load_json(json_path, "VideoChat json"), json_path, "VideoChat json")
-    ids = unique_ids(f"{NAME}/{e.get('video', i) if isinstance(e, dict) else i}" for i, e in enumerate(entries))
+    ids = entry_ids(entries, NAME, "video")
     out = []
     for uid, entry in zip(ids, entries):
         entry = entry if isinstance(entry, dict) else {}

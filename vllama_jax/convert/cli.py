@@ -36,12 +36,13 @@ import sys
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from vllama_jax import config_loader, tree_paths
 from vllama_jax.convert import hf_llama, imagebind, lavis, params_checkpoint, video_llama
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, export_entries,
-                                       np_dtype, progress_bar, read_state_dict, save_state_dict,
-                                       set_path)
+                                       np_dtype, progress_bar, read_state_dict, save_state_dict)
 from vllama_jax.cli_errors import UserError, entry_point
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
@@ -100,24 +101,12 @@ def _reading(path, progress: bool, kind: str):
         bar.close()
 
 
-def _load_train_config(path: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_vllama_convert_train_config", path)
-    if spec is None or not os.path.isfile(path):
-        raise UsageError(f"--train-config {path}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise UsageError(f"--train-config {path}: defines no get_config()")
-    return module.get_config()
-
-
 def _model_config(preset: str | None, hf_llama_config=None, train_config: str | None = None) -> VideoLlamaConfig:
     """The model from a trainer config file (as `vllama-train` builds it) or a VideoLlamaConfig preset;
     an HF LLaMA config (directory or config.json dict), when given, sets the LLaMA architecture."""
     if train_config:
         from vllama_jax.train.video_llama_task import model_config
-        config = model_config(_load_train_config(train_config))
+        config = model_config(config_loader.load_file(train_config))
     elif preset:
         config = VideoLlamaConfig.preset(preset)
     else:
@@ -129,15 +118,7 @@ def _model_config(preset: str | None, hf_llama_config=None, train_config: str | 
 
 def _subtree_names(params: Mapping) -> list[str]:
     """Component-level names ('image_encoder/qformer', 'llama', ...) present in a params tree."""
-    return [name for name, path in video_llama.PARAM_PATHS.items() if _has(params, path)]
-
-
-def _has(tree: Mapping, path) -> bool:
-    for name in path:
-        if not isinstance(tree, Mapping) or name not in tree:
-            return False
-        tree = tree[name]
-    return True
+    return [name for name, path in video_llama.PARAM_PATHS.items() if tree_paths.has(params, path)]
 
 
 def _put(params: dict, path: tuple[str, ...], value, source: str, sources: dict, out) -> None:
@@ -145,7 +126,7 @@ def _put(params: dict, path: tuple[str, ...], value, source: str, sources: dict,
     where = "/".join(path)
     if where in sources and sources[where]["source"] != source:
         print(f"note: {where} from {source} replaces the one from {sources[where]['source']}", file=out)
-    set_path(params, path, value)
+    tree_paths.set_in(params, path, value)
 
 
 def _print_report(source: str, report: ConversionReport, out) -> None:
@@ -170,8 +151,8 @@ def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
             check_strict(report, args.strict, source)
 
     if args.llama:
-        _, llama = hf_llama.load_hf(args.llama, config=config.llama, dtype=dtype, strict=args.strict,
-                                    progress=progress)
+        # Lazy: each tensor is read from its shard only as save_params writes it (bounded host memory).
+        _, llama = hf_llama.lazy_hf(args.llama, config=config.llama, dtype=dtype, strict=args.strict)
         _put(params, ("llama",), llama, str(args.llama), sources, out)
         record(["llama"], str(args.llama), "hf_llama", None)
         print(f"{args.llama}: loaded {len(hf_llama.key_map(config.llama))} tensors", file=out)
@@ -211,28 +192,18 @@ def _import_sources(args, config: VideoLlamaConfig, dtype, progress: bool, out
             got, report = video_llama.params_from_state_dict(sd, config, None, dtype)
             found = video_llama.components_in(sd, config)
         for name in found:
-            _put(params, video_llama.PARAM_PATHS[name], _get(got, video_llama.PARAM_PATHS[name]), str(path),
+            _put(params, video_llama.PARAM_PATHS[name], tree_paths.get(got, video_llama.PARAM_PATHS[name]), str(path),
                  sources, out)
         record(found, str(path), "video_llama", report)
     return params, sources, reports
 
 
-def _get(tree: Mapping, path):
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
 def _merge(base: dict, update: Mapping) -> dict:
     """`base` with each component-level subtree of `update` replacing its counterpart."""
-    out = {k: v for k, v in base.items()}
+    out = dict(base)
     for name in _subtree_names(update):
         path = video_llama.PARAM_PATHS[name]
-        node = out
-        for p in path[:-1]:
-            node[p] = dict(node.get(p, {}))
-            node = node[p]
-        node[path[-1]] = _get(update, path)
+        out = tree_paths.replaced(out, path, tree_paths.get(update, path))
     return out
 
 
@@ -245,7 +216,7 @@ def cmd_import(args, out=sys.stdout) -> int:
         meta = params_checkpoint.read_manifest(dest) or {}
         if not meta:
             raise UsageError(f"--update: {dest} is not a params checkpoint")
-        base = params_checkpoint.load_params(dest)
+        base = params_checkpoint.lazy_params(dest)   # the kept subtrees stream from the old copy
     elif dest.exists() and not args.overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f"{dest} exists and is not empty (pass --overwrite to replace it, or --update)")
     hf_config = args.llama or meta.get("llama_config")
@@ -280,7 +251,7 @@ def _tower_entries(config: VideoLlamaConfig, fmt: str) -> tuple[list[Entry], boo
 
 
 def _need(params: Mapping, components: Sequence[str], flag: str, where) -> None:
-    missing = [c for c in components if not _has(params, video_llama.PARAM_PATHS[c])]
+    missing = [c for c in components if not tree_paths.has(params, video_llama.PARAM_PATHS[c])]
     if missing:
         have = ", ".join(_subtree_names(params)) or "nothing"
         raise UsageError(f"{flag}: {where} has no {', '.join('/'.join(video_llama.PARAM_PATHS[c]) for c in missing)} "
@@ -313,7 +284,7 @@ def _tokenizer_source(args, meta: Mapping) -> str | None:
     train_config = args.train_config or meta.get("train_config")
     candidates = []
     if train_config and os.path.isfile(train_config):
-        paths = _load_train_config(train_config).get("paths", {})
+        paths = config_loader.load_file(train_config).get("paths", {})
         candidates += [paths.get("tokenizer", ""), paths.get("llama_model", "")]
     candidates.append((meta.get("subtrees", {}).get("llama") or {}).get("source", ""))
     return next((c for c in candidates if _has_tokenizer(c)), None)
@@ -329,6 +300,24 @@ def _copy_tokenizer(source: str | None, hf_dir: str, out) -> None:
     for f in copied:
         shutil.copy2(Path(source) / f, Path(hf_dir) / f)
     print(f"wrote {hf_dir}: tokenizer files {', '.join(copied)} from {source}", file=out)
+
+
+def _load_stacked(params: Mapping) -> Mapping:
+    """Stacked (scan_layers) towers are written per layer: each of their leaves is loaded once,
+    whole, here rather than once per layer (so those, unlike per-layer params, do not stream)."""
+    for name, (prefix, _) in video_llama.SCANNED.items():
+        path = video_llama.PARAM_PATHS[name]
+        if tree_paths.has(params, path) and prefix in tree_paths.get(params, path):
+            tower = dict(tree_paths.get(params, path))
+            tower[prefix] = jax.tree.map(np.asarray, tower[prefix])
+            params = _merge(params, _with(path, tower))
+    return params
+
+
+def _with(path, value) -> dict:
+    out: dict = {}
+    tree_paths.set_in(out, path, value)
+    return out
 
 
 def cmd_export(args, out=sys.stdout) -> int:
@@ -364,8 +353,9 @@ def cmd_export(args, out=sys.stdout) -> int:
                 raise UsageError(f"--{fmt.replace('_', '-')}: preset has no {', '.join(TOWER_FILES[fmt][0])}")
             _need(params, names, f"--{fmt.replace('_', '-')}", args.checkpoint)
             wanted |= set(names)
-    params = params_checkpoint.load_params(args.checkpoint, step=args.step,
-                                           subtrees={video_llama.PARAM_PATHS[c][0] for c in wanted})
+    # Lazy leaves: each tensor is restored as it is written (the HF export holds one at a time).
+    params = _load_stacked(params_checkpoint.lazy_params(
+        args.checkpoint, step=args.step, subtrees={video_llama.PARAM_PATHS[c][0] for c in wanted}))
 
     if args.video_llama:
         keys = sum(len(video_llama.component_entries(config, c)) for c in components)
@@ -377,7 +367,7 @@ def cmd_export(args, out=sys.stdout) -> int:
         print(f"wrote {args.video_llama}: {len(sd)} keys ({', '.join(components)}"
               f"{' + buffers' if not args.no_buffers else ''})", file=out)
     if args.hf:
-        llama = _get(params, video_llama.PARAM_PATHS["llama"])
+        llama = tree_paths.get(params, video_llama.PARAM_PATHS["llama"])
         hf_llama.save_hf(llama, config.llama, args.hf, dtype=dtype, overwrite=True, progress=progress)
         print(f"wrote {args.hf} (HF LLaMA, {len(hf_llama.key_map(config.llama))} tensors)", file=out)
         _copy_tokenizer(_tokenizer_source(args, meta), args.hf, out)

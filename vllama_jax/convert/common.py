@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from vllama_jax import tree_paths
+
 StateDict = Mapping[str, np.ndarray]
 Params = dict[str, Any]
 Path_ = tuple[str, ...]
@@ -150,30 +152,13 @@ def expected_keys(entries: Iterable[Entry]) -> dict[str, tuple[int, ...]]:
 
 # ------------------------------------------------------------------------------------------ trees
 
-def set_path(tree: dict, path: Path_, value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def get_path(tree: Mapping, path: Path_):
-    node = tree
-    for i, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            raise CheckpointError(f"params have no entry {'/'.join(path[:i + 1])}"
-                                  + (f" (needed for {'/'.join(path)})" if i + 1 < len(path) else ""))
-        node = node[name]
-    return node
-
-
-def flatten(tree: Mapping, prefix: Path_ = ()) -> dict[Path_, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+    """`tree_paths.get` with the converters' error: a CheckpointError naming the missing entry."""
+    i = tree_paths.missing_at(tree, path)
+    if i is not None:
+        raise CheckpointError(f"params have no entry {'/'.join(path[:i + 1])}"
+                              + (f" (needed for {'/'.join(path)})" if i + 1 < len(path) else ""))
+    return tree_paths.get(tree, path)
 
 
 def np_dtype(dtype) -> np.dtype | None:
@@ -212,7 +197,7 @@ def import_entries(sd: StateDict, entries: list[Entry], what: str, dtype=None,
             raise CheckpointError(f"{what}: checkpoint key {e.key!r} has shape {tuple(np.shape(a))}, "
                                   f"expected {e.shape}")
         for path, part in zip(e.paths, e.to_flax(np.asarray(a))):
-            set_path(params, path, np.array(_cast(part, dtype), order="C"))
+            tree_paths.set_in(params, path, np.array(_cast(part, dtype), order="C"))
         if on_tensor is not None:
             on_tensor(e.key)
     return params

@@ -28,6 +28,7 @@ embeddings, a redundant `lm_head.weight` (logged). Any other unmatched key is an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -41,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vllama_jax.convert.common import (CheckpointError, atomic_dir, flatten, get_path as _get,
-                                       progress_bar, set_path as _set, tensor_to_numpy, torch_load)
+from vllama_jax import tree_paths
+from vllama_jax.convert.common import (CheckpointError, atomic_dir, get_path, progress_bar, tensor_to_numpy,
+                                       torch_load)
 from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.llama import LlamaConfig, RopeScaling
 
@@ -219,6 +221,33 @@ class _SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(e["shape"]) for k, e in self.entries.items()}
 
+    def read_into(self, key: str, out: np.ndarray, transpose: bool, block_bytes: int = 16 << 20) -> None:
+        """Tensor `key` (transposed if asked, cast to `out.dtype`) into `out`, read in row blocks of
+        about `block_bytes`: host memory is `out` plus one block, not a second copy of the tensor
+        (a memory map of the whole tensor would count in the RSS as it is read)."""
+        e = self.entries[key]
+        if e["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {e['dtype']}")
+        dt, shape = _ST_DTYPES[e["dtype"]], tuple(e["shape"])
+        if (shape[::-1] if transpose else shape) != out.shape:
+            raise CheckpointError(f"{self.path}: tensor {key} {shape} does not fit {out.shape}")
+        if not out.size:
+            return
+        rows = shape[0] if shape else 1
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64))) * dt.itemsize
+        step = max(1, block_bytes // row_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + e["data_offsets"][0])
+            for i in range(0, rows, step):
+                n = min(step, rows - i)
+                block = np.frombuffer(f.read(n * row_bytes), dt).reshape((n,) + shape[1:] if shape else ())
+                if transpose:
+                    out[:, i:i + n] = block.T
+                elif shape:
+                    out[i:i + n] = block
+                else:
+                    out[...] = block
+
     def get(self, key: str) -> np.ndarray:
         e = self.entries[key]
         if e["dtype"] not in _ST_DTYPES:
@@ -277,6 +306,12 @@ class _Checkpoint:
                 out[k] = (s, path)
         return out
 
+    def tensor(self, key: str, path: Path) -> np.ndarray:
+        """One tensor of file `path` (a view into the file for safetensors: copy it, then drop it)."""
+        if self.kind == "safetensors":
+            return _SafetensorsFile(path).get(key)
+        return tensor_to_numpy(_torch_load(path)[key])   # memory-mapped: only this tensor is read
+
     def tensors(self, keys: set[str]) -> Iterator[tuple[str, np.ndarray]]:
         """(key, array) for `keys`, one file open at a time; arrays may be views into the file."""
         for path in self.files:
@@ -331,7 +366,7 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
             # One fresh C-ordered copy does cast + transpose and detaches the result from the file map.
             out = np.empty(src.shape, src.dtype if target is None else target)
             np.copyto(out, src, casting="unsafe")
-            _set(params, spec.path, put(spec.path, out))
+            tree_paths.set_in(params, spec.path, put(spec.path, out))
         else:
             # scan_layers: each layer's tensor goes into its slot of one [num_layers, ...] host array.
             rest = spec.path[1:]
@@ -342,8 +377,89 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
         bar.update(1)
     bar.close()
     for rest, out in stacked.items():
-        _set(params, ("layers",) + rest, put(("layers",) + rest, out))
+        tree_paths.set_in(params, ("layers",) + rest, put(("layers",) + rest, out))
     return config, params
+
+
+def lazy_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype: Any = None,
+            strict: bool = True) -> tuple[LlamaConfig, dict]:
+    """`load_hf` without reading any weights yet: `(config, params)` whose leaves are
+    `params_checkpoint.LazyArray`s, each reading, transposing and casting its one tensor from its
+    file when loaded (with `config.scan_layers`, a stacked leaf gathers its `num_layers` tensors).
+    `params_checkpoint.save_params` writes such a tree one tensor at a time, so an import's host
+    memory is about one tensor, not the model. Names, shapes and extra keys are checked here, up front.
+    """
+    from vllama_jax.convert.params_checkpoint import LazyArray
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"HF LLaMA checkpoint directory {directory} does not exist")
+    config = config_from_hf(directory) if config is None else config
+    expected = key_map(config)
+    ckpt = _Checkpoint(directory)
+    found = ckpt.shapes()
+    _validate(expected, found, config, directory, strict)
+    target = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    dtypes = _stored_dtypes(ckpt, found, expected)
+
+    def one(key: str, out: np.ndarray | None = None) -> np.ndarray:
+        spec = expected[key]
+        if out is None:
+            shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+            out = np.empty(shape, dtypes[key] if target is None else target)
+        if ckpt.kind == "safetensors":
+            _SafetensorsFile(found[key][1]).read_into(key, out, spec.transpose)
+        else:
+            array = ckpt.tensor(key, found[key][1])
+            np.copyto(out, array.T if spec.transpose else array, casting="unsafe")
+        return out
+
+    params: dict = {}
+    stacked: dict = {}
+    for key, spec in expected.items():
+        shape = spec.hf_shape[::-1] if spec.transpose else spec.hf_shape
+        dt = dtypes[key] if target is None else target
+        layer = _layer_index(spec.path) if config.scan_layers else None
+        if layer is None:
+            tree_paths.set_in(params, spec.path, LazyArray(shape, dt, functools.partial(one, key), "/".join(spec.path)))
+        else:
+            stacked.setdefault(spec.path[1:], [shape, dt, {}])[2][layer] = key
+    for rest, (shape, dt, keys) in stacked.items():
+        def gather(keys=keys, shape=shape, dt=dt):
+            out = np.empty((config.num_layers,) + shape, dt)
+            for layer, key in keys.items():
+                one(key, out[layer])
+            return out
+        tree_paths.set_in(params, ("layers",) + rest,
+             LazyArray((config.num_layers,) + shape, dt, gather, "/".join(("layers",) + rest)))
+    return config, params
+
+
+def _stored_dtypes(ckpt: _Checkpoint, found: dict, expected: dict) -> dict[str, np.dtype]:
+    """Each expected tensor's stored dtype, from the safetensors headers (a .bin shard is opened
+    memory-mapped to see them)."""
+    out = {}
+    for path in ckpt.files:
+        if ckpt.kind == "safetensors":
+            f = _SafetensorsFile(path)
+            for k, e in f.entries.items():
+                if k in expected:
+                    if e["dtype"] not in _ST_DTYPES:
+                        raise CheckpointError(f"{path}: tensor {k} has unsupported dtype {e['dtype']}")
+                    out[k] = _ST_DTYPES[e["dtype"]]
+        else:
+            state = _torch_load(path)
+            for k, v in state.items():
+                if k in expected:
+                    if str(v.dtype) not in _TORCH_NP:
+                        raise CheckpointError(f"{path}: tensor {k} has unsupported dtype {v.dtype}")
+                    out[k] = np.dtype(_TORCH_NP[str(v.dtype)])
+            del state
+    return out
+
+
+_TORCH_NP = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.bfloat16": jnp.bfloat16,
+             "torch.float64": np.float64}
 
 
 def _layer_index(path: tuple[str, ...]) -> int | None:
@@ -441,7 +557,7 @@ def save_hf(params: Mapping, config: LlamaConfig, out_dir: str | os.PathLike, *,
 def _plan_tensors(params, spec: dict[str, KeySpec], config: LlamaConfig,
                   dtype) -> list[tuple[str, tuple, np.dtype]]:
     """(HF key, HF shape, stored dtype) for every tensor, after checking the params tree."""
-    flat = flatten(params)
+    flat = tree_paths.flatten(params)
     expected = {s.path for s in spec.values()}
     extra = sorted("/".join(p) for p in flat if p not in expected)
     if extra:
@@ -492,6 +608,18 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** power)
 
 
+def _write_rows(f, array: np.ndarray, block_bytes: int = 16 << 20) -> None:
+    """`array`'s C-order bytes, copied out (a transposed view) a block of rows at a time: host
+    memory holds the array plus one block, not a second contiguous copy."""
+    if array.ndim == 0 or array.flags.c_contiguous:
+        f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        return
+    row_bytes = max(1, array[0].nbytes)
+    step = max(1, block_bytes // row_bytes)
+    for i in range(0, array.shape[0], step):
+        f.write(np.ascontiguousarray(array[i:i + step]).reshape(-1).view(np.uint8).data)
+
+
 def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar) -> None:
     """Writes the header first, then each tensor's bytes as it is fetched (one in memory at a time)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -506,7 +634,8 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         f.write(raw)
         for key, shape, dt in shard:
             s = spec[key]
-            array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
-            f.write(np.ascontiguousarray(array.T if s.transpose else array).reshape(-1).view(np.uint8).data)
+            array = np.asarray(jax.device_get(get_path(params, s.path))).astype(dt, copy=False)
+            _write_rows(f, array.T if s.transpose else array)
+            del array
             bar.update(1)
 

@@ -12,21 +12,28 @@ A params checkpoint is a directory:
                    "reports": {file: {"loaded", "ignored", "unmatched", "notes"}}}
 
 It is written to a temporary sibling and renamed into place, so a failed import leaves nothing.
+Writing and reading stream: a leaf may be a `LazyArray` (shape and dtype up front, the data made
+when it is written), and `save_params` writes one leaf at a time, so host memory holds one tensor
+(plus orbax/tensorstore's write buffer for it) rather than the model; `lazy_params` is the
+reading counterpart, each leaf restored only when asked for. `vllama-convert` imports and
+exports through these (benchmarks/convert_rss.py measures the peak RSS).
 `load_params` reads it, and also the trainer's own checkpoints (`vllama_jax.checkpoint` layout): a
 workdir (the latest or a given step's trainable params, plus `frozen/` when it was saved) or a bare
 orbax params directory such as `<workdir>/frozen`.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 
-from vllama_jax.convert.common import CheckpointError, CheckpointNotFoundError, atomic_dir, flatten
+from vllama_jax import tree_paths
+from vllama_jax.convert.common import CheckpointError, CheckpointNotFoundError, atomic_dir
 
 FORMAT = "vllama_jax.params"
 VERSION = 1
@@ -39,10 +46,127 @@ def _ocp():
     return ocp
 
 
+# ------------------------------------------------------------------------------------------ lazy leaves
+
+class LazyArray:
+    """A host tensor made only when it is needed: `shape` and `dtype` up front, `np.asarray(x)`
+    (or `x.load()`) calls `load` and returns a fresh array the caller owns.
+
+    A params tree of these is what the streaming import builds (each leaf reads its tensor from a
+    safetensors shard) and what `lazy_params` returns (each leaf restores one param); `x[i]` is the
+    lazy slice along the first axis (loading the whole array, then copying the slice out).
+    """
+
+    def __init__(self, shape, dtype, load: Callable[[], np.ndarray], name: str = ""):
+        self.shape, self.dtype, self.name = tuple(int(d) for d in shape), np.dtype(dtype), name
+        self._load = load
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        out = np.asarray(self._load())
+        if out.shape != self.shape or out.dtype != self.dtype:
+            raise CheckpointError(f"{self.name or 'lazy tensor'}: loaded {out.shape} {out.dtype}, "
+                                  f"expected {self.shape} {self.dtype}")
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.load()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __getitem__(self, i: int) -> "LazyArray":
+        if not isinstance(i, (int, np.integer)) or not self.shape or not -self.shape[0] <= i < self.shape[0]:
+            raise IndexError(f"{self.name or 'lazy tensor'} {self.shape}: index {i!r}")
+        return LazyArray(self.shape[1:], self.dtype, lambda: self.load()[i].copy(), f"{self.name}[{i}]")
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.name!r}, {self.shape}, {self.dtype})"
+
+
+def trim_host_memory(collect: bool = False) -> None:
+    """Hands the heap memory freed so far back to the OS (glibc's `malloc_trim`; a no-op elsewhere);
+    with `collect`, runs the garbage collector first (~0.15 s with jax, orbax and torch loaded).
+
+    tensorstore encodes and decodes in its own threads' malloc arenas, which glibc does not shrink
+    by itself: without this, each tensor written or read leaves up to its size of freed but still
+    resident heap (measured: a 7B-width import's RSS stayed one 262 MB tensor higher after the
+    embedding, its peak 3x the largest tensor instead of 2x; benchmarks/convert_rss.py).
+    """
+    global _MALLOC_TRIM
+    if collect:
+        gc.collect()
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def _streaming_registry():
+    """orbax type handlers that write numpy and `LazyArray` leaves one at a time.
+
+    orbax's own NumpyHandler deep-copies every host array (the whole model twice) and writes them
+    all concurrently; this one writes them in order, making each `LazyArray` just before its write
+    and dropping it after. tensorstore writes from the array without copying it
+    (`can_reference_source_data_indefinitely`, as NumpyHandler) and may keep it referenced until
+    the next write: at most two tensors alive at once. The files and metadata are NumpyHandler's
+    ('np.ndarray'): a plain orbax restore reads them back.
+    """
+    ocp = _ocp()
+    from orbax.checkpoint._src.multihost import multihost
+    from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
+
+    class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+        def __init__(self):
+            super().__init__(deepcopy_host_arrays=False)
+
+        async def _background_serialize(self, values, infos, args=None):
+            args = args or [None] * len(values)
+            for value, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                if multihost.process_index() != 0:
+                    continue
+                spec = ts_utils.build_array_write_spec(
+                    info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    process_index=ocdbt_utils.get_process_index_for_subdir(
+                        use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id),
+                    metadata_key=self._metadata_key)
+                array = value.load() if isinstance(value, LazyArray) else value
+                await self._open_and_write(array, spec.json, info.ts_context)
+                del array
+                trim_host_memory()
+
+    handler = StreamingNumpyHandler()
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(
+        (np.ndarray, handler), (LazyArray, handler), (jax.Array, th.get_type_handler(jax.Array)),
+        (np.number, th.get_type_handler(np.number)), (int, th.get_type_handler(int)),
+        (float, th.get_type_handler(float)))
+
+
 # ------------------------------------------------------------------------------------------ write
 
 def save_params(path, params: Mapping, manifest: Mapping | None = None, overwrite: bool = False) -> Path:
-    """Writes `params` (nested dict of numpy / jax arrays) and a manifest as a params checkpoint."""
+    """Writes `params` (nested dict of numpy / jax arrays / `LazyArray`s) and a manifest as a params
+    checkpoint. Host leaves are written one at a time (`_streaming_registry`): with `LazyArray`
+    leaves the host holds one tensor at a time, not the model."""
     if not isinstance(params, Mapping) or not params:
         raise ValueError(f"params must be a non-empty nested dict, got {type(params).__name__}")
     ocp = _ocp()
@@ -50,9 +174,12 @@ def save_params(path, params: Mapping, manifest: Mapping | None = None, overwrit
     meta["format"], meta["version"] = FORMAT, VERSION
     path = Path(path).absolute()   # orbax refuses relative paths
     with atomic_dir(path, overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_ITEM, dict(params))
-            ckptr.wait_until_finished()
+        # Uncompressed: reading a zstd-compressed array back holds its compressed bytes, the decoded
+        # chunk and the output at once (3x the tensor, measured), a raw one 2x. The price is disk:
+        # zstd-1 saved 13.5 % on random gaussian fp16 / bf16 weights.
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry(), use_compression=False)
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(tmp / PARAMS_ITEM, args=ocp.args.PyTreeSave(dict(params)))
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=str))
     return path
 
@@ -128,11 +255,9 @@ def _item_tree(item: Path) -> Any:
 
 
 def _subtree(tree: Any, keys: tuple[str, ...], where) -> Any:
-    for k in keys:
-        if not isinstance(tree, Mapping) or k not in tree:
-            raise CheckpointError(f"{where}: has no {'/'.join(keys)} entry")
-        tree = tree[k]
-    return tree
+    if not tree_paths.has(tree, keys):
+        raise CheckpointError(f"{where}: has no {'/'.join(keys)} entry")
+    return tree_paths.get(tree, keys)
 
 
 def params_metadata(path, step: int | None = None) -> dict:
@@ -193,8 +318,50 @@ def load_params(path, *, abstract: Mapping | None = None, subtrees: Iterable[str
     return out
 
 
+def lazy_params(path, *, subtrees: Iterable[str] | None = None, step: int | None = None) -> dict:
+    """Like `load_params` without `abstract`, but every leaf is a `LazyArray` that restores just that
+    param (as a host numpy array in its stored dtype) when it is loaded: the streaming export reads
+    and writes one tensor at a time. Nothing but metadata is read here."""
+    want = set(subtrees) if subtrees is not None else None
+    out: dict = {}
+    for item, keys in locate(path, step):
+        tree = _subtree(_item_tree(item), keys, item)
+        for name in tree:
+            if want is None or name in want:
+                out[name] = jax.tree_util.tree_map_with_path(
+                    lambda p, m, item=item, keys=keys, name=name: _lazy_leaf(item, keys + (name,) + _names(p), m),
+                    tree[name], is_leaf=_is_array_meta)
+    if want is not None and want - set(out):
+        raise CheckpointError(f"{path}: has no {sorted(want - set(out))} (it holds {sorted(out) or 'nothing requested'})")
+    if not out:
+        raise CheckpointError(f"{path}: holds no params")
+    return out
+
+
+def _names(key_path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def _lazy_leaf(item: Path, keys: tuple[str, ...], meta) -> LazyArray:
+    def load():
+        ocp = _ocp()
+        # An orbax restore leaves reference cycles that hold its result: collect the previous
+        # tensor's before reading this one (else two are alive at once now and then).
+        trim_host_memory(collect=True)
+        restore_item: Any = 0
+        restore_args: Any = ocp.RestoreArgs(restore_type=np.ndarray)
+        for k in reversed(keys):
+            restore_item, restore_args = {k: restore_item}, {k: restore_args}
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+                item=restore_item, restore_args=restore_args, partial_restore=True))
+        trim_host_memory()   # tensorstore's freed read buffers
+        return _subtree(restored, keys, item)
+    return LazyArray(tuple(meta.shape), meta.dtype, load, "/".join(keys))
+
+
 def _check_shapes(abstract: Mapping, stored: Mapping, where) -> None:
-    a, s = flatten(abstract), flatten(dict(stored))
+    a, s = tree_paths.flatten(abstract), tree_paths.flatten(dict(stored))
     missing = sorted("/".join(p) for p in a if p not in s)
     if missing:
         raise CheckpointError(f"{where}: lacks param(s) {missing[:10]}{' ...' if len(missing) > 10 else ''}")

@@ -51,8 +51,10 @@ from vllama_jax.convert import hf_llama, imagebind, lavis
 from vllama_jax.convert.common import (CheckpointError, ConversionReport, Entry, check_strict, copy_entry,
                                        export_entries, get_path, ignore_rules, import_entries, linear_entries,
                                        moved, norm_entries, np_dtype, read_state_dict, save_state_dict,
-                                       set_path, sort_rest, transposed_entry)
+                                       sort_rest, transposed_entry)
+from vllama_jax import tree_paths
 from vllama_jax.models import scan as layer_scan
+from vllama_jax.models.video_llama import BRANCHES as MODEL_BRANCHES
 from vllama_jax.models.video_llama import VideoLlamaConfig
 
 StateDict = Mapping[str, np.ndarray]
@@ -63,10 +65,9 @@ Params = dict[str, Any]
 COMPONENTS = ("visual_encoder", "ln_vision", "image_qformer", "llama", "llama_proj",
               "video_frame_position_embedding", "video_qformer", "audio_encoder", "audio_vision_encoder",
               "audio_qformer", "audio_llama_proj", "audio_position_embedding")
-BRANCHES = {
-    "video": ("llama_proj", "video_frame_position_embedding", "video_qformer"),
-    "audio": ("audio_qformer", "audio_llama_proj", "audio_position_embedding"),
-}
+# The trained components of each branch, as the model declares them (`vllama-convert --branch`
+# names the vision branch by its medium, 'video').
+BRANCHES = {"video": MODEL_BRANCHES["vision"].trains, "audio": MODEL_BRANCHES["audio"].trains}
 TRAINABLE = BRANCHES["video"] + BRANCHES["audio"]
 AUDIO_COMPONENTS = ("audio_encoder", "audio_vision_encoder") + BRANCHES["audio"]
 PARAM_PATHS = {
@@ -250,23 +251,13 @@ def buffers(config: VideoLlamaConfig, equip_audio: bool) -> dict[str, dict[str, 
 
 # ------------------------------------------------------------------------------------------ scan_layers
 
-def _with_subtree(tree: Mapping, path, value) -> dict:
-    """A copy of `tree` (shallow, along `path` only) with `value` at `path`."""
-    out = dict(tree)
-    if len(path) == 1:
-        out[path[0]] = value
-    else:
-        out[path[0]] = _with_subtree(tree[path[0]], path[1:], value)
-    return out
-
-
 def unstacked(params: Mapping, config: VideoLlamaConfig) -> Mapping:
     """`params` with every stacked (scan_layers) tower back in per-layer trees, as the key map names
     them; unstacked params pass through. Host leaves become views, nothing is copied."""
     for name, (prefix, _) in SCANNED.items():
         path = PARAM_PATHS[name]
-        if _has_path(params, path) and layer_scan.is_stacked(get_path(params, path), prefix):
-            params = _with_subtree(params, path, layer_scan.unstack_layers(get_path(params, path), prefix))
+        if tree_paths.has(params, path) and layer_scan.is_stacked(get_path(params, path), prefix):
+            params = tree_paths.replaced(params, path, layer_scan.unstack_layers(get_path(params, path), prefix))
     return params
 
 
@@ -274,7 +265,7 @@ def _stack_scanned(params: dict, config: VideoLlamaConfig, component: str) -> di
     """Imported per-layer trees of `component` stacked when `config` scans its layers."""
     if component in SCANNED and SCANNED[component][1](config):
         path = PARAM_PATHS[component]
-        set_path(params, path, layer_scan.stack_layers(get_path(params, path), SCANNED[component][0]))
+        tree_paths.set_in(params, path, layer_scan.stack_layers(get_path(params, path), SCANNED[component][0]))
     return params
 
 
@@ -335,7 +326,7 @@ def export_components(params: Mapping, config: VideoLlamaConfig,
                       components: Iterable[str] | None = None) -> tuple[str, ...]:
     """`components` in the reference's order; None: the trainable ones present in `params`."""
     if components is None:
-        components = [c for c in TRAINABLE if c in available_components(config) and _has_path(params, PARAM_PATHS[c])]
+        components = [c for c in TRAINABLE if c in available_components(config) and tree_paths.has(params, PARAM_PATHS[c])]
         if not components:
             raise CheckpointError(f"params hold none of the trainable Video-LLaMA subtrees "
                                   f"({', '.join(PARAM_PATHS[c][0] for c in TRAINABLE)}); have {sorted(params)}")
@@ -367,15 +358,6 @@ def state_dict_from_params(params: Mapping, config: VideoLlamaConfig, components
             body.update(export_entries(params, maps[name], dtype, on_tensor))
     head = {k: body.pop(k) for k in QUERY_TOKEN_KEYS if k in body}
     return {**head, **body}
-
-
-def _has_path(tree: Mapping, path) -> bool:
-    node = tree
-    for name in path:
-        if not isinstance(node, Mapping) or name not in node:
-            return False
-        node = node[name]
-    return True
 
 
 def reference_config(config: VideoLlamaConfig, components: Iterable[str]) -> dict:

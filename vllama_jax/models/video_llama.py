@@ -20,6 +20,7 @@ cross-attention, so a 1-frame image padded to T frames gives exactly the referen
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -89,11 +90,16 @@ class VideoLlamaConfig(Preset):
 
     @property
     def num_video_tokens(self) -> int:
-        return self.video_qformer.num_query_tokens
+        return BRANCHES["vision"].num_tokens(self)
 
     @property
     def num_audio_tokens(self) -> int:
-        return 0 if self.audio_qformer is None else self.audio_qformer.num_query_tokens
+        return BRANCHES["audio"].num_tokens(self)
+
+    @property
+    def has_audio(self) -> bool:
+        """Whether the model can encode recorded audio (ImageBind's audio tower + the audio Q-Former)."""
+        return self.audio_qformer is not None and self.imagebind_audio is not None
 
     def num_media_tokens(self, media: Sequence[str]) -> int:
         return sum(self.num_video_tokens if m == "video" else self.num_audio_tokens for m in media)
@@ -105,20 +111,65 @@ class VideoLlamaConfig(Preset):
     def replace(self, **overrides) -> "VideoLlamaConfig":
         return dataclasses.replace(self, **overrides)
 
-    def with_dtypes(self, dtype: Any, frozen_param_dtype: Any | None = None) -> "VideoLlamaConfig":
-        """Compute dtype everywhere; optionally store the frozen towers' params in another dtype."""
-        def towers(cfg, frozen):
-            if cfg is None:
-                return None
-            kw = {"dtype": dtype}
-            if frozen and frozen_param_dtype is not None:
-                kw["param_dtype"] = frozen_param_dtype
-            return dataclasses.replace(cfg, **kw)
-        return dataclasses.replace(
-            self, llama=towers(self.llama, True), vit=towers(self.vit, True),
-            image_qformer=towers(self.image_qformer, True), video_qformer=towers(self.video_qformer, False),
-            audio_qformer=towers(self.audio_qformer, False), imagebind_audio=towers(self.imagebind_audio, True),
-            imagebind_vision=towers(self.imagebind_vision, True))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenTower:
+    """A frozen tower that feeds a branch: the top-level submodule, the batch key it reads and the
+    key its output is cached under (`vllama_jax.train.feature_cache`)."""
+    module: str
+    input_key: str
+    cache_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One trainable branch of the composite, declared once; the trainer's partition, the `.pth`
+    converter, the feature cache and the configs derive from it.
+
+    `trains`: the top-level param subtrees it trains (each one a component of the reference's
+    state dict, in its module order); `towers`: medium -> the frozen tower that medium runs
+    through; `qformer`: the `VideoLlamaConfig` field whose `num_query_tokens` is the number of
+    soft tokens (= `<ImageHere>` placeholders in a prompt) the branch puts into the LLM.
+    """
+    name: str
+    trains: tuple[str, ...]
+    towers: Mapping[str, FrozenTower]
+    qformer: str
+
+    def trainable_patterns(self) -> tuple[str, ...]:
+        """Regexes over '/'-joined param paths (`vllama_jax.train.partition`); the optional
+        `params/` prefix accepts a tree that still carries Flax's collection name."""
+        return tuple(rf"(params/)?{re.escape(name)}(/.*)?" for name in self.trains)
+
+    def num_tokens(self, config: "VideoLlamaConfig") -> int:
+        qformer = getattr(config, self.qformer)
+        return 0 if qformer is None else qformer.num_query_tokens
+
+
+# The reference's vision branch (`frozen_video_Qformer` / `frozen_llama_proj`) and audio branch
+# (`frozen_audio_Qformer`); the audio branch trains on recorded audio or, as the reference's
+# `train_flag 1`, on frames through ImageBind's vision tower.
+BRANCHES: dict[str, Branch] = {
+    "vision": Branch(
+        "vision", trains=("llama_proj", "video_frame_position_embedding", "video_qformer"),
+        towers={"video": FrozenTower("image_encoder", "frames", "image_features")}, qformer="video_qformer"),
+    "audio": Branch(
+        "audio", trains=("audio_qformer", "audio_llama_proj", "audio_position_embedding"),
+        towers={"audio": FrozenTower("audio_encoder", "audio", "audio_features"),
+                "audio_from_frames": FrozenTower("audio_vision_encoder", "frames", "audio_vision_features")},
+        qformer="audio_qformer"),
+}
+# Medium -> its frozen tower, over every branch.
+FROZEN_TOWERS: dict[str, FrozenTower] = {m: t for b in BRANCHES.values() for m, t in b.towers.items()}
+
+
+def branch_of(medium: str) -> Branch:
+    """The branch whose soft tokens a medium ('video', 'audio', 'audio_from_frames') becomes."""
+    for b in BRANCHES.values():
+        if medium in b.towers:
+            return b
+    raise ValueError(f"unknown medium {medium!r}; expected one of {MEDIA}")
 
 
 def _full(llama: str) -> VideoLlamaConfig:
@@ -152,8 +203,7 @@ def dummy_batch(config: VideoLlamaConfig, batch_size: int = 1, num_frames: int =
                 num_clips: int = 1, media: Sequence[str] | None = None) -> dict[str, jax.Array]:
     """Zeros of the right shapes for `init` / `eval_shape` (all media by default)."""
     if media is None:
-        media = ("video",) + (("audio",) if config.imagebind_audio is not None else ()) + (
-            ("audio_from_frames",) if config.imagebind_vision is not None else ())
+        media = VideoLlama(config).available_media()
     k = config.num_media_tokens(media)
     length = k + 2
     size = config.vit.img_size
@@ -400,8 +450,8 @@ class VideoLlama(nn.Module):
 
     def available_media(self) -> tuple[str, ...]:
         c = self.config
-        return ("video",) + (("audio",) if c.imagebind_audio is not None else ()) + (
-            ("audio_from_frames",) if c.imagebind_vision is not None else ())
+        return ("video",) + (("audio",) if c.has_audio else ()) + (
+            ("audio_from_frames",) if c.audio_qformer is not None and c.imagebind_vision is not None else ())
 
     def init_all(self, batch: Mapping[str, jax.Array]) -> LlamaOutput:
         """Touches every branch so `init` creates all params (setup submodules are created lazily)."""

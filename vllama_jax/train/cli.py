@@ -14,17 +14,14 @@ import logging
 import sys
 from typing import Sequence
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from vllama_jax import cli_errors
+from vllama_jax import cli_errors, config_loader
+
 
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
-    # config_flags finds `--config.x=y` overrides in the argv it is defined with, so each parse
-    # gets its own FlagValues bound to its argv (and tests can parse several command lines).
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file (python, defines get_config)",
-                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
+    config_loader.define_flag(fv, argv)
     flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs", flag_values=fv)
     flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() (multi-host)",
                       flag_values=fv)
@@ -49,19 +46,11 @@ def parse(argv: Sequence[str]):
     """(config, workdir, distributed) from argv (argv[0] is the program name); UserError on bad
     input (a missing config file, an unknown config key, a bad value)."""
     fv = _flag_values(argv)
-    path = _config_arg(argv)
-    if path is not None:   # named errors before config_flags' own ("config_config", 47-line traces)
-        cli_errors.check_override_keys(cli_errors.load_config_file(path), argv[1:])
-    try:
-        fv(list(argv))
-    except flags.Error as e:
-        raise cli_errors.UserError(cli_errors.one_line(e)) from None
-    if fv["config"].value is None:
+    config = config_loader.parse_flags(fv, argv, _config_arg(argv))
+    if config is None:
         raise cli_errors.UserError("--config is required (e.g. --config configs/stage1_vicuna7b.py)")
     if not fv.workdir:
         raise cli_errors.UserError("--workdir is required")
-    config = fv.config
-    config.keys()  # a config file that failed to load raises its OSError here, not later
     return config, fv.workdir, fv.jax_distributed
 
 

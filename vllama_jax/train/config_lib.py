@@ -35,8 +35,8 @@ _DATASETS = {
 _MAX_TXT_LEN = {("vision", 1): 32, ("vision", 2): 320, ("audio", 1): 32, ("audio", 2): 512}
 
 _BACKBONES = {
-    "vicuna7b": dict(llama="llama_7b", template=VICUNA_TEMPLATE, end_sym="###", chat_format="vicuna"),
-    "llama2_7b": dict(llama="llama2_7b", template=LLAMA2_TEMPLATE, end_sym="</s>", chat_format="llama_v2"),
+    "vicuna7b": dict(llama="llama_7b", template=VICUNA_TEMPLATE, end_sym="###", conv_style="vicuna"),
+    "llama2_7b": dict(llama="llama2_7b", template=LLAMA2_TEMPLATE, end_sym="</s>", conv_style="llama_v2"),
 }
 
 
@@ -48,7 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.builder = "vllama_jax.train.video_llama_task:build_task"
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "video_llama"
     c.model.llama = "llama_7b"
     c.model.vocab_size = 0           # 0: the LLaMA preset's; else the embedding table size (>= the tokenizer's)
     c.model.vit = "eva_vit_g"
@@ -57,21 +56,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.audio_qformer = "audio_qformer"
     c.model.imagebind_audio = "imagebind_audio_huge"
     c.model.imagebind_vision = "imagebind_vision_huge"
+    # Query tokens (the reference's names): the frozen BLIP-2 image Q-Former's per frame, and the
+    # trained video / audio Q-Formers', which are the soft tokens each branch puts into the LLM
+    # (so a prompt holds that many <ImageHere> placeholders: data.num_query_placeholders).
     c.model.num_query_token = 32
     c.model.num_video_query_token = 32
     c.model.num_audio_query_token = 8
     c.model.max_frame_pos = 32
-    # The reference reads fusion_head_layers but never uses it (init_video_Qformer hard-codes 2
-    # layers); ours is the video_qformer preset's num_layers. Kept so reference configs map 1:1.
-    c.model.fusion_head_layers = 2
     c.model.equip_audio_branch = False
-    c.model.frozen_llama_proj = False
-    c.model.frozen_video_qformer = False
-    c.model.frozen_audio_qformer = True
+    # The branch this run trains (vllama_jax.models.video_llama.BRANCHES declares what each trains);
+    # the reference's frozen_video_Qformer / frozen_llama_proj / frozen_audio_Qformer flags.
+    c.model.train_branch = "vision"
     c.model.max_txt_len = 32
     c.model.end_sym = "###"
     c.model.prompt_template = VICUNA_TEMPLATE
-    c.model.chat_format = "vicuna"
+    c.model.conv_style = "vicuna"
     c.model.remat = False            # rematerialise tower blocks in the backward pass
     c.model.dropout = 0.1
     # Loss logits over the vocab computed this many positions at a time (0: all [B, L, vocab] at once).
@@ -102,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 2
     c.data.worker_count = 0          # grain worker processes (0: threads only)
     c.data.seq_len = 0               # padded text length (0: from max_txt_len)
-    c.data.num_query_placeholders = 32   # <ImageHere> tokens per visual input in the prompt
+    # <ImageHere> tokens per prompt: the soft tokens of the media the loss trains on, i.e. the
+    # trained branch's model.num_{video,audio}_query_token (train.preflight checks it).
+    c.data.num_query_placeholders = 32
     c.data.pack = False              # several examples per row (data_pipelines.packing)
     # With pack: example (media) slots per row. The frozen towers encode every slot, empty or not,
     # so keep it near the examples a row holds: stage 2's LLaVA-like lengths in 512-token rows
@@ -110,8 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_examples_per_row = 2
 
     c.freeze = ml_collections.ConfigDict()
-    c.freeze.preset = "vision_branch"   # vllama_jax.train.partition.TRAINABLE_PRESETS
-    c.freeze.patterns = ()              # extra regexes over '/'-joined param paths
+    # What trains beyond the task's own declaration (a Video-LLaMA task: model.train_branch).
+    c.freeze.preset = ""                # vllama_jax.train.partition.TRAINABLE_PRESETS
+    c.freeze.patterns = ()              # extra trainable regexes over '/'-joined param paths
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -172,20 +174,17 @@ def video_llama(branch: str, stage: int, backbone: str) -> ml_collections.Config
     c.model.llama = bb["llama"]
     c.model.prompt_template = bb["template"]
     c.model.end_sym = bb["end_sym"]
-    c.model.chat_format = bb["chat_format"]
+    c.model.conv_style = bb["conv_style"]
     c.model.max_txt_len = _MAX_TXT_LEN[(branch, stage)]
     c.data.datasets = ml_collections.ConfigDict(
         {k: -1 if v is None else v for k, v in _DATASETS[stage].items()})
     c.data.dataset_shards = ml_collections.ConfigDict({k: "" for k in _DATASETS[stage]})
     audio = branch == "audio"
     c.model.equip_audio_branch = audio
-    c.model.frozen_llama_proj = audio
-    c.model.frozen_video_qformer = audio
-    c.model.frozen_audio_qformer = not audio
+    c.model.train_branch = branch
     # Audio-branch training feeds frames through ImageBind's vision tower into the audio
     # Q-Former: the prompt carries num_audio_query_token (8) placeholders.
-    c.data.num_query_placeholders = 8 if audio else 32
-    c.freeze.preset = "audio_branch" if audio else "vision_branch"
+    c.data.num_query_placeholders = c.model.num_audio_query_token if audio else c.model.num_video_query_token
     c.paths.prompt_path = "prompts/alignment_image.txt" if stage == 2 else ""
     return c
 
@@ -205,7 +204,8 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.data.num_frames = 2
     config.data.image_size = 28
     config.data.num_audio_clips = 2
-    config.data.num_query_placeholders = 2 if m.equip_audio_branch else 4
+    config.data.num_query_placeholders = (m.num_audio_query_token if m.train_branch == "audio"
+                                          else m.num_video_query_token)
     o = config.optim
     o.warmup_steps, o.iters_per_epoch, o.max_epoch = 2, 5, 2
     t = config.train
@@ -214,3 +214,12 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.checkpoint.save_frozen = True
     config.mesh.shape = (-1, 1, 1)
     return config
+
+
+def dtype_of(name):
+    """The jnp dtype a config's dtype field names (`train.compute_dtype`, `train.frozen_dtype`);
+    None where it is unset (None, '', 'none')."""
+    if name in (None, "", "none", "None"):
+        return None
+    import jax.numpy as jnp   # lazily: configs are built without jax
+    return jnp.dtype(name)

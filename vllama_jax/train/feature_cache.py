@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vllama_jax import tree_paths
+from vllama_jax.models.video_llama import FROZEN_TOWERS
 from vllama_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,11 @@ class CachedOutput:
             raise ValueError(f"CachedOutput.path must be a non-empty tuple of module names, got {self.path!r}")
 
 
-# The frozen towers of `vllama_jax.models.video_llama.VideoLlama`.
-VIDEO_LLAMA_OUTPUTS = (
-    CachedOutput(("image_encoder",), "image_features"),          # [B, T, Q_img, D_img]
-    CachedOutput(("audio_encoder",), "audio_features"),          # [B, M, E]
-    CachedOutput(("audio_vision_encoder",), "audio_vision_features"),  # [B, T, E]
-)
-
-
-_OUTPUT_OF_MEDIUM = {"video": VIDEO_LLAMA_OUTPUTS[0], "audio": VIDEO_LLAMA_OUTPUTS[1],
-                     "audio_from_frames": VIDEO_LLAMA_OUTPUTS[2]}
+# The frozen towers of `vllama_jax.models.video_llama.VideoLlama`, by medium, as its branches
+# declare them: image_features [B, T, Q_img, D_img], audio_features [B, M, E],
+# audio_vision_features [B, T, E].
+_OUTPUT_OF_MEDIUM = {m: CachedOutput((t.module,), t.cache_key) for m, t in FROZEN_TOWERS.items()}
+VIDEO_LLAMA_OUTPUTS = tuple(_OUTPUT_OF_MEDIUM.values())
 
 
 def outputs_for_media(media: Sequence[str]) -> tuple[CachedOutput, ...]:
@@ -175,13 +172,16 @@ class CachedFeatureTask:
     stub: Callable[[Mapping[str, Any]], Mapping[str, Any]] = stub_video_llama_media
 
     def _drop(self, params):
-        return drop_subtrees(params, [o.path for o in self.outputs])
+        return tree_paths.without(params, [o.path for o in self.outputs])
 
     def init_params(self, rng):
         return self._drop(self.task.init_params(rng))
 
     def abstract_params(self):
         return self._drop(self.task.abstract_params())
+
+    def trainable_patterns(self) -> tuple[str, ...]:
+        return tuple(getattr(self.task, "trainable_patterns", lambda: ())())
 
     def pretrained_subtrees(self) -> tuple[str, ...]:
         return tuple(getattr(self.task, "pretrained_subtrees", lambda: ())())
@@ -193,22 +193,6 @@ class CachedFeatureTask:
     def loss_fn(self, params, batch, rng, deterministic):
         with replaying(batch, self.outputs):
             return self.task.loss_fn(params, self.stub(batch), rng, deterministic)
-
-
-def drop_subtrees(tree: Mapping, paths: Iterable[Sequence[str]]) -> dict:
-    """A copy of the nested dict `tree` without the subtrees at `paths` (absent ones are skipped)."""
-    out = dict(tree)
-    for path in paths:
-        node, parents = out, []
-        for name in path[:-1]:
-            if not isinstance(node.get(name), Mapping):
-                break
-            parents.append((node, name))
-            node[name] = dict(node[name])
-            node = node[name]
-        else:
-            node.pop(path[-1], None)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,28 +386,23 @@ def loader_source(config) -> Iterable[dict]:
 def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
     """The params the trainer would start from (same seed split, pretrained hook and dtypes),
     without the LLM, which the towers do not read."""
-    from vllama_jax.train import partition
+    from vllama_jax.train import config_lib, partition
+
+    from vllama_jax.train.task import initial_params, trainable_patterns
 
     t = config.train
-    patterns = partition.resolve_patterns(config.freeze.get("preset"), config.freeze.get("patterns", ()))
-    trainable = partition.trainable_paths(task.abstract_params(), patterns)
+    trainable = partition.trainable_paths(task.abstract_params(), trainable_patterns(config, task))
     cached = ["/".join(o.path) for o in outputs]
     clash = sorted(p for p in trainable if any(p == c or p.startswith(c + "/") for c in cached))
     if clash:
         raise ValueError(f"feature cache: cached towers must be frozen, but config.freeze trains {clash[:4]}")
     if getattr(task, "pretrained", None) is not None and hasattr(task.pretrained, "llama_model"):
         task = dataclasses.replace(task, pretrained=dataclasses.replace(task.pretrained, llama_model=""))
-    init_rng = jax.random.split(jax.random.PRNGKey(int(t.seed)))[0]   # as the trainer's _initial_state
-    params = jax.jit(lambda r: drop_subtrees(task.init_params(r), [("llama",)]))(init_rng)
-    if callable(getattr(task, "load_pretrained", None)):
-        params = drop_subtrees(task.load_pretrained(params), [("llama",)])
-
-    def dtype(name):
-        return None if name in (None, "", "none", "None") else jnp.dtype(name)
+    params = tree_paths.without(initial_params(task, int(t.seed), also_provided=("llama",)), [("llama",)])
 
     # The towers are frozen: stored in frozen_dtype, computed in compute_dtype, as in the step.
-    params = partition.cast_floating(params, dtype(t.get("frozen_dtype")))
-    return partition.cast_floating(params, dtype(t.get("compute_dtype")))
+    params = partition.cast_floating(params, config_lib.dtype_of(t.get("frozen_dtype")))
+    return partition.cast_floating(params, config_lib.dtype_of(t.get("compute_dtype")))
 
 
 def build_from_config(config, task, outputs: Sequence[CachedOutput], path: str) -> FeatureDataset:

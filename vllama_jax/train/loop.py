@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -26,9 +25,10 @@ from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer, WorkdirLock, remove_interrupted_saves
 from vllama_jax.train import metrics as M
 from vllama_jax.train import optimizer as O
-from vllama_jax.train import partition, schedules
+from vllama_jax.train import config_lib, partition, schedules
 from vllama_jax.train import step as S
-from vllama_jax.train.task import Task, check_provided, check_task, init_unprovided
+from vllama_jax.train.task import (Task, check_provided, check_task, initial_params, run_keys,
+                                   trainable_patterns)
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,6 @@ class _PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _dtype(name):
-    return None if name in (None, "", "none", "None") else jnp.dtype(name)
-
-
 def total_steps(config) -> int:
     """`train.total_steps`, or max_epoch * iters_per_epoch when it is 0."""
     n = int(config.train.total_steps) or int(config.optim.max_epoch) * int(config.optim.iters_per_epoch)
@@ -102,10 +98,9 @@ class _Setup:
 
 def _setup(config, task: Task, mesh) -> _Setup:
     boxed = task.abstract_params()
-    patterns = partition.resolve_patterns(config.freeze.get("preset"), config.freeze.get("patterns", ()))
-    paths = partition.trainable_paths(boxed, patterns)
+    paths = partition.trainable_paths(boxed, trainable_patterns(config, task))
     b_train, b_frozen = partition.split(boxed, paths)
-    b_frozen = partition.cast_floating(b_frozen, _dtype(config.train.get("frozen_dtype")))
+    b_frozen = partition.cast_floating(b_frozen, config_lib.dtype_of(config.train.get("frozen_dtype")))
     schedule = schedules.make_schedule(config.optim)
     tx = O.make_optimizer(config.optim, schedule, b_train)
     state_sh = S.state_shardings(b_train, tx, mesh)
@@ -116,12 +111,11 @@ def _setup(config, task: Task, mesh) -> _Setup:
                   S.abstract_state(b_train, tx, state_sh), abstract_frozen)
 
 
-def _fresh_params(task: Task, full_sh, rng):
+def _fresh_params(task: Task, full_sh, seed: int):
     """Random init born sharded (only of what no pretrained file provides), then the task's
     pretrained weights if it loads any."""
-    params = init_unprovided(task, rng, out_shardings=full_sh)
+    params = initial_params(task, seed, out_shardings=full_sh)
     if callable(getattr(task, "load_pretrained", None)):
-        params = task.load_pretrained(params)
         check_provided(task, params, full_sh)
         params = jax.device_put(params, full_sh)
     return params
@@ -130,7 +124,7 @@ def _fresh_params(task: Task, full_sh, rng):
 def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_iter, logger):
     """(state, frozen, start_step): resumed from the latest checkpoint, or freshly initialised."""
     seed = int(config.train.seed)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    state_rng = run_keys(seed)[1]
     # The newest step that restores (a damaged newer one is reported and set aside).
     state, latest = ckpt.restore_newest(su.abstract_state, train_iter, trainable_paths=su.paths)
     frozen = None
@@ -138,9 +132,9 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
         frozen = ckpt.restore_frozen(su.abstract_frozen)
     if latest is None or frozen is None:
         full_sh = sharding.param_shardings(task.abstract_params(), su.mesh)
-        params = _fresh_params(task, full_sh, init_rng)
+        params = _fresh_params(task, full_sh, seed)
         trainable, frozen = partition.split(params, su.paths)
-        frozen = jax.jit(lambda f: partition.cast_floating(f, _dtype(config.train.get("frozen_dtype"))),
+        frozen = jax.jit(lambda f: partition.cast_floating(f, config_lib.dtype_of(config.train.get("frozen_dtype"))),
                          out_shardings=su.frozen_sh)(frozen)
         logger.write(partition.describe(trainable, frozen))
     if latest is not None:
@@ -204,7 +198,7 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     check_task(task)
     t = config.train
     mesh = sharding.make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
-    compute_dtype = _dtype(t.get("compute_dtype"))
+    compute_dtype = config_lib.dtype_of(t.get("compute_dtype"))
     n_steps = total_steps(config)
     log_every, save_every = int(t.log_every), int(t.save_every)
     eval_every = int(t.get("eval_every", 0))

@@ -21,28 +21,9 @@ from flax.core import FrozenDict
 
 Params = Any
 
-# Param names of the Video-LLaMA composite (vllama_jax.models.video_llama.VideoLlama) that train
-# in each stage; mirrors `frozen_video_Qformer` / `frozen_llama_proj` / `frozen_audio_Qformer` of
-# the reference configs. Each branch trains its Q-Former (query tokens included), its position
-# embedding and its projection into the LLM. The optional `params/` prefix accepts a tree that
-# still carries Flax's collection name.
-_P = r"(params/)?"
-_VISION = (
-    _P + r"video_qformer/.*",
-    _P + r"video_frame_position_embedding",
-    _P + r"llama_proj/.*",
-)
-_AUDIO = (
-    _P + r"audio_qformer/.*",
-    _P + r"audio_position_embedding",
-    _P + r"audio_llama_proj/.*",
-)
+# Model-independent presets; a task declares its own trainable params (`Task.trainable_patterns`,
+# e.g. Video-LLaMA's branches in `vllama_jax.models.video_llama.BRANCHES`).
 TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
-    "stage1_vision": _VISION,
-    "stage2_vision": _VISION,
-    "vision_branch": _VISION,
-    "audio_branch": _AUDIO,
-    "vision_and_audio": _VISION + _AUDIO,
     "all": (r".*",),
     # The toy task of vllama_jax.train.toy: frozen tower, trainable head.
     "toy_head": (r"head/.*",),
@@ -97,12 +78,6 @@ def trainable_paths(tree: Params, patterns: Iterable[str]) -> frozenset[str]:
                              f"(paths look like: {sample}{', ...' if len(paths) > 8 else ''})")
         selected |= hits
     return frozenset(selected)
-
-
-def mask(tree: Params, patterns: Iterable[str]) -> dict:
-    """Nested dict of bools, True where the param trains."""
-    selected = trainable_paths(tree, patterns)
-    return unflatten({k: k in selected for k in flatten(tree)})
 
 
 def split(tree: Params, patterns_or_paths: Iterable[str] | frozenset[str]) -> tuple[dict, dict]:

@@ -17,6 +17,8 @@ Optional:
 * `load_pretrained(params) -> params` — host-side hook run once on a fresh start (and on resume
   when no `frozen/` checkpoint exists) to overwrite the random init with pretrained weights read
   from local files. May return host numpy arrays; the trainer places them with the shardings.
+* `trainable_patterns() -> tuple[str, ...]` — regexes over '/'-joined param paths of what the
+  task trains (`vllama_jax.train.partition`); `config.freeze.preset` / `.patterns` add to them.
 * `pretrained_subtrees() -> tuple[str, ...]` — the top-level params subtrees `load_pretrained`
   fills in whole. They are left out of the random init (`init_unprovided`), so the trainer never
   compiles the init of towers it is about to overwrite; `load_pretrained` then receives the
@@ -68,6 +70,31 @@ def init_unprovided(task: Task, rng: jax.Array, also_provided: Iterable[str] = (
     keep = lambda tree: {k: tree[k] for k in names}  # noqa: E731
     sh = None if out_shardings is None else keep(out_shardings)
     return jax.jit(lambda r: keep(task.init_params(r)), out_shardings=sh)(rng)
+
+
+def trainable_patterns(config, task: Task) -> tuple[str, ...]:
+    """What a run trains: the task's own declaration plus `config.freeze`'s preset and patterns."""
+    from vllama_jax.train import partition
+
+    own = tuple(getattr(task, "trainable_patterns", lambda: ())())
+    return partition.resolve_patterns(config.freeze.get("preset"), own + tuple(config.freeze.get("patterns", ()) or ()))
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(params init key, train-state key) of a run with `train.seed = seed`. Whoever rebuilds a
+    run's starting params (the feature cache's towers, inference without a `frozen/` checkpoint)
+    goes through `initial_params`, so their random towers are the trainer's."""
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(int(seed)))
+    return init_key, state_key
+
+
+def initial_params(task: Task, seed: int, also_provided: Iterable[str] = (), out_shardings=None) -> dict:
+    """The params a fresh run of `task` with `train.seed = seed` starts from: the random init of
+    what no file provides (`init_unprovided`), then the task's pretrained files (host arrays
+    where it loads them; the caller places them)."""
+    params = init_unprovided(task, run_keys(seed)[0], also_provided, out_shardings)
+    hook = getattr(task, "load_pretrained", None)
+    return hook(params) if callable(hook) else params
 
 
 def check_provided(task: Task, params: dict, full: dict) -> None:

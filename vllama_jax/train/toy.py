@@ -142,14 +142,58 @@ def _example(index: int, seed: int, seq_len: int, vocab: int) -> dict:
     return {"tokens": tokens, "labels": labels_for(tokens, vocab).astype(np.int32)}
 
 
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    """The rows of each global batch that one process feeds: contiguous, in process order (the
+    rows its devices hold under `sharding.make_mesh`'s device order, which puts each process'
+    devices together along the batch axes)."""
+    if global_batch % process_count:
+        raise ValueError(f"config.train.batch_size {global_batch} is not divisible by "
+                         f"{process_count} processes")
+    per = global_batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
 def toy_dataset(*, batch_size: int, seq_len: int, vocab: int, seed: int = 0,
-                num_examples: int = 4096, repeat: bool = True):
-    """A grain IterDataset of toy batches."""
+                num_examples: int = 4096, repeat: bool = True, rows: slice | None = None):
+    """A grain IterDataset of toy batches of `batch_size` examples (the global batch).
+
+    `rows` keeps only those rows of each global batch: the shuffle and batching run over example
+    indices (cheap), and only this process' examples are made. The iterator's state is the global
+    batch position, the same on every process and for every process count.
+    """
     ds = grain.MapDataset.range(num_examples).shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(lambda i: _example(i, seed, seq_len, vocab)).batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if rows is not None:
+        ds = ds.map(lambda idx: idx[rows])
+    ds = ds.map(lambda idx: _stack([_example(i, seed, seq_len, vocab) for i in idx]))
     return ds.to_iter_dataset()
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class GlobalPositionIterator:
+    """A toy dataset iterator flagged `state_is_global`: its state (the global batch position)
+    restores onto any process count (`vllama_jax.checkpoint`)."""
+    state_is_global = True
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
 
 
 class SlowIterator:
@@ -158,6 +202,7 @@ class SlowIterator:
 
     def __init__(self, inner, delay_s: float):
         self.inner, self.delay_s = inner, delay_s
+        self.state_is_global = getattr(inner, "state_is_global", False)
 
     def __iter__(self):
         return self
@@ -181,18 +226,22 @@ def build_task(config) -> ToyTask:
     return ToyTask(toy, seq_len=int(config.data.seq_len))
 
 
-def build_train_iter(config):
+def _process_iter(config, *, seed: int, **kw):
+    """This process' rows of the toy data (every process its own examples; together they are the
+    global batch a single process would read)."""
     d, t = config.data, config.train
     vocab = ToyConfig.preset(config.model.preset).vocab
-    it = iter(toy_dataset(batch_size=int(t.batch_size), seq_len=int(d.seq_len), vocab=vocab,
-                          seed=int(t.seed)))
-    delay = float(d.get("delay_s", 0.0))
+    rows = process_rows(int(t.batch_size), jax.process_index(), jax.process_count())
+    return GlobalPositionIterator(iter(toy_dataset(batch_size=int(t.batch_size), seq_len=int(d.seq_len),
+                                                   vocab=vocab, seed=seed, rows=rows, **kw)))
+
+
+def build_train_iter(config):
+    it = _process_iter(config, seed=int(config.train.seed))
+    delay = float(config.data.get("delay_s", 0.0))
     return SlowIterator(it, delay) if delay > 0 else it
 
 
 def build_eval_iter(config):
-    d, t = config.data, config.train
-    vocab = ToyConfig.preset(config.model.preset).vocab
-    return iter(toy_dataset(batch_size=int(t.batch_size), seq_len=int(d.seq_len), vocab=vocab,
-                            seed=int(t.seed) + 1, num_examples=int(d.get("eval_examples", 64)),
-                            repeat=False))
+    return _process_iter(config, seed=int(config.train.seed) + 1,
+                         num_examples=int(config.data.get("eval_examples", 64)), repeat=False)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from vllama_jax.models.imagebind import ImageBindAudioConfig, ImageBindVisionConfig
 from vllama_jax.models.llama import LlamaConfig
 from vllama_jax.models.qformer import QFormerConfig
-from vllama_jax.models.video_llama import VideoLlama, VideoLlamaConfig, abstract_or_init, init_params
+from vllama_jax.models.video_llama import (BRANCHES, VideoLlama, VideoLlamaConfig, abstract_or_init,
+                                           init_params)
 from vllama_jax.models.vit import EvaViTConfig
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def model_config(config) -> VideoLlamaConfig:
                       dtype=dtype, **kw)
 
     image_qformer = preset(QFormerConfig, "qformer", num_query_tokens=int(m.num_query_token), dtype=dtype)
-    audio = bool(m.get("equip_audio_branch", False))
+    audio = bool(m.get("equip_audio_branch", False))   # the reference's name for "has an audio branch"
     imagebind_audio = preset(ImageBindAudioConfig, "imagebind_audio", dtype=dtype) if audio else None
     # As the reference: the audio Q-Former reads ImageBind's output embedding.
     audio_qformer = qformer("audio_qformer", num_query_tokens=int(m.num_audio_query_token),
@@ -83,15 +84,23 @@ def _audio_train_input(config) -> str:
     return value
 
 
+def train_branch(config) -> str:
+    """`config.model.train_branch`: the one branch (`models.video_llama.BRANCHES`) this run trains;
+    the reference trains its branches in separate runs (its train_flag 2, both at once, is not
+    defined by its forward)."""
+    m = config.model
+    name = str(m.get("train_branch", "vision"))
+    if name not in BRANCHES:
+        raise ValueError(f"config.model.train_branch must be one of {sorted(BRANCHES)}, got {name!r}")
+    if name == "audio" and not bool(m.get("equip_audio_branch", False)):
+        raise ValueError("config.model.train_branch='audio' needs config.model.equip_audio_branch=True")
+    return name
+
+
 def train_media(config) -> tuple[str, ...]:
     """What the loss trains on: the reference's train_flag 0 (video) or 1 (audio Q-Former on frames)."""
     m = config.model
-    video = not bool(m.get("frozen_video_qformer", False))
-    audio = bool(m.get("equip_audio_branch", False)) and not bool(m.get("frozen_audio_qformer", True))
-    if video and audio:
-        raise ValueError("training the video and audio Q-Formers together (reference train_flag 2) is not "
-                         "defined by the reference forward; train the branches in separate runs")
-    trained = ("video",) if not audio else (
+    trained = ("video",) if train_branch(config) == "vision" else (
         ("audio_from_frames",) if _audio_train_input(config) == "frames" else ("audio",))
     extra = tuple(m.get("train_with_media", ()) or ())
     kind = "video" if trained == ("video",) else "audio"
@@ -127,6 +136,10 @@ class VideoLlamaTask:
     config: VideoLlamaConfig
     media: tuple[str, ...] = ("video",)
     pretrained: PretrainedPaths = PretrainedPaths()
+    branch: str = "vision"   # the branch that trains (`BRANCHES`); every other param is frozen
+
+    def trainable_patterns(self) -> tuple[str, ...]:
+        return BRANCHES[self.branch].trainable_patterns()
 
     @property
     def model(self) -> VideoLlama:
@@ -199,4 +212,5 @@ def stage_params(workdir: str, metadata_only: bool = False) -> dict:
 
 
 def build_task(config) -> VideoLlamaTask:
-    return VideoLlamaTask(model_config(config), train_media(config), PretrainedPaths.from_config(config))
+    return VideoLlamaTask(model_config(config), train_media(config), PretrainedPaths.from_config(config),
+                          train_branch(config))

@@ -132,9 +132,7 @@ def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, pa
     # both, the vision branch taken from the vision2 run (audio1's `paths.ckpt`, audio2's `ckpt_2`).
     m.equip_audio_branch = branch == "audio"
     m.audio_train_input = "audio"
-    m.frozen_video_qformer = branch != "vision"
-    m.frozen_llama_proj = branch != "vision"
-    m.frozen_audio_qformer = branch != "audio"
+    m.train_branch = branch
     m.overrides = ml_collections.ConfigDict({k: dict(v) for k, v in demo.towers.items()})
     m.overrides.llama = dict(demo.towers.llama, vocab_size=vocab_size)
     m.vocab_size = vocab_size

@@ -2,7 +2,7 @@
 
     1. data       synthetic clips (data_pipelines/synthetic.py): colour, shape and motion only
                   visible; pitch and rhythm only audible; written as ArrayRecord shards
-    2. towers     tiny stand-ins for the pretrained towers (vllama_jax/demo_pretrain.py): a LLaMA
+    2. towers     tiny stand-ins for the pretrained towers (vllama_jax/demo/pretrain.py): a LLaMA
                   pretrained as a language model on the train text, an EVA ViT + image Q-Former
                   (on many short clips rendered for it alone) and an ImageBind audio tower (on
                   the train audio) pretrained on their modality; saved as the real
@@ -16,7 +16,7 @@
                   stage-1 run; the audio branch's with the vision branch's video tokens in its
                   prompts (demo_config.joint_stage), as the eval and the chat present both
     5. evaluate   held-out clips (test split): every question answered by generation with the
-                  audio and video soft tokens together (vllama_jax/evaluate.py), and with each
+                  audio and video soft tokens together (vllama_jax/evaluate/), and with each
                   medium alone, accuracy per attribute vs chance; a few dialogues through the
                   Chat library on a test mp4
 
@@ -53,8 +53,8 @@ PHASES = ("data", "tokenizer", "pretrain", "vision1", "vision2", "audio1", "audi
 
 
 def load_demo_config(name: str = "full"):
-    """(`vllama_jax.demo_config`, its `get_config(name)`)."""
-    from vllama_jax import demo_config
+    """(`vllama_jax.demo.config`, its `get_config(name)`)."""
+    from vllama_jax.demo import config as demo_config
 
     return demo_config, demo_config.get_config(name)
 
@@ -176,7 +176,7 @@ def lm_corpus(records: list[dict], renderings: int, num_frames: int, seed: int) 
             if layout == 0:      # the training conversation (loader: insert_media + vicuna_text)
                 media = P.insert_media(turns, "video", 1, time_msg)
                 texts.append(P.vicuna_text(media)[0].replace(P.IMAGE_PLACEHOLDER, described))
-            elif layout == 1:    # one question (evaluate.qa_prompt) with its answer
+            elif layout == 1:    # one question (evaluate.runner.qa_prompt) with its answer
                 q = int(rng.integers(len(turns) // 2))
                 prompt = P.vicuna_text(P.insert_media([turns[2 * q]], "video", 1, time_msg))[0] + "Assistant:"
                 texts.append(prompt.replace(P.IMAGE_PLACEHOLDER, described) + " " + turns[2 * q + 1]["value"] + "###")
@@ -214,7 +214,7 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     """Pretrains and saves the three towers; returns (config.paths entries, histories, the train
     clips' media arrays, the tower params). `records`: the instruct_train records (`_records`)."""
     from data_pipelines import synthetic
-    from vllama_jax import demo_pretrain as DP
+    from vllama_jax.demo import pretrain as DP
     from vllama_jax.train.video_llama_task import model_config
 
     # The audio runs' config equips every tower.
@@ -318,7 +318,7 @@ def tower_clips(demo):
 def _labels(metas, names):
     """(`demo_pretrain.attribute_labels` of the attributes `names`, each one's number of values)."""
     from data_pipelines import synthetic
-    from vllama_jax import demo_pretrain as DP
+    from vllama_jax.demo import pretrain as DP
 
     values = {a: synthetic.ATTRIBUTES[a] for a in names}
     return DP.attribute_labels(metas, values), [len(v) for v in values.values()]
@@ -334,13 +334,11 @@ def _tokenizer(path):
 
 def _frozen_tower(model, batch, medium: str):
     """Only the frozen tower of `medium`, on the clips' frames / fbank clips flattened."""
-    x = batch["frames"] if medium == "video" else batch["audio"]
-    tower = model.image_encoder if medium == "video" else model.audio_encoder
-    return tower(x.reshape(-1, *x.shape[2:]).astype(np.float32))
+    from vllama_jax.models.video_llama import FROZEN_TOWERS
 
-
-CACHED = {"video": ("image_encoder", "image_features", "frames"),
-          "audio": ("audio_encoder", "audio_features", "audio")}
+    tower = FROZEN_TOWERS[medium]
+    x = batch[tower.input_key]
+    return getattr(model, tower.module)(x.reshape(-1, *x.shape[2:]).astype(np.float32))
 
 
 def tower_features(model_config, towers: dict, media: dict, medium: str, batch_size: int = 32):
@@ -349,10 +347,11 @@ def tower_features(model_config, towers: dict, media: dict, medium: str, batch_s
     import jax
 
     from vllama_jax.inference import abstract_params
-    from vllama_jax.models.video_llama import VideoLlama
+    from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlama
     from vllama_jax.train import feature_cache as FC
 
-    tower, key, source = CACHED[medium]
+    t = FROZEN_TOWERS[medium]
+    tower, key, source = t.module, t.cache_key, t.input_key
     x = media[source]
     batches = ({source: x[i:i + batch_size]} for i in range(0, len(x), batch_size))
     # VideoLlama's setup creates every param; only the tower's are read, the rest may be zeros.
@@ -385,7 +384,7 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
 
     config = stage_run_config(layout, demo, demo_module, branch, stage, paths, vocab_size)
     task = build_task(config)
-    cached_outputs = tuple(FC.CachedOutput((CACHED[m][0],), CACHED[m][1]) for m in task.media)
+    cached_outputs = FC.outputs_for_media(task.media)
     # Each branch trains on the text about its own medium (synthetic.py's seen / heard splits); the
     # run beside the video tokens (demo_config.joint_stage) on the questions about both, so it also
     # learns how its tokens affect the visual answers. (On the heard questions only, that effect
@@ -421,26 +420,26 @@ def evaluate(layout: Layout, demo, audio_config, out) -> dict:
     (`eval_report.json`, the demo's result), with the video tokens alone and with the audio tokens
     alone (`eval_report_{video,audio}.json`: what each branch knows on its own)."""
     from data_pipelines import loader as L
-    from vllama_jax import evaluate as E
+    from vllama_jax.evaluate import runner
     from vllama_jax.inference import load_for_inference
 
     model = load_for_inference([str(layout.run("vision2")), str(layout.run("audio2"))], audio_config)
     lc = dataclasses.replace(L.loader_config_from(audio_config, train=False), batch_size=1)
     reports = {}
     for name, media in EVAL_MEDIA.items():
-        reports[name] = E.run_eval(model, [layout.shards("instruct_test")], loader_config=lc, media=media,
+        reports[name] = runner.run_eval(model, [layout.shards("instruct_test")], loader_config=lc, media=media,
                                    batch_size=demo.eval.batch_size, max_new_tokens=demo.eval.max_new_tokens,
                                    kinds=("qa",), bucket=demo.eval.bucket)
         suffix = "" if name == "audio+video" else f"_{name}"
-        E.write_report(reports[name], layout.root / f"eval_report{suffix}.json")
+        runner.write_report(reports[name], layout.root / f"eval_report{suffix}.json")
     return reports, model
 
 
 def own_medium_accuracy(reports: dict) -> dict[str, float]:
     """Each attribute's accuracy with only the medium that carries it (video: seen, audio: heard),
-    and each attribute group's mean (`evaluate.DEMO_GROUPS`: 'visual', 'audio')."""
+    and each attribute group's mean (`evaluate.metrics.DEMO_GROUPS`: 'visual', 'audio')."""
     from data_pipelines import synthetic
-    from vllama_jax.evaluate import DEMO_GROUPS
+    from vllama_jax.evaluate.metrics import DEMO_GROUPS
 
     per = {a: reports["video" if a in synthetic.VISUAL else "audio"]["metrics"]["attributes"]["per_attribute"][a]
            ["accuracy"] for a in synthetic.ATTRIBUTES}
@@ -633,7 +632,7 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out, from_phas
     from vllama_jax.train.video_llama_task import model_config
 
     vconfig = model_config(demo_module.stage_config(demo, "audio", 1, paths=paths, vocab_size=vocab_size))
-    features = {}   # cached frozen-tower outputs of the train clips, by CACHED key
+    features = {}   # cached frozen-tower outputs of the train clips, by FrozenTower.cache_key
     for branch in ("vision", "audio"):
         for stage in (1, 2):
             name = f"{branch}{stage}"
@@ -649,10 +648,12 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out, from_phas
             trains = ("video Q-Former, frame positions, query tokens, llama_proj" if branch == "vision" else
                       "audio Q-Former, audio positions, query tokens, audio_llama_proj")
             with phases(name, f"stage {stage} ({what}), {branch} branch: trains {trains}"):
+                from vllama_jax.models.video_llama import FROZEN_TOWERS
+
                 # The joint run (demo_config.joint_stage) also reads the video tokens.
                 needed = ["video"] if branch == "vision" else ["audio"] + (["video"] if stage == 2 else [])
                 for medium in needed:
-                    if CACHED[medium][1] not in features:
+                    if FROZEN_TOWERS[medium].cache_key not in features:
                         features.update(tower_features(vconfig, towers, media, medium).arrays)
                 if from_phase is not None:
                     # A rerun starts the run afresh, not from the earlier run's last step.
