@@ -243,9 +243,8 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
 
     tower_frames, tower_labels = tower_clips(demo)
     out(f"   image tower: {len(tower_frames)} rendered clips of {tower_frames.shape[1]} frames")
-    # No caption bag of words for the image tower (a zero-width bag): at the audio tower's weight
-    # it pulled the features to colour (a colour word is in every caption) and cut the held-out
-    # shape accuracy of the same recipe from 0.98 to 0.69.
+    # No caption bag of words for the image tower (a zero-width bag): a colour word is in every
+    # caption, so the bag pulls the tiny ViT's features to colour, away from shape.
     no_bag = np.zeros((len(tower_frames), 0), np.float32)
     image_encoder, histories["vision"] = DP.pretrain_vision(
         vconfig.vit, vconfig.image_qformer, tower_frames, no_bag, *tower_labels,
@@ -387,8 +386,8 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
     cached_outputs = FC.outputs_for_media(task.media)
     # Each branch trains on the text about its own medium (synthetic.py's seen / heard splits); the
     # run beside the video tokens (demo_config.joint_stage) on the questions about both, so it also
-    # learns how its tokens affect the visual answers. (On the heard questions only, that effect
-    # went untrained: seed 0 audio+video visual 90.1 -> 92.2 %, but seed 1 79.7 %, shape 58 %.)
+    # learns how its tokens affect the visual answers (on the heard questions only, that effect
+    # would go untrained).
     view = "" if demo_module.joint_stage(branch, stage) else ("_seen" if branch == "vision" else "_heard")
     split = f"{'caption' if stage == 1 else 'instruct'}{view}_train"
     text = {k: [] for k in ("input_ids", "attention_mask", "targets", "media_mask", "frame_mask")}
