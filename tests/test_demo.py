@@ -128,6 +128,27 @@ def test_from_phase_needs_a_finished_run_of_the_same_seed(tmp_path, capsys):
         cli.demo_main(["--from-phase", "pretrain"])
 
 
+def test_every_answer_of_the_demo_conversations_is_a_target(quick_demo):
+    """The stage-2 runs' rows (demo config -> trainer config -> loader) mark every answer word as a
+    loss target: with the reference's drifting mask most one-word answers were not (issue 19)."""
+    from data_pipelines import synthetic
+    from vllama_jax.demo import recipe
+
+    layout = recipe.Layout(quick_demo.workdir)
+    demo_module, demo = recipe.load_demo_config("quick")
+    paths = json.loads((layout.towers / recipe.TOWERS_FILE).read_text())["paths"]
+    vocab = len(recipe._tokenizer(layout.tokenizer))
+    tok = recipe._tokenizer(layout.tokenizer)
+    words = {tok.convert_tokens_to_ids("▁" + v) for values in synthetic.ATTRIBUTES.values() for v in values}
+    for branch, split, per_row in (("vision", "instruct_seen_train", 3), ("audio", "instruct_train", 5)):
+        config = recipe.stage_run_config(layout, demo, demo_module, branch, 2, paths, vocab)
+        batch = next(iter(recipe._loader_batches(config, layout.shards(split), 4)))
+        for ids, targets in zip(batch["input_ids"], batch["targets"]):
+            answers = [i for i, t in enumerate(ids) if int(t) in words]
+            assert len(answers) == per_row
+            assert all(targets[i] == ids[i] for i in answers), (branch, answers)
+
+
 def test_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli.demo_main(["--seed", "x"])
