@@ -143,12 +143,16 @@ def main(argv=None) -> int:
                 bound = fixed[k] + 2 * largest
                 row[k]["bound_bytes"] = bound
                 row[k]["within_bound"] = row[k]["peak_rss_bytes"] <= bound
+                # The peak above the fixed overhead, in largest tensors (the bound: 2).
+                row[k]["largest_tensors_above_overhead"] = (row[k]["peak_rss_bytes"] - fixed[k]) / largest
             rows.append(row)
             c = row["checkpoint"]
             print(f"{layers:3d} layers: checkpoint {c['bytes'] / MB:8.0f} MB in {len(c['files'])} shard(s), largest "
                   f"tensor {largest / MB:.0f} MB | import peak RSS {row['import']['peak_rss_bytes'] / MB:6.0f} MB "
-                  f"({row['import']['wall_s']:.0f} s) | export peak RSS {row['export']['peak_rss_bytes'] / MB:6.0f} MB "
-                  f"({row['export']['wall_s']:.0f} s) | bound {row['import']['bound_bytes'] / MB:.0f} / "
+                  f"(overhead + {row['import']['largest_tensors_above_overhead']:.2f}x largest, "
+                  f"{row['import']['wall_s']:.0f} s) | export peak RSS {row['export']['peak_rss_bytes'] / MB:6.0f} MB "
+                  f"(overhead + {row['export']['largest_tensors_above_overhead']:.2f}x, "
+                  f"{row['export']['wall_s']:.0f} s) | bound {row['import']['bound_bytes'] / MB:.0f} / "
                   f"{row['export']['bound_bytes'] / MB:.0f} MB | {row['uptime_after']}", flush=True)
     finally:
         if not args.workdir:

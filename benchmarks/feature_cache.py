@@ -22,7 +22,7 @@ def measure(config_name: str, *, steps: int, rounds: int) -> dict:
     from benchmarks.common import load_average
     from benchmarks.train_step import WORKLOADS, bench_configs, build_runner, interleaved, summarize, synthetic_batch
     from vllama_jax.models.video_llama import VideoLlama
-    from vllama_jax.train import feature_cache as FC
+    from vllama_jax.train import feature_cache
     from vllama_jax.train.video_llama_task import VideoLlamaTask
 
     config, work = bench_configs()[config_name], WORKLOADS[config_name]
@@ -30,11 +30,11 @@ def measure(config_name: str, *, steps: int, rounds: int) -> dict:
     # Host copies: each runner places (and donates) its own buffers.
     params = jax.device_get(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
     batch = synthetic_batch(config, work)
-    outputs = FC.outputs_for_media(work.media)
-    cached_task = FC.CachedFeatureTask(task, outputs)
-    cached_batch = FC.build_feature_dataset(task.model, {"params": params}, [batch], outputs,
-                                            method=VideoLlama.encode_media, method_args=(work.media,),
-                                            keep=None, drop=FC.RAW_MEDIA_KEYS).arrays
+    outputs = feature_cache.outputs_for_media(work.media)
+    cached_task = feature_cache.CachedFeatureTask(task, outputs)
+    cached_batch = feature_cache.build_feature_dataset(task.model, {"params": params}, [batch], outputs,
+                                                       method=VideoLlama.encode_media, method_args=(work.media,),
+                                            keep=None, drop=feature_cache.RAW_MEDIA_KEYS).arrays
     uncached = build_runner("uncached", config, batch, params=params, task=task)
     cached = build_runner("cached", config, cached_batch, params=cached_task._drop(params), task=cached_task)
     first = {r.name: (r.run(1), r.last_loss)[1] for r in (uncached, cached)}

@@ -76,9 +76,9 @@ def write_clip(path: str, seconds: float, fps: int = 25, width: int = 1280, heig
 # ------------------------------------------------------------------------------------ readers
 
 def ours_frames(path):
-    from data_pipelines import video as V
+    from data_pipelines import video
 
-    return V.normalize(V.decode_video(path, 8, "uniform", size=(224, 224)).frames)
+    return video.normalize(video.decode_video(path, 8, "uniform", size=(224, 224)).frames)
 
 
 def ours_audio(path):
@@ -90,13 +90,13 @@ def ours_audio(path):
 def decord_frames(path):
     import decord
 
-    from data_pipelines import video as V
+    from data_pipelines import video
 
     vr = decord.VideoReader(path, height=224, width=224)
     vlen = len(vr)
     indices = np.arange(0, vlen, vlen / 8).astype(int)  # Video-LLaMA's load_video, uniform
     frames = vr.get_batch(list(indices)).asnumpy()
-    return ((frames.astype(np.float32) / 255.0) - V.CLIP_MEAN) / V.CLIP_STD
+    return ((frames.astype(np.float32) / 255.0) - video.CLIP_MEAN) / video.CLIP_STD
 
 
 

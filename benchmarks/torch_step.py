@@ -113,7 +113,7 @@ def measure(config_name: str, steps: int, rounds: int) -> dict:
     from benchmarks.common import load_average
     from benchmarks.train_step import WORKLOADS, bench_configs, build_runner, summarize, synthetic_batch
     from vllama_jax.models.video_llama import VideoLlama
-    from vllama_jax.train import feature_cache as FC
+    from vllama_jax.train import feature_cache
     from vllama_jax.train.video_llama_task import VideoLlamaTask
 
     config, work = bench_configs()[config_name], WORKLOADS[config_name]
@@ -128,11 +128,11 @@ def measure(config_name: str, steps: int, rounds: int) -> dict:
     tb = torch_batch(batch)
     torch_eval = t_eval(tb)
 
-    outputs = FC.outputs_for_media(("video",))
-    cached_task = FC.CachedFeatureTask(task, outputs)
-    cached_batch = FC.build_feature_dataset(task.model, {"params": params}, [batch], outputs,
-                                            method=VideoLlama.encode_media, method_args=(("video",),),
-                                            keep=None, drop=FC.RAW_MEDIA_KEYS).arrays
+    outputs = feature_cache.outputs_for_media(("video",))
+    cached_task = feature_cache.CachedFeatureTask(task, outputs)
+    cached_batch = feature_cache.build_feature_dataset(task.model, {"params": params}, [batch], outputs,
+                                                       method=VideoLlama.encode_media, method_args=(("video",),),
+                                            keep=None, drop=feature_cache.RAW_MEDIA_KEYS).arrays
     ours = build_runner("ours", config, batch, params=params, task=task)
     cached = build_runner("ours_cached", config, cached_batch, params=cached_task._drop(params), task=cached_task)
 

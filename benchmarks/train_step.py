@@ -162,7 +162,7 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
 
     from vllama_jax import sharding
     from vllama_jax.train import optimizer, partition, schedules
-    from vllama_jax.train import step as S
+    from vllama_jax.train import step as train_step
     from vllama_jax.train.video_llama_task import VideoLlamaTask
 
     task = VideoLlamaTask(config, tuple(media)) if task is None else task
@@ -179,13 +179,13 @@ def build_runner(name: str, config, batch: dict, *, media: Sequence[str] = ("vid
         init_compile_s = time.perf_counter() - start
         params = init(jax.random.PRNGKey(seed))
     trainable, frozen = partition.split(params, paths)
-    state_sh = S.state_shardings(b_train, tx, mesh)
+    state_sh = train_step.state_shardings(b_train, tx, mesh)
     frozen_sh = sharding.param_shardings(b_frozen, mesh)
-    state = jax.device_put(S.init_state(trainable, tx, jax.random.PRNGKey(seed + 1)), state_sh)
+    state = jax.device_put(train_step.init_state(trainable, tx, jax.random.PRNGKey(seed + 1)), state_sh)
     frozen = jax.device_put(frozen, frozen_sh)
     batch = sharding.shard_batch(batch, mesh)
-    step = S.make_train_step(task, tx, schedule, accum_steps=accum_steps)
-    fn = S.jit_train_step(step, mesh, state_sh, frozen_sh, sharding.batch_shardings(batch, mesh))
+    step = train_step.make_train_step(task, tx, schedule, accum_steps=accum_steps)
+    fn = train_step.jit_train_step(step, mesh, state_sh, frozen_sh, sharding.batch_shardings(batch, mesh))
     if not donate:
         fn = sharding.MeshJit(step, mesh, in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(batch, mesh)),
                        out_shardings=(state_sh, sharding.logical_sharding(mesh, ())))

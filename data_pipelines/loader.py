@@ -42,8 +42,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from data_pipelines import prompts as P
-from data_pipelines import video as V
+from data_pipelines import prompts
+from data_pipelines import video
 from data_pipelines.records import RecordError, decode_example, decode_jpeg
 from data_pipelines.tokenizer import TextEncoder
 from vllama_jax.models.common import Preset
@@ -95,12 +95,12 @@ class LoaderConfig(Preset):
     num_media_tokens: int = 32       # 32 video query tokens (+8 if audio tokens share the placeholder)
     num_audio_clips: int = 8
     conv_style: str = "vicuna"
-    max_conv_len: int = P.DEFAULT_MAX_CONV_LEN
+    max_conv_len: int = prompts.DEFAULT_MAX_CONV_LEN
     aligned_targets: bool = False    # vicuna targets without the reference's drift (prompts.tokenize_vicuna)
     max_txt_len: int = 32            # caption tokens (incl. end_sym)
     caption_prompts: tuple[str, ...] = ()     # empty: no prompt (stage 1)
-    caption_template: str = P.VICUNA_CAPTION_TEMPLATE
-    end_sym: str = P.STAGE1_END_SYM
+    caption_template: str = prompts.VICUNA_CAPTION_TEMPLATE
+    end_sym: str = prompts.STAGE1_END_SYM
     video_time_msg: bool = True      # "The video contains 8 frames sampled at ..." in video conversations
     train: bool = True               # random crop + headtail; False: resize + uniform, first prompt
     seed: int = 0
@@ -123,8 +123,8 @@ class LoaderConfig(Preset):
         return LOADER_PRESETS
 
     def __post_init__(self):
-        if self.conv_style not in P.CONV_STYLES:
-            raise LoaderError(f"conv_style must be one of {P.CONV_STYLES}, got {self.conv_style!r}")
+        if self.conv_style not in prompts.CONV_STYLES:
+            raise LoaderError(f"conv_style must be one of {prompts.CONV_STYLES}, got {self.conv_style!r}")
         for name in ("batch_size", "seq_len", "num_frames", "image_size", "num_media_tokens", "max_txt_len",
                      "max_examples_per_row"):
             if getattr(self, name) < 1:
@@ -133,11 +133,11 @@ class LoaderConfig(Preset):
 
 LOADER_PRESETS = {
     "stage1": LoaderConfig(),
-    "stage2_vicuna": LoaderConfig(batch_size=4, seq_len=512, max_txt_len=320, end_sym=P.VICUNA_END_SYM,
-                                  caption_prompts=P.ALIGNMENT_IMAGE_PROMPTS),
+    "stage2_vicuna": LoaderConfig(batch_size=4, seq_len=512, max_txt_len=320, end_sym=prompts.VICUNA_END_SYM,
+                                  caption_prompts=prompts.ALIGNMENT_IMAGE_PROMPTS),
     "stage2_llama_v2": LoaderConfig(batch_size=4, seq_len=512, max_txt_len=320, conv_style="llama_v2",
-                                    end_sym=P.LLAMA2_END_SYM, caption_template=P.LLAMA2_CAPTION_TEMPLATE,
-                                    caption_prompts=P.ALIGNMENT_IMAGE_PROMPTS),
+                                    end_sym=prompts.LLAMA2_END_SYM, caption_template=prompts.LLAMA2_CAPTION_TEMPLATE,
+                                    caption_prompts=prompts.ALIGNMENT_IMAGE_PROMPTS),
     "tiny": LoaderConfig(batch_size=2, seq_len=48, num_frames=4, image_size=32, num_media_tokens=4,
                          max_txt_len=16, read_threads=1, prefetch_buffer_size=4),
 }
@@ -216,7 +216,7 @@ def frame_indices(example: dict, num_frames: int, sampling: str = "uniform",
                   rng: np.random.Generator | None = None) -> np.ndarray:
     """Which stored frames a record shows: `num_frames` of a video's stored pool (`sampling`), an image's one."""
     if example["media"] == "video":
-        return V.sample_indices(len(example["frames"]), num_frames, sampling, rng)
+        return video.sample_indices(len(example["frames"]), num_frames, sampling, rng)
     return np.zeros(1, np.int64)
 
 
@@ -227,8 +227,8 @@ def frame_pixels(example: dict, idx: np.ndarray, image_size: int, rng: np.random
     clips (vllama_jax.evaluate.runner) both get their pixels here."""
     raw = np.stack([decode_jpeg(example["frames"][i]) for i in idx])
     if train:
-        return V.train_transform(raw, rng, image_size, squash=example["media"] == "video")
-    return V.eval_transform(raw, image_size)
+        return video.train_transform(raw, rng, image_size, squash=example["media"] == "video")
+    return video.eval_transform(raw, image_size)
 
 
 def stored_fbank(example: dict, num_audio_clips: int, where: str) -> np.ndarray:
@@ -251,7 +251,7 @@ class ExampleTransform:
         where = f"record {example.get('id', '?')!r} ({example.get('_where', '?')})"
         try:
             return self._transform(example, rng, where)
-        except (LoaderError, P.PromptError) as e:
+        except (LoaderError, prompts.PromptError) as e:
             raise LoaderError(str(e) if where in str(e) else f"{where}: {e}") from e
         except (RecordError, ValueError) as e:
             raise LoaderError(f"{where}: {e}") from e
@@ -275,20 +275,21 @@ class ExampleTransform:
         if example["kind"] == "caption":
             caption = example["caption"]
             if self.spec.caption_processor == "blip":
-                caption = P.blip_caption(caption)
-            prompt = P.caption_prompt(cfg.caption_prompts, cfg.caption_template, rng if cfg.train else None)
-            return P.tokenize_caption(caption, enc, cfg.num_media_tokens, prompt, cfg.end_sym, cfg.max_txt_len)
-        msg = P.video_time_message(times) if example["media"] == "video" and cfg.video_time_msg else ""
-        turns = P.insert_media(example["conversations"], example["media"], cfg.num_media_tokens, msg, where)
-        return P.tokenize_conversation(turns, enc, cfg.conv_style, cfg.max_conv_len, where, cfg.aligned_targets)
+                caption = prompts.blip_caption(caption)
+            prompt = prompts.caption_prompt(cfg.caption_prompts, cfg.caption_template, rng if cfg.train else None)
+            return prompts.tokenize_caption(caption, enc, cfg.num_media_tokens, prompt, cfg.end_sym, cfg.max_txt_len)
+        msg = prompts.video_time_message(times) if example["media"] == "video" and cfg.video_time_msg else ""
+        turns = prompts.insert_media(example["conversations"], example["media"], cfg.num_media_tokens, msg, where)
+        return prompts.tokenize_conversation(turns, enc, cfg.conv_style, cfg.max_conv_len, where,
+                                             cfg.aligned_targets)
 
     def _transform(self, example, rng, where):
         cfg = self.config
         frames, frame_mask, times = self._frames(example, rng, _frame_sampling(self.spec, cfg, example["kind"]))
         audio = self._audio(example, where)
         ids, targets = self._text(example, rng, times, where)
-        row = P.pack_example(ids, targets, self.encoder.patch_id, self.encoder.pad_id, cfg.seq_len,
-                             cfg.num_media_tokens, where)
+        row = prompts.pack_example(ids, targets, self.encoder.patch_id, self.encoder.pad_id, cfg.seq_len,
+                                   cfg.num_media_tokens, where)
         row.update(frames=frames, frame_mask=frame_mask, audio=audio,
                    audio_mask=np.asarray(bool(example["audio_present"])))
         if cfg.keep_ids:
@@ -436,9 +437,9 @@ def _caption_prompts(prompt_path: str) -> tuple[str, ...]:
     if not prompt_path:
         return ()
     if os.path.isfile(prompt_path):
-        return P.load_prompt_file(prompt_path)
+        return prompts.load_prompt_file(prompt_path)
     if os.path.basename(prompt_path) == "alignment_image.txt":
-        return P.ALIGNMENT_IMAGE_PROMPTS  # the reference's file, shipped as a constant
+        return prompts.ALIGNMENT_IMAGE_PROMPTS  # the reference's file, shipped as a constant
     raise LoaderError(f"prompt file {prompt_path!r} (config.paths.prompt_path) does not exist")
 
 
@@ -469,17 +470,17 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
     import jax
 
     d, m, t = config.data, config.model, config.train
-    prompts = _caption_prompts(config.paths.get("prompt_path", ""))
+    caption_prompts = _caption_prompts(config.paths.get("prompt_path", ""))
     media = int(d.num_query_placeholders)
     seq_len = int(d.get("seq_len", 0)) or -(-(1 + media + int(m.max_txt_len) +
-                                              (PROMPT_ALLOWANCE if prompts else 0)) // 8) * 8
+                                              (PROMPT_ALLOWANCE if caption_prompts else 0)) // 8) * 8
     global_batch = int(t.batch_size)
     if global_batch % jax.process_count():
         raise LoaderError(f"config.train.batch_size {global_batch} is not divisible by {jax.process_count()} processes")
     return LoaderConfig(
         batch_size=global_batch // jax.process_count(), seq_len=seq_len, num_frames=int(d.num_frames),
         image_size=int(d.image_size), num_media_tokens=media, num_audio_clips=int(d.num_audio_clips),
-        conv_style=str(m.conv_style), max_txt_len=int(m.max_txt_len), caption_prompts=prompts,
+        conv_style=str(m.conv_style), max_txt_len=int(m.max_txt_len), caption_prompts=caption_prompts,
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),

@@ -63,6 +63,7 @@ def run(args, t0):
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_utils import toy_config_dict  # noqa: E402 (also puts the repo on sys.path)
+    from elastic_phase import Recorder  # noqa: E402 (the elastic tests' pass-through recorder)
     from vllama_jax import sharding
     from vllama_jax.train import loop, partition, toy
 
@@ -100,28 +101,6 @@ def local_rows(mesh, global_batch: int) -> slice:
     if (rows.stop - rows.start) != per_device * len(starts):
         raise ValueError(f"process {jax.process_index()}'s batch rows are not contiguous: {index_map}")
     return rows
-
-
-class Recorder:
-    """Passes the toy iterator through, keeping each batch's tokens (which examples this process fed)."""
-
-    def __init__(self, it):
-        self.it, self.tokens = it, []
-        self.state_is_global = it.state_is_global
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.it)
-        self.tokens.append(batch["tokens"])
-        return batch
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from audio_reference import torchaudio_resample
-from data_pipelines import audio as A
+from data_pipelines import audio
 from data_pipelines.media import write_mp4
 
 SR = 16000
@@ -197,7 +197,7 @@ def test_fbank_matches_kaldi_native_fbank(name):
     # 126 is the most mel bins Kaldi/knf accept at 16 kHz / 512 points (one of 128 bins is
     # empty); 128 itself is checked below against knf's spectrum.
     x = SIGNALS[name]()
-    ours = A.kaldi_fbank(x[None], num_mel_bins=126)[0]
+    ours = audio.kaldi_fbank(x[None], num_mel_bins=126)[0]
     ref = knf_fbank(x, 126)
     assert ours.shape == (1 + (x.size - 400) // 160, 126)
     resolved_err, all_err = _check_against(ours, ref, name)
@@ -209,7 +209,7 @@ def test_fbank_matches_kaldi_native_fbank(name):
 @pytest.mark.parametrize("name", ["speech_like", "tone_440", "silence"])
 def test_fbank_128_bins_matches_knf_spectrum_and_kaldi_banks(name):
     x = SIGNALS[name]()
-    ours = A.kaldi_fbank(x[None])[0]
+    ours = audio.kaldi_fbank(x[None])[0]
     _check_against(ours, reference_fbank_128(x), name)
     # The 4th filter holds no FFT bin: ImageBind's features always carry log(eps) there.
     np.testing.assert_array_equal(ours[:, 3], np.float32(LOG_EPS))
@@ -222,9 +222,9 @@ def test_mel_banks_match_knf():
         mo = knf.MelBanksOptions()
         mo.num_bins = bins
         ref = np.array(knf.MelBanks(mo, fo, 1.0).get_matrix()).T
-        np.testing.assert_allclose(A.mel_banks(bins, 512, float(SR)), ref, atol=1e-4)
+        np.testing.assert_allclose(audio.mel_banks(bins, 512, float(SR)), ref, atol=1e-4)
         np.testing.assert_allclose(kaldi_banks_loop(bins), ref, atol=1e-4)
-    banks = A.mel_banks(128, 512, float(SR))
+    banks = audio.mel_banks(128, 512, float(SR))
     assert banks.shape == (257, 128) and np.flatnonzero(banks.max(axis=0) == 0).tolist() == [3]
     np.testing.assert_allclose(banks, kaldi_banks_loop(128), atol=1e-4)
 
@@ -239,12 +239,12 @@ def test_clip_timepoints_follow_pytorchvideo(duration, num_clips):
     while not last:
         start, end, _, _, last = sampler(end, duration, None)
         expected.append((start, end))
-    assert A.clip_timepoints(duration, num_clips, 2.0) == expected
+    assert audio.clip_timepoints(duration, num_clips, 2.0) == expected
     assert len(expected) == num_clips
 
 
 def test_clip_starts_spread_over_duration_minus_clip():
-    points = A.clip_timepoints(10.0, 8)
+    points = audio.clip_timepoints(10.0, 8)
     assert [float(s) for s, _ in points] == [i * 8 / 8 for i in range(8)]
     assert all(e - s == 2 for s, e in points)
 
@@ -257,43 +257,43 @@ def test_waveform_to_clips_matches_imagebind_loop(case):
         x = speech_like(1.2)
     else:
         x = np.zeros(int(2.5 * SR), np.float32)
-    ours = A.waveform_to_clips(x, SR, num_clips=8)
+    ours = audio.waveform_to_clips(x, SR, num_clips=8)
     ref = imagebind_reference(x, 8)
     assert ours.shape == ref.shape == (8, 1, 128, 204) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= 1e-3, f"{case}: {np.abs(ours - ref).max():.2e}"
     if case == "overlapping_dc":
         # Without reproducing the leak the clips after the first differ visibly, so the test can fail.
-        plain = A.normalize_fbank(A._melspecs(
-            [x[a:b] for a, b in A.clip_sample_ranges(x.size, 8)], SR, 128, 204))
+        plain = audio.normalize_fbank(audio._melspecs(
+            [x[a:b] for a, b in audio.clip_sample_ranges(x.size, 8)], SR, 128, 204))
         assert np.abs(plain - ref).max() > 1e-2
 
 
 def test_silent_and_short_layout():
-    silent = A.waveform_to_clips(np.zeros(3 * SR, np.float32), SR, num_clips=8)
-    floor, pad = (LOG_EPS - A.FBANK_MEAN) / A.FBANK_STD, -A.FBANK_MEAN / A.FBANK_STD
+    silent = audio.waveform_to_clips(np.zeros(3 * SR, np.float32), SR, num_clips=8)
+    floor, pad = (LOG_EPS - audio.FBANK_MEAN) / audio.FBANK_STD, -audio.FBANK_MEAN / audio.FBANK_STD
     # a 2 s clip has 1 + (32000 - 400) // 160 = 198 frames; ImageBind zero-pads 6 at the end
     np.testing.assert_allclose(silent[..., :198], floor, atol=1e-6)
     np.testing.assert_allclose(silent[..., 198:], pad, atol=1e-6)
-    short = A.waveform_to_clips(tone(0.5), SR, num_clips=8)
+    short = audio.waveform_to_clips(tone(0.5), SR, num_clips=8)
     n = 1 + (8000 - 400) // 160
     np.testing.assert_allclose(short[..., n:], pad, atol=1e-6)
     assert np.all(short[..., :n].max(axis=2) > pad + 0.3)  # the tone, before the padding
     np.testing.assert_array_equal(short, np.broadcast_to(short[:1], short.shape))  # all clips at 0 s
-    tiny = A.waveform_to_clips(tone(0.01), SR, num_clips=2)  # < one 25 ms window: all padding
+    tiny = audio.waveform_to_clips(tone(0.01), SR, num_clips=2)  # < one 25 ms window: all padding
     np.testing.assert_allclose(tiny, pad, atol=1e-6)
 
 
 def test_waveform_to_clips_input_errors():
     with pytest.raises(ValueError, match=r"\[channels, samples\].*\(1, 2, 100\)"):
-        A.waveform_to_clips(np.zeros((1, 2, 100), np.float32), SR, 8)
+        audio.waveform_to_clips(np.zeros((1, 2, 100), np.float32), SR, 8)
     with pytest.raises(ValueError, match=r"channel 2 requested, the track has 2"):
-        A.waveform_to_clips(np.zeros((2, 100), np.float32), SR, 8, channels=2)
+        audio.waveform_to_clips(np.zeros((2, 100), np.float32), SR, 8, channels=2)
     with pytest.raises(ValueError, match=r"expected 'imagebind'.*got 'left'"):
-        A.waveform_to_clips(np.zeros(100, np.float32), SR, 8, channels="left")
+        audio.waveform_to_clips(np.zeros(100, np.float32), SR, 8, channels="left")
     with pytest.raises(ValueError, match="empty waveform"):
-        A.waveform_to_clips(np.zeros(0, np.float32), SR, 8)
+        audio.waveform_to_clips(np.zeros(0, np.float32), SR, 8)
     with pytest.raises(ValueError, match="NaN"):
-        A.waveform_to_clips(np.full(100, np.nan, np.float32), SR, 8)
+        audio.waveform_to_clips(np.full(100, np.nan, np.float32), SR, 8)
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -301,10 +301,10 @@ def test_waveform_to_clips_input_errors():
 @pytest.mark.parametrize("orig", [44100, 48000, 22050, 8000])
 def test_resample_matches_torchaudio_algorithm(orig):
     x = tone(1.5, 440.0, 0.5, sr=orig) + noise(1.5 * orig / SR, 0.05)[: int(1.5 * orig)]
-    ours = A.resample(x, orig, SR)
+    ours = audio.resample(x, orig, SR)
     assert ours.shape == (math.ceil(SR * x.size / orig),)
     np.testing.assert_allclose(ours, torchaudio_resample(torch.from_numpy(x)[None], orig, SR)[0].numpy(), atol=2e-6)
-    clean = A.resample(tone(1.5, 440.0, 0.5, sr=orig), orig, SR)
+    clean = audio.resample(tone(1.5, 440.0, 0.5, sr=orig), orig, SR)
     inner = slice(400, -400)  # away from torchaudio's zero-padded ends
     np.testing.assert_allclose(clean[inner], tone(1.5)[: clean.size][inner], atol=5e-4)
 
@@ -331,20 +331,20 @@ def test_decode_audio_stereo_wav(tmp_path):
     right = (noise(rate / SR, 0.1)[:rate] * 32767).astype(np.int16)
     path = tmp_path / "stereo.wav"
     _write_wav(path, np.stack([left, right]), rate)
-    first, sr = A.decode_audio(path, channel=0)
+    first, sr = audio.decode_audio(path, channel=0)
     assert sr == SR
-    np.testing.assert_array_equal(first, A.resample(left.astype(np.float32) / 32768, rate, SR))
-    mixed, _ = A.decode_audio(path)
+    np.testing.assert_array_equal(first, audio.resample(left.astype(np.float32) / 32768, rate, SR))
+    mixed, _ = audio.decode_audio(path)
     expected = (left.astype(np.float32) / 32768 + right.astype(np.float32) / 32768) / 2
-    np.testing.assert_allclose(mixed, A.resample(expected, rate, SR), atol=1e-6)
-    with pytest.raises(A.AudioDecodeError, match="channel 2 requested, the track has 2"):
-        A.decode_audio(path, channel=2)
+    np.testing.assert_allclose(mixed, audio.resample(expected, rate, SR), atol=1e-6)
+    with pytest.raises(audio.AudioDecodeError, match="channel 2 requested, the track has 2"):
+        audio.decode_audio(path, channel=2)
 
 
 def test_video_with_tone(tmp_path):
     frames = np.zeros((72, 32, 32, 3), np.uint8)
     path = write_mp4(str(tmp_path / "tone.mp4"), frames, fps=24, audio=tone(3.0, 440.0, 0.5), sample_rate=SR)
-    clips = A.load_audio_clips(path, num_clips=8)
+    clips = audio.load_audio_clips(path, num_clips=8)
     assert clips.present and clips.fbank.shape == (8, 1, 128, 204) and clips.fbank.dtype == np.float32
     assert abs(clips.duration_s - 3.0) < 0.1  # AAC adds encoder priming samples
     mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)  # noqa: E731
@@ -356,7 +356,7 @@ def test_video_with_tone(tmp_path):
 
 def test_video_without_audio_track(tmp_path):
     path = write_mp4(str(tmp_path / "mute.mp4"), np.zeros((10, 32, 32, 3), np.uint8), fps=10)
-    clips = A.load_audio_clips(path, num_clips=4)
+    clips = audio.load_audio_clips(path, num_clips=4)
     assert clips.present is False and clips.duration_s == 0.0
     assert clips.fbank.shape == (4, 1, 128, 204) and not clips.fbank.any()
 
@@ -364,12 +364,12 @@ def test_video_without_audio_track(tmp_path):
 def test_corrupt_and_missing_files(tmp_path):
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(A.AudioDecodeError, match="corrupt.mp4") as info:
-        A.load_audio_clips(bad)
+    with pytest.raises(audio.AudioDecodeError, match="corrupt.mp4") as info:
+        audio.load_audio_clips(bad)
     assert isinstance(info.value, ValueError) and info.value.path == str(bad)
     missing = tmp_path / "nope" / "missing.mp4"
-    with pytest.raises(A.AudioDecodeError, match=r"missing\.mp4.*does not exist"):
-        A.load_audio_clips(missing)
+    with pytest.raises(audio.AudioDecodeError, match=r"missing\.mp4.*does not exist"):
+        audio.load_audio_clips(missing)
 
 
 # ----------------------------------------------------------------------------- channels vs ImageBind
@@ -422,7 +422,7 @@ def test_file_matches_imagebind_line_by_line(tmp_path, case):
         path = tmp_path / f"{case}.m4a"
         _write_aac(path, x, rate)
     ref = imagebind_reference_file(path)
-    ours = A.load_audio_clips(path, num_clips=8)
+    ours = audio.load_audio_clips(path, num_clips=8)
     assert ours.present and ours.fbank.shape == ref.shape == (8, 1, 128, 204)
     err = np.abs(ours.fbank - ref).max()
     assert err <= 1e-3, f"{case}: max abs {err:.2e} vs ImageBind's loop"
@@ -430,34 +430,34 @@ def test_file_matches_imagebind_line_by_line(tmp_path, case):
     if channels > 1:
         # the alternatives are real choices: they differ from the original on these files
         for other in ("mix", 0):
-            alt = A.load_audio_clips(path, num_clips=8, channels=other).fbank
+            alt = audio.load_audio_clips(path, num_clips=8, channels=other).fbank
             assert np.abs(alt - ref).max() > 1e-2, other
 
 
 def test_channel_choices_on_mono_agree(tmp_path):
     x = _multichannel_signal(1, 2.5, SR)[0]
-    ref = A.waveform_to_clips(x, SR, 4)
+    ref = audio.waveform_to_clips(x, SR, 4)
     for choice in ("mix", 0, "0"):
-        np.testing.assert_array_equal(A.waveform_to_clips(x, SR, 4, channels=choice), ref)
+        np.testing.assert_array_equal(audio.waveform_to_clips(x, SR, 4, channels=choice), ref)
     stereo = np.stack([x, 0.5 * x[::-1]])
-    np.testing.assert_array_equal(A.waveform_to_clips(stereo, SR, 4, channels=1),
-                                  A.waveform_to_clips(stereo[1], SR, 4))
-    np.testing.assert_allclose(A.waveform_to_clips(stereo, SR, 4, channels="mix"),
-                               A.waveform_to_clips(stereo.mean(0), SR, 4), atol=1e-5)
+    np.testing.assert_array_equal(audio.waveform_to_clips(stereo, SR, 4, channels=1),
+                                  audio.waveform_to_clips(stereo[1], SR, 4))
+    np.testing.assert_allclose(audio.waveform_to_clips(stereo, SR, 4, channels="mix"),
+                               audio.waveform_to_clips(stereo.mean(0), SR, 4), atol=1e-5)
 
 
 def test_damaged_files(tmp_path):
     from media_fixtures import damaged_files
 
     files = damaged_files(tmp_path)
-    assert abs(A.load_audio_clips(files["good"]).duration_s - 5.0) < 0.1
+    assert abs(audio.load_audio_clips(files["good"]).duration_s - 5.0) < 0.1
     # the cut's last audio packet is partial: the decoder fails there, 1.x s into 5 s
-    with pytest.raises(A.AudioDecodeError, match=r"cut\.mp4.*(truncated: decoded|decode error mid-stream after) "
+    with pytest.raises(audio.AudioDecodeError, match=r"cut\.mp4.*(truncated: decoded|decode error mid-stream after) "
                                                  r"\d\.\d s of 5\.0 s") as e:
-        A.load_audio_clips(files["cut"])
+        audio.load_audio_clips(files["cut"])
     assert e.value.category in ("truncated", "corrupt")
-    with pytest.raises(A.AudioDecodeError, match=r"corrupt\.mp4.*decode error mid-stream after \d\.\d s of 5\.0 s"):
-        A.load_audio_clips(files["corrupt"])
-    with pytest.raises(A.AudioDecodeError, match=r"empty\.mp4"):
-        A.load_audio_clips(files["empty"])
+    with pytest.raises(audio.AudioDecodeError, match=r"corrupt\.mp4.*decode error mid-stream after \d\.\d s of 5\.0 s"):
+        audio.load_audio_clips(files["corrupt"])
+    with pytest.raises(audio.AudioDecodeError, match=r"empty\.mp4"):
+        audio.load_audio_clips(files["empty"])
 

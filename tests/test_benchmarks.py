@@ -83,14 +83,30 @@ def test_table_shows_packing_and_pytorch_rows():
 def test_loader_against_step_feeds_the_loaders_batches_to_the_step(tmp_path):
     import dataclasses
 
-    from benchmarks import loader_throughput as LT
+    from benchmarks import loader_throughput
     from data_pipelines.loader import LoaderConfig
 
-    paths = LT._write_shards(str(tmp_path), num_examples=8, num_shards=2)
-    encoder = LT._encoder(str(tmp_path))
+    paths = loader_throughput._write_shards(str(tmp_path), num_examples=8, num_shards=2)
+    encoder = loader_throughput._encoder(str(tmp_path))
     base = dataclasses.replace(LoaderConfig.preset("stage1", batch_size=2, num_frames=4), read_threads=1)
-    out = LT.against_step(paths, encoder, base, "tiny", rounds=1, batches=2, warmup=1)
+    out = loader_throughput.against_step(paths, encoder, base, "tiny", rounds=1, batches=2, warmup=1)
     assert out["num_media_tokens"] == train_step.bench_configs()["tiny"].num_media_tokens(("video",))
     assert out["llama_vocab"] >= len(encoder.tokenizer)
     for key in ("loader_examples_per_s", "step_examples_per_s", "step_fed_examples_per_s"):
         assert out[key] > 0 and len(out["rounds"][key.removesuffix("_examples_per_s")]) == 1
+
+
+def test_convert_rss_smoke(tmp_path):
+    """benchmarks/convert_rss.py at tiny width: the children's peak RSS is read back (the real
+    figures are the 7B-width rows in benchmarks/README.md) and the directories are gone after."""
+    import json
+
+    from benchmarks import convert_rss
+
+    out = tmp_path / "rss.json"
+    assert convert_rss.main(["--width", "tiny", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["checkpoint"]["tensors"] == 2 * 9 + 3
+    for k in ("import", "export"):
+        assert 50e6 < row[k]["peak_rss_bytes"] < 2e9
+    assert not any((tmp_path / "w" / "tiny").glob("*"))

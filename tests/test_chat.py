@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from media_fixtures import damaged_files
-from vllama_jax import chat as C
+from vllama_jax.chat import IMAGE_SYSTEM, Chat, ChatError, clean_answer, default_generation, main, new_conversation
 from vllama_jax.generate import GenerationConfig, generate
 from vllama_jax.inference import InferenceModel, LoadError, load_for_inference, save_params_msgpack
 from vllama_jax.models.llama import LlamaConfig
@@ -78,11 +78,11 @@ def world(tmp_path_factory):
             "config": config, "params": params}
 
 
-def make_chat(world, style="vicuna", **kw) -> C.Chat:
+def make_chat(world, style="vicuna", **kw) -> Chat:
     model = InferenceModel(world["config"], world["params"], world["tokenizer"], style, num_frames=4,
                            image_size=world["config"].vit.img_size, num_audio_clips=2)
-    gen = C.default_generation(style, world["tokenizer"]).replace(do_sample=False, max_new_tokens=6)
-    return C.Chat(model, generation=gen, log=lambda msg: None, **kw)
+    gen = default_generation(style, world["tokenizer"]).replace(do_sample=False, max_new_tokens=6)
+    return Chat(model, generation=gen, log=lambda msg: None, **kw)
 
 
 # ---------------------------------------------------------------------------------- templates
@@ -113,7 +113,7 @@ def test_video_only_and_image_messages(world):
     chat = make_chat(world)
     chat.upload_image(world["files"]["image"])
     chat.ask("What is it?")
-    assert chat.prompt == (C.IMAGE_SYSTEM + "###Human: <Image><ImageHere></Image>  What is it?###")
+    assert chat.prompt == (IMAGE_SYSTEM + "###Human: <Image><ImageHere></Image>  What is it?###")
 
 
 def test_llama2_turns_follow_the_reference_template(world):
@@ -129,7 +129,7 @@ def test_llama2_turns_follow_the_reference_template(world):
     chat.ask("Which colour?")
     assert chat.prompt == first + " a square </s><s>[INST] Which colour? [/INST]"
     # The reference's fresh llama-2 conversation (before the demo changes the system text).
-    conv = C.new_conversation("llama_v2")
+    conv = new_conversation("llama_v2")
     conv.append_message("USER", "hi")
     conv.append_message("ASSISTANT", None)
     assert conv.get_prompt() == ("[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able "
@@ -138,10 +138,10 @@ def test_llama2_turns_follow_the_reference_template(world):
 
 
 def test_clean_answer_as_the_reference():
-    vicuna, llama = C.new_conversation("vicuna"), C.new_conversation("llama_v2")
-    assert C.clean_answer(" Assistant: a red ball.\n###Human: more", vicuna) == "a red ball."
-    assert C.clean_answer("It moves left ##", vicuna) == "It moves left ##"
-    assert C.clean_answer("ASSISTANT: a cat </s> junk", llama) == "a cat"
+    vicuna, llama = new_conversation("vicuna"), new_conversation("llama_v2")
+    assert clean_answer(" Assistant: a red ball.\n###Human: more", vicuna) == "a red ball."
+    assert clean_answer("It moves left ##", vicuna) == "It moves left ##"
+    assert clean_answer("ASSISTANT: a cat </s> junk", llama) == "a cat"
 
 
 # ---------------------------------------------------------------------------------- media + answers
@@ -189,7 +189,7 @@ def test_answer_is_greedy_generation_on_the_context(world):
     assert chat.last_tokens == direct.rows()[0]
     toks = chat.last_tokens[1:] if chat.last_tokens[:1] == [0] else chat.last_tokens
     toks = toks[1:] if toks[:1] == [1] else toks
-    assert text == C.clean_answer(world["tokenizer"].decode(toks), chat.conv)
+    assert text == clean_answer(world["tokenizer"].decode(toks), chat.conv)
     assert chat.conv.messages[-1] == ["Assistant", text]
 
 
@@ -231,10 +231,10 @@ def test_streamed_answer_is_the_answer_and_errors_roll_back(world):
     chat = started(overflow="error")
     chat.max_length = 20
     before = [list(m) for m in chat.conv.messages]
-    with pytest.raises(C.ChatError, match="over this model's limit of 20"):
+    with pytest.raises(ChatError, match="over this model's limit of 20"):
         list(chat.reply_stream("What colour is the object?"))
     assert chat.conv.messages == before
-    with pytest.raises(C.ChatError, match="empty"):
+    with pytest.raises(ChatError, match="empty"):
         list(chat.reply_stream("  "))
     assert chat.conv.messages == before
     with pytest.raises(ValueError, match="overflow"):
@@ -246,7 +246,7 @@ def test_streamed_answer_is_the_answer_and_errors_roll_back(world):
 def test_bad_inputs_give_clear_errors_and_keep_the_session(world):
     f = world["files"]
     chat = make_chat(world)
-    with pytest.raises(C.ChatError, match="ask a question first"):
+    with pytest.raises(ChatError, match="ask a question first"):
         chat.answer()
     for call, pattern in [(lambda: chat.upload_video(f["missing"]), "does not exist"),
                           (lambda: chat.upload_video(f["text"]), "not a readable video"),
@@ -254,7 +254,7 @@ def test_bad_inputs_give_clear_errors_and_keep_the_session(world):
                           (lambda: chat.upload_audio(f["silent"]), "has no audio track"),
                           (lambda: chat.upload_video(str(world["dir"])), "is a directory"),
                           (lambda: chat.ask("   "), "empty")]:
-        with pytest.raises(C.ChatError, match=pattern):
+        with pytest.raises(ChatError, match=pattern):
             call()
         assert chat.conv.messages == [] and chat.media == []
     # Damaged files: the error names the file and what was expected; nothing is added.
@@ -264,7 +264,7 @@ def test_bad_inputs_give_clear_errors_and_keep_the_session(world):
                           (lambda: chat.upload_video(damaged["corrupt"]), r"corrupt\.mp4.*decode error mid-stream"),
                           (lambda: chat.upload_video(damaged["empty"]), r"empty\.mp4.*empty file \(0 bytes\)"),
                           (lambda: chat.upload_audio(damaged["cut"]), r"cut\.mp4.*(truncated|decode error)")]:
-        with pytest.raises(C.ChatError, match=pattern):
+        with pytest.raises(ChatError, match=pattern):
             call()
         assert chat.conv.messages == [] and chat.media == []
     # A video without sound falls back to its frames, says so, and the chat goes on.
@@ -273,7 +273,7 @@ def test_bad_inputs_give_clear_errors_and_keep_the_session(world):
     assert chat.conv.messages == [["Human", "<Video><ImageHere></Video> The video contains 4 frames sampled at "
                                              "0.0, 0.5, 1.0, 1.5 seconds. "]]
     assert len(chat.media) == 1
-    with pytest.raises(C.ChatError, match="bad generation setting"):
+    with pytest.raises(ChatError, match="bad generation setting"):
         chat.ask("Q?") or chat.answer(top_p=2.0)
     assert chat.conv.messages[-1][0] == "Human"       # the failed answer left no empty reply behind
     assert isinstance(chat.answer(), str)
@@ -289,8 +289,8 @@ def test_terminal_loop_with_piped_stdin(world, tmp_path):
                         "/prompt", f"/audio {f['av']}", "How fast does it beep?", "/quit",
                         "never read"]) + "\n"
     out = io.StringIO()
-    rc = C.main(["--checkpoint", str(params_file), "--config", str(config_file), "--tokenizer", world["tok_dir"],
-                 "--greedy", "--max-new-tokens", "4"], stdin=io.StringIO(script), stdout=out)
+    rc = main(["--checkpoint", str(params_file), "--config", str(config_file), "--tokenizer", world["tok_dir"],
+               "--greedy", "--max-new-tokens", "4"], stdin=io.StringIO(script), stdout=out)
     lines = out.getvalue().splitlines()
     assert rc == 0
     assert any(l.startswith("error:") and "does not exist" in l for l in lines)

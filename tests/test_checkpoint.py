@@ -15,7 +15,7 @@ from train_utils import REPO, CountingIterator, setup_state, toy_config_dict, to
 from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer
 from vllama_jax.train import loop, partition, toy
-from vllama_jax.train import step as S
+from vllama_jax.train import step as train_step
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def sharded_state():
     mesh = sharding.make_mesh((2, 2, 2))
     state, frozen, tx, _, paths = setup_state(task, mesh=mesh)
     b_train, _ = partition.split(task.abstract_params(), paths)
-    abstract = S.abstract_state(b_train, tx, S.state_shardings(b_train, tx, mesh))
+    abstract = train_step.abstract_state(b_train, tx, train_step.state_shardings(b_train, tx, mesh))
     return state, frozen, paths, abstract
 
 

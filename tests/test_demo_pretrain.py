@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.tokenizer import build_demo_tokenizer, load_tokenizer
-from vllama_jax.demo import pretrain as DP
+from vllama_jax.demo import pretrain
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def test_corpus_packs_each_group_apart(tok):
     groups = [["a red circle moving left", "What colour is the object? red"], ["a low tone beeps slowly"],
               ["a red circle"] * 6]
     lengths = [[len(tok(t)["input_ids"]) for t in g] for g in groups]
-    corpus = DP.tokenize_corpus(groups, tok, max_len=sum(lengths[2][:4]))
+    corpus = pretrain.tokenize_corpus(groups, tok, max_len=sum(lengths[2][:4]))
     ids, mask, loss = corpus["input_ids"], corpus["attention_mask"], corpus["loss_mask"]
     # Group 0 in one row, group 1 in its own, group 2 split at a text boundary over two rows.
     assert mask.sum(1).tolist() == [sum(lengths[0]), sum(lengths[1]), sum(lengths[2][:4]), sum(lengths[2][4:])]
@@ -28,7 +28,7 @@ def test_corpus_packs_each_group_apart(tok):
     assert np.array_equal(loss, mask * (ids != tok.bos_token_id))
     assert (ids[mask > 0] == tok.bos_token_id).sum() == sum(map(len, groups))
     with pytest.raises(ValueError, match="tokens > max_len 4"):
-        DP.tokenize_corpus(groups, tok, max_len=4)
+        pretrain.tokenize_corpus(groups, tok, max_len=4)
 
 
 def test_caption_loss_scores_every_frame():
@@ -38,22 +38,23 @@ def test_caption_loss_scores_every_frame():
     frames = np.zeros((2, 3, 4))
     frames[:, :, :] = np.eye(4)[labels[:, 1]][:, None] * 50.0          # right on every frame ...
     frames[1, 2] = np.eye(4)[1] * 50.0                                # ... but one
-    loss, metrics = DP.caption_loss((bag[0], (clip, jnp.asarray(frames))), {"bag": bag[1], "labels": labels},
-                                    bag_weight=0.0)
+    loss, metrics = pretrain.caption_loss((bag[0], (clip, jnp.asarray(frames))), {"bag": bag[1], "labels": labels},
+                                          bag_weight=0.0)
     assert float(metrics["acc0"]) == 1.0 and float(metrics["acc1"]) == pytest.approx(5 / 6)
     assert float(loss) == pytest.approx(50.0 / 6, rel=1e-3)         # one frame of six off by 50 nats
     outputs, batch = (bag[0], (clip, jnp.asarray(frames))), {"bag": bag[1], "labels": labels}
-    weighted, _ = DP.caption_loss(outputs, batch, bag_weight=0.0, attribute_weights=(1.0, 0.1))
+    weighted, _ = pretrain.caption_loss(outputs, batch, bag_weight=0.0, attribute_weights=(1.0, 0.1))
     assert float(weighted) == pytest.approx(5.0 / 6, rel=1e-3)      # the frame head's loss a tenth
     with pytest.raises(ValueError, match="1 weights for 2 attributes"):
-        DP.caption_loss(outputs, batch, bag_weight=0.0, attribute_weights=(1.0,))
+        pretrain.caption_loss(outputs, batch, bag_weight=0.0, attribute_weights=(1.0,))
 
 
 def test_attribute_labels_name_the_bad_example():
     attributes = {"colour": ("red", "green"), "pitch": ("low", "high")}
-    labels = DP.attribute_labels([{"colour": "green", "pitch": "low"}, {"colour": "red", "pitch": "high"}], attributes)
+    labels = pretrain.attribute_labels([{"colour": "green", "pitch": "low"}, {"colour": "red", "pitch": "high"}],
+                                       attributes)
     assert labels.tolist() == [[1, 0], [0, 1]]
     with pytest.raises(ValueError, match=r"example 1: attribute 'pitch' is 'purple', expected one of"):
-        DP.attribute_labels([{"colour": "red", "pitch": "low"}, {"colour": "red", "pitch": "purple"}], attributes)
+        pretrain.attribute_labels([{"colour": "red", "pitch": "low"}, {"colour": "red", "pitch": "purple"}], attributes)
     with pytest.raises(ValueError, match=r"example 0: attribute 'colour' is None"):
-        DP.attribute_labels([{"pitch": "low"}], attributes)
+        pretrain.attribute_labels([{"pitch": "low"}], attributes)

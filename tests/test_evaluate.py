@@ -171,7 +171,7 @@ def direct_answer(model, prompt_text, record, media, max_new_tokens):
     """The answer by hand: the loader's eval frames, the soft tokens written into the embedding
     rows of the placeholders with numpy, greedy generation. The row is left-padded to the eval's
     shape [4, 64] only so the compiled program is reused (padding itself is test_generate's)."""
-    from data_pipelines import video as V
+    from data_pipelines import video
     from data_pipelines.records import decode_jpeg
     from data_pipelines.tokenizer import TextEncoder
     from vllama_jax.media_encoding import encode_media
@@ -179,8 +179,8 @@ def direct_answer(model, prompt_text, record, media, max_new_tokens):
     enc = TextEncoder(model.tokenizer)
     ids = np.asarray(enc(prompt_text))
     patch = ids == enc.patch_id
-    idx = V.sample_indices(len(record["frames"]), 4, "uniform")
-    frames = V.eval_transform(np.stack([decode_jpeg(record["frames"][i]) for i in idx]), model.image_size)
+    idx = video.sample_indices(len(record["frames"]), 4, "uniform")
+    frames = video.eval_transform(np.stack([decode_jpeg(record["frames"][i]) for i in idx]), model.image_size)
     inputs = {"video": ("encode_video", frames), "audio": ("encode_audio", np.float32(record["fbank"]))}
     soft = np.concatenate([np.asarray(encode_media(model.params, jnp.asarray(inputs[m][1])[None], config=model.config,
                                                    method=inputs[m][0]))[0] for m in media])
@@ -196,7 +196,7 @@ def direct_answer(model, prompt_text, record, media, max_new_tokens):
 
 
 def test_prompts_are_the_training_text_cut_at_the_answer(world):
-    from data_pipelines import prompts as P
+    from data_pipelines import prompts
     from data_pipelines.tokenizer import TextEncoder
 
     assert runner.qa_prompt("<ImageHere>\nWhat is it?", "image", 2, "vicuna") == \
@@ -209,7 +209,7 @@ def test_prompts_are_the_training_text_cut_at_the_answer(world):
     turns = [{"from": "human", "value": "<ImageHere> What colour is the object?"}, {"from": "gpt", "value": "red"}]
     for style in ("vicuna", "llama_v2"):
         prompt = enc(runner.qa_prompt(turns[0]["value"], "video", 3, style, "msg. "))
-        train, _ = P.tokenize_conversation(P.insert_media(turns, "video", 3, "msg. "), enc, style)
+        train, _ = prompts.tokenize_conversation(prompts.insert_media(turns, "video", 3, "msg. "), enc, style)
         assert train[:len(prompt)] == prompt, style
         assert "".join(enc.tokenizer.convert_ids_to_tokens(train[len(prompt):])).startswith("\u2581red"), style
     with pytest.raises(metrics.EvalError, match="conv_style must be one of"):

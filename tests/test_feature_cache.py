@@ -11,7 +11,7 @@ from conftest import assert_close
 
 from vllama_jax.models.video_llama import BRANCHES, VideoLlama, VideoLlamaConfig, dummy_batch
 from vllama_jax.train import config_lib
-from vllama_jax.train import feature_cache as FC
+from vllama_jax.train import feature_cache
 from vllama_jax.train import partition
 from vllama_jax.train.task import build_task
 from vllama_jax.train.video_llama_task import VideoLlamaTask
@@ -52,9 +52,9 @@ def _loss_and_grads(task, params, batch, patterns, deterministic=True):
 
 
 def _cached_batch(task, params, batch):
-    data = FC.build_feature_dataset(
-        task.model, {"params": params}, [batch], FC.outputs_for_media(MEDIA),
-        method=VideoLlama.encode_media, method_args=(MEDIA,), keep=None, drop=FC.RAW_MEDIA_KEYS)
+    data = feature_cache.build_feature_dataset(
+        task.model, {"params": params}, [batch], feature_cache.outputs_for_media(MEDIA),
+        method=VideoLlama.encode_media, method_args=(MEDIA,), keep=None, drop=feature_cache.RAW_MEDIA_KEYS)
     return data.arrays
 
 
@@ -67,7 +67,7 @@ def test_cached_loss_and_grads_equal_uncached(setup):
     assert cached["image_features"].shape == (3, 2, 8, 32)    # [B, T, Q_img, D_img]
     assert cached["audio_features"].shape == (3, 3, 24)       # [B, M, E]
     assert "frames" not in cached and "audio" not in cached
-    cached_task = FC.CachedFeatureTask(task, FC.outputs_for_media(MEDIA))
+    cached_task = feature_cache.CachedFeatureTask(task, feature_cache.outputs_for_media(MEDIA))
     # The cached towers' params are not needed (nor kept) by the cached task.
     slim = cached_task._drop(params)
     assert "image_encoder" not in slim and "audio_encoder" not in slim and "llama" in slim
@@ -87,8 +87,9 @@ def test_cached_loss_and_grads_equal_uncached(setup):
 def test_short_last_batch_is_padded_and_trimmed(setup):
     task, params, batch = setup
     last = {k: v[1:2] for k, v in batch.items()}
-    data = FC.build_feature_dataset(task.model, {"params": params}, [batch, last], FC.VIDEO_LLAMA_OUTPUTS[:2],
-                                    method=VideoLlama.encode_media, method_args=(MEDIA,), keep=("input_ids",))
+    data = feature_cache.build_feature_dataset(task.model, {"params": params}, [batch, last],
+                                               feature_cache.VIDEO_LLAMA_OUTPUTS[:2], method=VideoLlama.encode_media,
+                                               method_args=(MEDIA,), keep=("input_ids",))
     whole = _cached_batch(task, params, batch)
     assert len(data) == 4 and np.array_equal(data["input_ids"][3], batch["input_ids"][1])
     for key in ("image_features", "audio_features"):
@@ -104,7 +105,8 @@ def test_missing_cached_key_is_named(setup):
     del cached["audio_features"]
     stub = dict(cached, audio=np.zeros((3, 3, 1, 1, 1), np.float32))
     with pytest.raises(KeyError, match="audio_features"):
-        FC.CachedFeatureTask(task, stub=lambda b: FC.stub_video_llama_media(b) | {"audio": stub["audio"]}).loss_fn(
+        feature_cache.CachedFeatureTask(
+            task, stub=lambda b: feature_cache.stub_video_llama_media(b) | {"audio": stub["audio"]}).loss_fn(
             params, cached, jax.random.key(0), True)
 
 
@@ -112,19 +114,19 @@ def test_missing_cached_key_is_named(setup):
 @pytest.mark.ci
 def test_capture_names_a_submodule_that_was_not_called(setup):
     task, params, batch = setup
-    outputs = FC.VIDEO_LLAMA_OUTPUTS[:1] + (FC.CachedOutput("audio_qformer/layer_9", "x"),)
+    outputs = feature_cache.VIDEO_LLAMA_OUTPUTS[:1] + (feature_cache.CachedOutput("audio_qformer/layer_9", "x"),)
     with pytest.raises(KeyError, match="audio_qformer/layer_9"):
-        jax.eval_shape(lambda p, b: FC.capture(task.model, {"params": p}, outputs, 3, b, MEDIA,
-                                               method=VideoLlama.encode_media), params, batch)
+        jax.eval_shape(lambda p, b: feature_cache.capture(task.model, {"params": p}, outputs, 3, b, MEDIA,
+                                                          method=VideoLlama.encode_media), params, batch)
     with pytest.raises(ValueError, match="unknown media"):
-        FC.outputs_for_media(("smell",))
+        feature_cache.outputs_for_media(("smell",))
 
 
 def test_dataset_directory_round_trip_and_resumable_iterator(tmp_path):
-    data = FC.FeatureDataset({"x": np.arange(10), "y": np.arange(10) * 2,
-                              "f": np.arange(20, dtype=np.float32).reshape(10, 2).astype(ml_dtypes.bfloat16)})
+    bf16 = np.arange(20, dtype=np.float32).reshape(10, 2).astype(ml_dtypes.bfloat16)
+    data = feature_cache.FeatureDataset({"x": np.arange(10), "y": np.arange(10) * 2, "f": bf16})
     path = data.save(str(tmp_path / "cache"))
-    data = FC.FeatureDataset.load(path)
+    data = feature_cache.FeatureDataset.load(path)
     assert data["f"].dtype == ml_dtypes.bfloat16 and isinstance(data["x"], np.memmap)
     it = data.iterator(4, seed=3)
     batches = [next(it) for _ in range(6)]
@@ -139,11 +141,11 @@ def test_dataset_directory_round_trip_and_resumable_iterator(tmp_path):
     again.set_state({"step": 4})
     assert np.array_equal(next(again)["x"], batches[4]["x"])
     with pytest.raises(ValueError, match="leading"):
-        FC.FeatureDataset({"x": np.zeros(3), "y": np.zeros(4)})
+        feature_cache.FeatureDataset({"x": np.zeros(3), "y": np.zeros(4)})
     with pytest.raises(ValueError, match="batch_size"):
         data.iterator(11)
     with pytest.raises(FileNotFoundError, match="meta.json"):
-        FC.FeatureDataset.load(str(tmp_path / "nothing"))
+        feature_cache.FeatureDataset.load(str(tmp_path / "nothing"))
 
 
 # ---------------------------------------------------------------------------- the trainer's config path
@@ -171,8 +173,8 @@ def _stage1_config(path, source="test_feature_cache:source_batches"):
 def test_from_config_builds_reloads_and_replays_the_trainers_params(tmp_path):
     config = _stage1_config(tmp_path / "cache")
     task = build_task(config)
-    cached_task, it = FC.from_config(config, task)
-    assert os.path.isfile(os.path.join(FC.cache_dir(str(tmp_path / "cache")), "meta.json"))
+    cached_task, it = feature_cache.from_config(config, task)
+    assert os.path.isfile(os.path.join(feature_cache.cache_dir(str(tmp_path / "cache")), "meta.json"))
     batch = next(it)
     assert set(batch) == {"image_features", "frame_mask", "input_ids", "attention_mask", "targets", "media_mask"}
     assert batch["image_features"].shape[:2] == (2, int(config.data.num_frames))
@@ -180,13 +182,13 @@ def test_from_config_builds_reloads_and_replays_the_trainers_params(tmp_path):
 
     # Rebuilt from the files, not from the source; same rows in the same order.
     config_again = _stage1_config(tmp_path / "cache", source="test_feature_cache:failing_source")
-    _, it_again = FC.from_config(config_again, build_task(config_again))
+    _, it_again = feature_cache.from_config(config_again, build_task(config_again))
     again = next(it_again)
     assert all(np.array_equal(again[k], v) for k, v in batch.items())
 
     # The cache replays what the trainer's own initial params compute from the raw rows.
     raw = {k: np.concatenate([b[k] for b in source_batches(config)]) for k in source_batches(config)[0]}
-    data = FC.FeatureDataset.load(FC.cache_dir(str(tmp_path / "cache")))
+    data = feature_cache.FeatureDataset.load(feature_cache.cache_dir(str(tmp_path / "cache")))
     params = jax.jit(task.init_params)(jax.random.split(jax.random.PRNGKey(int(config.train.seed)))[0])
     rows = {k: data[k][:] for k in data.arrays}
     # Forward losses only (the slow tests above compare gradients too).
@@ -201,7 +203,7 @@ def test_from_config_refuses_a_trainable_tower(tmp_path):
     config = _stage1_config(tmp_path / "cache")
     config.freeze.patterns = ("image_encoder/qformer/.*",)
     with pytest.raises(ValueError, match="must be frozen"):
-        FC.from_config(config, build_task(config))
+        feature_cache.from_config(config, build_task(config))
     config.feature_cache.path = ""
     with pytest.raises(ValueError, match="feature_cache.path"):
-        FC.from_config(config, build_task(config))
+        feature_cache.from_config(config, build_task(config))

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data_pipelines import loader as L
-from data_pipelines import prompts as P
+from data_pipelines import loader
+from data_pipelines import prompts
 from data_pipelines.records import encode_example, encode_jpeg, make_example
 from data_pipelines.shards import WRITER_OPTIONS
 from data_pipelines.tokenizer import TextEncoder, TokenizerError, build_demo_tokenizer, load_tokenizer
 
-CFG = L.LoaderConfig.preset("tiny")  # B=2, L=48, T=4, 32x32 frames, 4 media tokens
-X = P.IGNORE_INDEX
+CFG = loader.LoaderConfig.preset("tiny")  # B=2, L=48, T=4, 32x32 frames, 4 media tokens
+X = prompts.IGNORE_INDEX
 
 
 def _jpeg(rng, h=20, w=24):
@@ -48,7 +48,7 @@ def write_shards(path_prefix, examples, num_shards=2):
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     texts = [f"clip number {i} what is {i} it is {i}" for i in range(50)]
-    texts += [P.VICUNA_CAPTION_TEMPLATE, "The video contains frames sampled at seconds."]
+    texts += [prompts.VICUNA_CAPTION_TEMPLATE, "The video contains frames sampled at seconds."]
     out = build_demo_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=500)
     return TextEncoder(load_tokenizer(out))
 
@@ -68,10 +68,10 @@ def _ids(batches):
 
 def test_batch_shapes_masks_and_padding(shards, encoder):
     cfg = dataclasses.replace(CFG, batch_size=4, keep_ids=True, num_epochs=1)
-    specs = [L.DatasetSpec(shards["caption"], weight=1.0), L.DatasetSpec(shards["conv"], weight=1.0)]
-    batches = list(L.make_loader(specs, cfg, encoder, 0, 1))
+    specs = [loader.DatasetSpec(shards["caption"], weight=1.0), loader.DatasetSpec(shards["conv"], weight=1.0)]
+    batches = list(loader.make_loader(specs, cfg, encoder, 0, 1))
     assert len(batches) == 4  # mixing stops when the 8 conversations run out: 8 + 8 rows
-    spec = L.batch_spec(cfg)
+    spec = loader.batch_spec(cfg)
     for b in batches:
         for k, (shape, dtype) in spec.items():
             assert b[k].shape == shape and b[k].dtype == dtype, k
@@ -99,7 +99,7 @@ def test_batch_shapes_masks_and_padding(shards, encoder):
 def test_caption_row_matches_prompt_builder(shards, encoder):
     """A stage-1 caption row is exactly [bos] + media + caption ids + '\\n', then padding."""
     cfg = dataclasses.replace(CFG, batch_size=1, keep_ids=True, shuffle=False, num_epochs=1, train=False)
-    b = next(L.make_loader(L.DatasetSpec(shards["caption"][:1]), cfg, encoder, 0, 1))
+    b = next(loader.make_loader(loader.DatasetSpec(shards["caption"][:1]), cfg, encoder, 0, 1))
     i = int(str(b["example_id"][0]).split("/")[1])
     text = encoder(f"clip number {i}\n", add_bos=False)
     n = 1 + cfg.num_media_tokens + len(text)
@@ -113,7 +113,7 @@ def test_max_txt_len_truncates_caption(tmp_path, encoder):
     long = " ".join(["clip number"] * 30)
     paths = write_shards(str(tmp_path / "long"), [caption_example(0, rng, caption=long)], num_shards=1)
     cfg = dataclasses.replace(CFG, batch_size=1, max_txt_len=7, num_epochs=1)
-    b = next(L.make_loader(paths, cfg, encoder, 0, 1))
+    b = next(loader.make_loader(paths, cfg, encoder, 0, 1))
     labels = b["targets"][0][b["targets"][0] != X]
     assert len(labels) == 7
     assert labels.tolist() == encoder(long + "\n", add_bos=False)[:7]
@@ -123,7 +123,7 @@ def test_max_txt_len_truncates_caption(tmp_path, encoder):
 def test_conversation_targets_vicuna_and_llama2(shards, encoder):
     for style in ("vicuna", "llama_v2"):
         cfg = dataclasses.replace(CFG, batch_size=8, seq_len=160, conv_style=style, num_epochs=1, keep_ids=True)
-        b = next(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+        b = next(loader.make_loader(loader.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
         for r, eid in enumerate(b["example_id"]):
             i = eid.split("/")[1]
             labels = b["targets"][r][b["targets"][r] != X].tolist()
@@ -139,7 +139,7 @@ def test_conversation_targets_vicuna_and_llama2(shards, encoder):
 
 def test_video_conversation_time_message(shards, encoder):
     cfg = dataclasses.replace(CFG, batch_size=8, seq_len=160, num_epochs=1, keep_ids=True, shuffle=False)
-    b = next(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+    b = next(loader.make_loader(loader.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
     for r, eid in enumerate(b["example_id"]):
         text = encoder.decode(b["input_ids"][r][b["attention_mask"][r] == 1])
         is_video = int(eid.split("/")[1]) % 2 == 0
@@ -149,13 +149,13 @@ def test_video_conversation_time_message(shards, encoder):
 
 def test_state_restore_yields_exactly_the_remaining_examples(shards, encoder):
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1)
-    spec = L.DatasetSpec(shards["caption"])
-    it = L.make_loader(spec, cfg, encoder, 0, 1)
+    spec = loader.DatasetSpec(shards["caption"])
+    it = loader.make_loader(spec, cfg, encoder, 0, 1)
     first = [next(it) for _ in range(3)]
     state = it.get_state()
     rest = list(it)
     assert len(first) + len(rest) == 12
-    resumed = L.make_loader(spec, cfg, encoder, 0, 1)
+    resumed = loader.make_loader(spec, cfg, encoder, 0, 1)
     resumed.set_state(state)
     again = list(resumed)
     assert _ids(again) == _ids(rest)
@@ -167,32 +167,33 @@ def test_state_restore_yields_exactly_the_remaining_examples(shards, encoder):
 
 def test_epochs_are_reshuffled(shards, encoder):
     cfg = dataclasses.replace(CFG, batch_size=4, keep_ids=True, num_epochs=2)
-    ids = _ids(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+    ids = _ids(loader.make_loader(loader.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
     e1, e2 = ids[:8], ids[8:]
     assert sorted(e1) == sorted(e2) == sorted(f"conv/{i}" for i in range(8))
     assert e1 != e2
-    same_seed = _ids(L.make_loader(L.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
+    same_seed = _ids(loader.make_loader(loader.DatasetSpec(shards["conv"]), cfg, encoder, 0, 1))
     assert same_seed == ids
-    other_seed = _ids(L.make_loader(L.DatasetSpec(shards["conv"]), dataclasses.replace(cfg, seed=1), encoder, 0, 1))
+    other_seed = _ids(loader.make_loader(loader.DatasetSpec(shards["conv"]), dataclasses.replace(cfg, seed=1),
+                                         encoder, 0, 1))
     assert other_seed != ids
 
 
 def test_two_processes_see_disjoint_shards_covering_the_data(shards, encoder):
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1)
-    seen = [set(_ids(L.make_loader(L.DatasetSpec(shards["caption"]), cfg, encoder, p, 2))) for p in range(2)]
+    seen = [set(_ids(loader.make_loader(loader.DatasetSpec(shards["caption"]), cfg, encoder, p, 2))) for p in range(2)]
     assert len(seen[0]) == len(seen[1]) == 12
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"cap/{i}" for i in range(24)}
     # 24 records over 5 processes: equal shards of 4, the 4 left over are dropped
-    sizes = [len(_ids(L.make_loader(L.DatasetSpec(shards["caption"]), dataclasses.replace(cfg, batch_size=1),
-                                    encoder, p, 5))) for p in range(5)]
+    sizes = [len(_ids(loader.make_loader(loader.DatasetSpec(shards["caption"]), dataclasses.replace(cfg, batch_size=1),
+                                         encoder, p, 5))) for p in range(5)]
     assert sizes == [4] * 5
 
 
 def test_mixing_weights_are_respected(shards, encoder):
     cfg = dataclasses.replace(CFG, batch_size=8, keep_ids=True, seq_len=160)
-    specs = [L.DatasetSpec(shards["caption"], weight=3.0), L.DatasetSpec(shards["conv"], weight=1.0)]
-    it = L.make_loader(specs, cfg, encoder, 0, 1)
+    specs = [loader.DatasetSpec(shards["caption"], weight=3.0), loader.DatasetSpec(shards["conv"], weight=1.0)]
+    it = loader.make_loader(specs, cfg, encoder, 0, 1)
     ids = _ids(next(it) for _ in range(30))  # 240 draws, several epochs of the conversations
     frac = sum(i.startswith("cap/") for i in ids) / len(ids)
     assert abs(frac - 0.75) < 0.03, frac
@@ -200,13 +201,13 @@ def test_mixing_weights_are_respected(shards, encoder):
 
 
 def test_missing_shard_and_tokenizer_errors(tmp_path, encoder):
-    with pytest.raises(L.LoaderError, match="nothere.array_record.*does not exist"):
-        L.make_loader(str(tmp_path / "nothere.array_record"), CFG, encoder, 0, 1)
-    with pytest.raises(L.LoaderError, match="matches no file"):
-        L.make_loader(str(tmp_path / "none-*.array_record"), CFG, encoder, 0, 1)
+    with pytest.raises(loader.LoaderError, match="nothere.array_record.*does not exist"):
+        loader.make_loader(str(tmp_path / "nothere.array_record"), CFG, encoder, 0, 1)
+    with pytest.raises(loader.LoaderError, match="matches no file"):
+        loader.make_loader(str(tmp_path / "none-*.array_record"), CFG, encoder, 0, 1)
     (tmp_path / "junk.array_record").write_bytes(b"this is not an array record file" * 10)
-    with pytest.raises(L.LoaderError, match="junk.array_record.*not a readable ArrayRecord"):
-        L.make_loader(str(tmp_path / "junk.array_record"), CFG, encoder, 0, 1)
+    with pytest.raises(loader.LoaderError, match="junk.array_record.*not a readable ArrayRecord"):
+        loader.make_loader(str(tmp_path / "junk.array_record"), CFG, encoder, 0, 1)
     with pytest.raises(TokenizerError, match="no_tokenizer_here"):
         load_tokenizer(tmp_path / "no_tokenizer_here")
 
@@ -215,16 +216,16 @@ def test_corrupt_record_names_the_record(tmp_path, encoder):
     rng = np.random.default_rng(2)
     paths = write_shards(str(tmp_path / "bad"), [caption_example(0, rng), b"\x93garbage"], num_shards=1)
     cfg = dataclasses.replace(CFG, batch_size=1, shuffle=False, num_epochs=1)
-    it = L.make_loader(paths, cfg, encoder, 0, 1)
+    it = loader.make_loader(paths, cfg, encoder, 0, 1)
     next(it)
-    with pytest.raises(L.LoaderError, match=r"bad-00000-of-00001.array_record\[1\]"):
+    with pytest.raises(loader.LoaderError, match=r"bad-00000-of-00001.array_record\[1\]"):
         next(it)
 
 
 def test_seq_len_too_short_for_the_prompt_names_the_record(shards, encoder):
     cfg = dataclasses.replace(CFG, seq_len=3, num_epochs=1)
-    with pytest.raises(L.LoaderError, match=r"record 'cap/\d+'.*media tokens"):
-        next(L.make_loader(L.DatasetSpec(shards["caption"]), cfg, encoder, 0, 1))
+    with pytest.raises(loader.LoaderError, match=r"record 'cap/\d+'.*media tokens"):
+        next(loader.make_loader(loader.DatasetSpec(shards["caption"]), cfg, encoder, 0, 1))
 
 
 def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
@@ -235,17 +236,17 @@ def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
     c.paths = ml_collections.ConfigDict({"tokenizer": str(tmp_path / "tok"), "llama_model": "",
                                          "prompt_path": "prompts/alignment_image.txt"})
     c.model = ml_collections.ConfigDict({"max_txt_len": 16, "end_sym": "###", "conv_style": "vicuna",
-                                         "prompt_template": P.VICUNA_CAPTION_TEMPLATE})
+                                         "prompt_template": prompts.VICUNA_CAPTION_TEMPLATE})
     c.train = ml_collections.ConfigDict({"batch_size": 4, "seed": 3})
     shard_dir = shards["caption"][0].rsplit("/", 1)[0]
     c.data = ml_collections.ConfigDict({
         "datasets": {"cap": 100, "conv": -1}, "shards": f"{shard_dir}/{{name}}-*.array_record",
         "num_frames": 4, "image_size": 32, "num_audio_clips": 8, "seq_len": 0, "num_query_placeholders": 4})
-    cfg = L.loader_config_from(c)
-    assert cfg.seq_len == 72 and cfg.caption_prompts == P.ALIGNMENT_IMAGE_PROMPTS and cfg.batch_size == 4
-    specs = L._dataset_specs(c.data)
+    cfg = loader.loader_config_from(c)
+    assert cfg.seq_len == 72 and cfg.caption_prompts == prompts.ALIGNMENT_IMAGE_PROMPTS and cfg.batch_size == 4
+    specs = loader._dataset_specs(c.data)
     assert [(s.name, s.weight) for s in specs] == [("cap", 100.0), ("conv", 8.0)]
-    it = L.build_train_iter(c)
+    it = loader.build_train_iter(c)
     b = next(it)
     assert b["input_ids"].shape == (4, 72) and b["frames"].shape == (4, 4, 32, 32, 3)
     np.testing.assert_array_equal(b["media_mask"].sum(1), 4)
@@ -253,19 +254,19 @@ def test_build_train_iter_from_trainer_config(shards, encoder, tmp_path):
     text = encoder.decode(b["input_ids"][0][b["attention_mask"][0] == 1])
     assert "###Assistant:" in text  # stage-2 caption prompt or a vicuna conversation
     c.paths.prompt_path = str(tmp_path / "missing_prompts.txt")
-    with pytest.raises(L.LoaderError, match="missing_prompts.txt"):
-        L.loader_config_from(c)
+    with pytest.raises(loader.LoaderError, match="missing_prompts.txt"):
+        loader.loader_config_from(c)
 
 
 def _stop_and_resume(spec, cfg, encoder, num_first: int):
     """(the first batches, the rest of the epoch, the rest again from a loader restored to the state
     saved after the first ones): what the worker-process resume tests compare."""
-    it = L.make_loader(spec, cfg, encoder, 0, 1)
+    it = loader.make_loader(spec, cfg, encoder, 0, 1)
     first = [next(it) for _ in range(num_first)]
     state = it.get_state()
     rest = list(it)
     it.close()
-    resumed = L.make_loader(spec, cfg, encoder, 0, 1)
+    resumed = loader.make_loader(spec, cfg, encoder, 0, 1)
     resumed.set_state(state)
     again = list(resumed)
     resumed.close()
@@ -277,7 +278,7 @@ def _stop_and_resume(spec, cfg, encoder, num_first: int):
 def test_worker_processes_resume_exactly(shards, encoder):
     """mp_prefetch (2 worker processes): state restore replays the remaining batches (~30 s here)."""
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, worker_count=2)
-    first, rest, again = _stop_and_resume(L.DatasetSpec(shards["caption"]), cfg, encoder, 3)
+    first, rest, again = _stop_and_resume(loader.DatasetSpec(shards["caption"]), cfg, encoder, 3)
     assert _ids(again) == _ids(rest)
     assert sorted(_ids(first) + _ids(rest)) == sorted(f"cap/{i}" for i in range(24))
 
@@ -289,16 +290,16 @@ def _packed_ids(batches):
 def test_packed_batches_hold_the_unpacked_rows(shards, encoder):
     """pack=True: every example's tokens and media land in its row slot, segment ids apart, none lost."""
     base = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=160, shuffle=False)
-    spec = L.DatasetSpec(shards["conv"])
-    rows = {str(r): b for b in L.make_loader(spec, dataclasses.replace(base, batch_size=1), encoder, 0, 1)
+    spec = loader.DatasetSpec(shards["conv"])
+    rows = {str(r): b for b in loader.make_loader(spec, dataclasses.replace(base, batch_size=1), encoder, 0, 1)
             for r in b["example_id"]}
     # 47-72 tokens each: two or three to a row
     assert max(int(b["attention_mask"].sum()) for b in rows.values()) < 80
     cfg = dataclasses.replace(base, pack=True, max_examples_per_row=3, batch_size=2, drop_remainder=False)
-    batches = list(L.make_loader(spec, cfg, encoder, 0, 1))
+    batches = list(loader.make_loader(spec, cfg, encoder, 0, 1))
     assert sorted(_packed_ids(batches)) == sorted(rows) and len(rows) == 8
     assert len(batches) < 4   # 8 examples in fewer than the 4 padded batches of 2
-    spec_shapes = L.batch_spec(cfg)
+    spec_shapes = loader.batch_spec(cfg)
     for b in batches:
         for k, (shape, dtype) in spec_shapes.items():
             assert b[k].shape == shape and b[k].dtype == dtype, k
@@ -322,18 +323,18 @@ def test_packed_iterator_state_restores_exactly(shards, encoder):
     for later batches and emitted out of order; a restore from any batch boundary replays exactly."""
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, max_examples_per_row=3,
                               drop_remainder=False)
-    specs = [L.DatasetSpec(shards["caption"], weight=1.0), L.DatasetSpec(shards["conv"], weight=1.0)]
-    full = list(L.make_loader(specs, cfg, encoder, 0, 1))
+    specs = [loader.DatasetSpec(shards["caption"], weight=1.0), loader.DatasetSpec(shards["conv"], weight=1.0)]
+    full = list(loader.make_loader(specs, cfg, encoder, 0, 1))
     ids = _packed_ids(full)
     assert len(ids) == len(set(ids)) == 16   # mixing stops when the 8 conversations run out
     skips = []
     for k in range(1, len(full)):
-        it = L.make_loader(specs, cfg, encoder, 0, 1)
+        it = loader.make_loader(specs, cfg, encoder, 0, 1)
         for _ in range(k):
             next(it)
         state = it.get_state()
         skips.append(len(state["skip"]))
-        resumed = L.make_loader(specs, cfg, encoder, 0, 1)
+        resumed = loader.make_loader(specs, cfg, encoder, 0, 1)
         resumed.set_state(state)
         again = list(resumed)
         assert len(again) == len(full) - k and _packed_ids(again) == _packed_ids(full[k:])
@@ -349,6 +350,6 @@ def test_packed_worker_processes_resume_exactly(shards, encoder):
     a restore replays the remaining packed batches (~30 s here)."""
     cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, max_examples_per_row=3,
                               worker_count=2)
-    first, rest, again = _stop_and_resume(L.DatasetSpec(shards["caption"]), cfg, encoder, 2)
+    first, rest, again = _stop_and_resume(loader.DatasetSpec(shards["caption"]), cfg, encoder, 2)
     assert len(rest) > 0 and _packed_ids(again) == _packed_ids(rest)
     assert len(set(_packed_ids(first) + _packed_ids(rest))) == len(_packed_ids(first) + _packed_ids(rest))

@@ -7,7 +7,7 @@ import pytest
 
 from train_utils import setup_state, toy_batches, toy_task, trees_equal, to_numpy
 from vllama_jax.train import partition
-from vllama_jax.train import step as S
+from vllama_jax.train import step as train_step
 
 
 def _params():
@@ -50,7 +50,7 @@ def test_step_changes_only_trainable_and_opt_state_covers_only_trainable():
     task = toy_task()
     state, frozen, tx, sched, paths = setup_state(task)
     before_state, before_frozen = to_numpy(state), to_numpy(frozen)
-    step = jax.jit(S.make_train_step(task, tx, sched))
+    step = jax.jit(train_step.make_train_step(task, tx, sched))
     for batch in toy_batches(2):
         state, _ = step(state, frozen, batch)
     # every trainable leaf moved, every frozen leaf is bit-identical
@@ -69,7 +69,7 @@ def test_frozen_bf16_storage_trains_and_keeps_fp32_master():
     task = toy_task(dropout=0.0)
     state, frozen, tx, sched, _ = setup_state(task)
     frozen16 = partition.cast_floating(frozen, jnp.bfloat16)
-    step = jax.jit(S.make_train_step(task, tx, sched))
+    step = jax.jit(train_step.make_train_step(task, tx, sched))
     batch = toy_batches(1)[0]
     s32, m32 = step(state, frozen, batch)
     s16, m16 = step(state, frozen16, batch)
@@ -84,8 +84,8 @@ def test_frozen_tower_costs_no_weight_gradients():
     batch = toy_batches(1, batch_size=8, seq_len=16)[0]
     frozen_setup = setup_state(task, patterns=("head/.*",))
     all_setup = setup_state(task, patterns=(".*",))
-    r_frozen = S.step_flops_report(task, frozen_setup[2], frozen_setup[0], frozen_setup[1], batch)
-    r_all = S.step_flops_report(task, all_setup[2], all_setup[0], all_setup[1], batch)
+    r_frozen = train_step.step_flops_report(task, frozen_setup[2], frozen_setup[0], frozen_setup[1], batch)
+    r_all = train_step.step_flops_report(task, all_setup[2], all_setup[0], all_setup[1], batch)
     print(f"\nfrozen tower: {r_frozen}\nall trainable: {r_all}")
     # Same forward either way.
     assert r_frozen["forward_flops"] == pytest.approx(r_all["forward_flops"], rel=1e-3)

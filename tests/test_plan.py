@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding
-from jax.sharding import PartitionSpec as P_SPEC
+from jax.sharding import PartitionSpec as P
 
 from vllama_jax import config_loader
-from vllama_jax import plan as P
+from vllama_jax import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -27,7 +27,7 @@ REAL_CONFIGS = ["stage1_vicuna7b", "stage2_vicuna7b", "stage1_llama2_13b", "stag
 
 
 def _config(name, *overrides):
-    return P.load_config(os.path.join(CONFIGS, f"{name}.py"), overrides)
+    return plan.load_config(os.path.join(CONFIGS, f"{name}.py"), overrides)
 
 
 def _run_cli(tmp_path, *args, timeout=900):
@@ -57,8 +57,8 @@ def test_plan_in_process_sharding_shrinks_per_device_memory():
     """The same toy step on 1 and on 4 fsdp devices: the sharded parts shrink 4x, FLOPs per
     device too, and an HBM smaller than the peak flips the verdict."""
     config = _config("toy", "--config.train.batch_size=32")
-    one = P.plan(config, P.MeshChoice((1, 1, 1), hbm_gib=1.0))
-    four = P.plan(config, P.MeshChoice((1, 4, 1), hbm_gib=1e-6))
+    one = plan.plan(config, plan.MeshChoice((1, 1, 1), hbm_gib=1.0))
+    four = plan.plan(config, plan.MeshChoice((1, 4, 1), hbm_gib=1e-6))
     assert one.fits and one.num_devices == 1 and four.num_devices == 4
     assert four.batch_bytes * 4 == one.batch_bytes
     assert four.trainable_bytes < one.trainable_bytes and four.frozen_bytes < one.frozen_bytes
@@ -73,25 +73,25 @@ def test_plan_in_process_sharding_shrinks_per_device_memory():
 def test_resolve_mesh_targets_and_shapes():
     config = _config("stage1_vicuna7b")
     assert config.model.remat is False
-    choice = P.resolve_mesh("v4-32", config)
+    choice = plan.resolve_mesh("v4-32", config)
     assert choice.shape == (1, 16, 1) and choice.num_devices == 16
     assert choice.hbm_gib == 32.0 and choice.target == "v4-32" and choice.peak_tflops > 0
     assert config.model.remat is True, "the v4-32 preset's settings reach the config"
 
     kept = _config("stage1_vicuna7b", "--config.model.remat=False")
-    P.resolve_mesh("v4-32", kept, keep=config_loader.overridden(["--config.model.remat=False"]))
+    plan.resolve_mesh("v4-32", kept, keep=config_loader.overridden(["--config.model.remat=False"]))
     assert kept.model.remat is False, "a command-line override wins over the preset"
 
-    assert P.resolve_mesh("v5p-128:stage2", _config("stage1_llama2_13b")).shape == (1, 32, 2)
-    assert P.resolve_mesh("2, 4,1", config, hbm_gib=80).shape == (2, 4, 1)
-    with pytest.raises(P.PlanError, match="at least 1 device"):
-        P.resolve_mesh("0,1,1", config)
-    with pytest.raises(P.PlanError, match="unknown target 'v9-9'.*v4-32"):
-        P.resolve_mesh("v9-9", config)
-    with pytest.raises(P.PlanError, match="stage1 or stage2"):
-        P.resolve_mesh("v4-32:stage3", config)
-    with pytest.raises(P.PlanError, match="no mesh presets for LLaMA preset 'tiny'"):
-        P.resolve_mesh("v4-32", _config("tiny_stage1"))
+    assert plan.resolve_mesh("v5p-128:stage2", _config("stage1_llama2_13b")).shape == (1, 32, 2)
+    assert plan.resolve_mesh("2, 4,1", config, hbm_gib=80).shape == (2, 4, 1)
+    with pytest.raises(plan.PlanError, match="at least 1 device"):
+        plan.resolve_mesh("0,1,1", config)
+    with pytest.raises(plan.PlanError, match="unknown target 'v9-9'.*v4-32"):
+        plan.resolve_mesh("v9-9", config)
+    with pytest.raises(plan.PlanError, match="stage1 or stage2"):
+        plan.resolve_mesh("v4-32:stage3", config)
+    with pytest.raises(plan.PlanError, match="no mesh presets for LLaMA preset 'tiny'"):
+        plan.resolve_mesh("v4-32", _config("tiny_stage1"))
 
 
 def test_presets_split_the_batch_and_fill_the_target():
@@ -111,28 +111,28 @@ def test_presets_split_the_batch_and_fill_the_target():
 
 def test_cli_bad_input_exits_2(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    assert P.main(["--config", "configs/tiny_stage1.py", "--mesh", "v4-32"]) == 2
+    assert plan.main(["--config", "configs/tiny_stage1.py", "--mesh", "v4-32"]) == 2
     assert "no mesh presets for LLaMA preset 'tiny'" in capsys.readouterr().err
-    assert P.main(["--config", "configs/toy.py", "--mesh", "1,3,1"]) == 2   # toy batch 16
+    assert plan.main(["--config", "configs/toy.py", "--mesh", "1,3,1"]) == 2   # toy batch 16
     assert "does not split over data x fsdp = 3" in capsys.readouterr().err
-    assert P.main(["--config", "configs/no_such_file.py", "--mesh", "1,1,1"]) == 2
+    assert plan.main(["--config", "configs/no_such_file.py", "--mesh", "1,1,1"]) == 2
     assert "no_such_file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        P.main(["--config", "configs/toy.py", "--mesh", "1,1,1", "--bogus"])
+        plan.main(["--config", "configs/toy.py", "--mesh", "1,1,1", "--bogus"])
 
 
 def test_cli_from_inside_a_jax_process_plans_in_a_subprocess(tmp_path, monkeypatch, capfd):
     """This pytest process runs jax with 8 devices; a 4-device plan must not reuse (or replace)
     it: main() runs the CLI in a child with its own XLA_FLAGS and returns the child's status."""
     monkeypatch.chdir(REPO)
-    assert P._with_device_count("--a=1 --xla_force_host_platform_device_count=8", 16) == (
+    assert plan._with_device_count("--a=1 --xla_force_host_platform_device_count=8", 16) == (
         "--a=1 --xla_cpu_enable_concurrency_optimized_scheduler=false "
         "--xla_force_host_platform_device_count=16")
-    assert P._with_device_count("--xla_cpu_enable_concurrency_optimized_scheduler=true", 2) == (
+    assert plan._with_device_count("--xla_cpu_enable_concurrency_optimized_scheduler=true", 2) == (
         "--xla_cpu_enable_concurrency_optimized_scheduler=true --xla_force_host_platform_device_count=2")
     out = tmp_path / "plan.json"
-    assert P.main(["--config", "configs/toy.py", "--mesh", "1,4,1", "--hbm-gib", "1",
-                   "--config.train.batch_size=32", "--json", str(out)]) == 0
+    assert plan.main(["--config", "configs/toy.py", "--mesh", "1,4,1", "--hbm-gib", "1",
+                      "--config.train.batch_size=32", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["subprocess"] and report["jax_device_count"] == 4 and report["num_devices"] == 4
     assert report["global_batch"] == 32 and report["fits"] is True
@@ -156,7 +156,7 @@ def test_presets_divide_the_real_params(name):
     from vllama_jax import mesh_presets as presets
     config = _config(name)
     boxed = build_task(config).abstract_params()
-    specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P_SPEC))
+    specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P))
     shapes = jax.tree.leaves(nn.meta.unbox(boxed))
     assert len(specs) == len(shapes)
     for target in presets.TARGETS:
@@ -166,7 +166,7 @@ def test_presets_divide_the_real_params(name):
             tree = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
                 mesh, sharding.logical_to_mesh_spec(tuple(spec) if spec else ())))
                 for x, spec in zip(shapes, specs)]
-            P.check_divisible(tree, dict(zip(sharding.MESH_AXES, shape)), f"{name}@{target}")
+            plan.check_divisible(tree, dict(zip(sharding.MESH_AXES, shape)), f"{name}@{target}")
 
 
 @pytest.mark.slow

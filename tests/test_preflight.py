@@ -8,7 +8,7 @@ import pytest
 
 from train_utils import REPO
 from data_pipelines import cli as prep
-from data_pipelines import loader as L
+from data_pipelines import loader
 from data_pipelines.loader import ShardSource
 from vllama_jax import config_loader
 from vllama_jax.train import cli as train_cli
@@ -48,7 +48,7 @@ def test_tiny_config_passes_preflight_and_loads_a_batch(data):
     task = build_task(config)
     preflight.check_config(config, task)
     assert preflight.text_vocab_size(data[1]) <= task.config.llama.vocab_size
-    batch = next(L.build_train_iter(config))
+    batch = next(loader.build_train_iter(config))
     preflight.check_batch(batch, task, config)
 
 
@@ -64,13 +64,13 @@ def test_vocab_mismatch_names_both_sizes(data):
 def test_token_id_past_vocab_in_a_batch(data):
     config = _config(data, num_audio_clips=2)
     task = build_task(config)
-    batch = dict(next(L.build_train_iter(config)))
+    batch = dict(next(loader.build_train_iter(config)))
     batch["input_ids"] = batch["input_ids"].copy()
     batch["input_ids"][0, -1] = task.config.llama.vocab_size + 5
     with pytest.raises(preflight.PreflightError, match=r"input_ids holds token id 1029 but the model's vocabulary "
                                                        r"has 1024"):
         preflight.check_batch(batch, task, config)
-    batch = dict(next(L.build_train_iter(config)))
+    batch = dict(next(loader.build_train_iter(config)))
     batch["frames"] = batch["frames"][:, :1]
     with pytest.raises(preflight.PreflightError, match=r"frames per example \(1, 28, 28, 3\) but the config expects "
                                                        r"\(2, 28, 28, 3\)"):
@@ -79,9 +79,9 @@ def test_token_id_past_vocab_in_a_batch(data):
 
 def test_audio_clip_mismatch_is_found_on_the_first_record(data):
     config = _config(data)   # tiny_stage1 expects 8 clips (vllama-prepare-data's default)
-    with pytest.raises(L.LoaderError, match=r"shards store 2 audio clips .* config.data.num_audio_clips = 8: set "
-                                            r"--config.data.num_audio_clips=2 .* --audio-clips 8"):
-        L.build_train_iter(config)
+    with pytest.raises(loader.LoaderError, match=r"shards store 2 audio clips .* config.data.num_audio_clips = 8: set "
+                       r"--config.data.num_audio_clips=2 .* --audio-clips 8"):
+        loader.build_train_iter(config)
 
 
 def test_placeholders_vs_query_tokens(data):

@@ -11,7 +11,7 @@ import string
 import numpy as np
 import pytest
 
-from data_pipelines import prompts as P
+from data_pipelines import prompts
 from data_pipelines.tokenizer import (TextEncoder, TokenizerError, build_demo_tokenizer, load_tokenizer,
                                       save_llama_like_tokenizer)
 
@@ -51,21 +51,21 @@ def test_char_tokenizer_layout(char_tok):
 
 def test_caption_stage1_exact(char_tok):
     # stage 1: no prompt, end_sym "\n", blip-processed caption "A dog runs." -> "a dog runs"
-    cap = P.blip_caption("A dog runs.")
+    cap = prompts.blip_caption("A dog runs.")
     assert cap == "a dog runs"
-    ids, tg = P.tokenize_caption(cap, char_tok, N, prompt=None, end_sym="\n", max_txt_len=32)
+    ids, tg = prompts.tokenize_caption(cap, char_tok, N, prompt=None, end_sym="\n", max_txt_len=32)
     text = T(char_tok, "▁a ▁d o g ▁r u n s NL")
     assert ids == [1, *T(char_tok, "P P"), *text]
     assert tg == [X, X, X, *text]
     # max_txt_len counts caption tokens only (the "\n" is cut first)
-    ids, tg = P.tokenize_caption(cap, char_tok, N, prompt=None, end_sym="\n", max_txt_len=4)
+    ids, tg = prompts.tokenize_caption(cap, char_tok, N, prompt=None, end_sym="\n", max_txt_len=4)
     assert ids == [1, *T(char_tok, "P P"), *text[:4]] and tg == [X, X, X, *text[:4]]
 
 
 def test_caption_stage2_prompt_exact(char_tok):
-    prompt = P.VICUNA_CAPTION_TEMPLATE.format("<Image><ImageHere></Image> Describe.")
+    prompt = prompts.VICUNA_CAPTION_TEMPLATE.format("<Image><ImageHere></Image> Describe.")
     assert prompt == "###Human: <Image><ImageHere></Image> Describe. ###Assistant: "
-    ids, tg = P.tokenize_caption("a cat", char_tok, N, prompt=prompt, end_sym="###", max_txt_len=320)
+    ids, tg = prompts.tokenize_caption("a cat", char_tok, N, prompt=prompt, end_sym="###", max_txt_len=320)
     # p_before / p_after / caption are tokenized separately, none with BOS, each with its own "▁"
     before = T(char_tok, "▁ # # # H u m a n : ▁ < I m a g e >")
     after = T(char_tok, "▁ < / I m a g e > ▁D e s c r i b e . ▁ # # # A s s i s t a n t : ▁")
@@ -75,10 +75,10 @@ def test_caption_stage2_prompt_exact(char_tok):
 
 
 def test_vicuna_single_turn_exact(char_tok):
-    turns = P.insert_media([{"from": "human", "value": "<ImageHere>\nHi"}, {"from": "gpt", "value": "Yo"}],
-                           "image", N)
+    turns = prompts.insert_media([{"from": "human", "value": "<ImageHere>\nHi"}, {"from": "gpt", "value": "Yo"}],
+                                 "image", N)
     assert turns[0]["value"] == "<Image><ImageHere><ImageHere></Image>\nHi"
-    ids, tg = P.tokenize_vicuna(turns, char_tok)
+    ids, tg = prompts.tokenize_vicuna(turns, char_tok)
     full = ("<s> ▁ NL NL "                                            # 0..3   header "\n\n"
             "# # # H u m a n : ▁ < I m a g e > P P < / I m a g e > NL H i NL "  # 4..34  human turn
             "# # # A s s i s t a n t : ▁Y o NL "                      # 35..50 assistant turn
@@ -96,7 +96,7 @@ def test_vicuna_single_turn_exact(char_tok):
 def test_vicuna_multi_turn_exact(char_tok):
     turns = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"},
              {"from": "human", "value": "C?"}, {"from": "gpt", "value": "D"}]
-    ids, tg = P.tokenize_vicuna(turns, char_tok)
+    ids, tg = prompts.tokenize_vicuna(turns, char_tok)
     full = ("<s> ▁ NL NL "                          # 0..3
             "# # # H u m a n : ▁A ? NL "            # 4..15   (alone, with <s> ▁: 14)
             "# # # A s s i s t a n t : ▁B NL "      # 16..30  (alone: 17)
@@ -119,20 +119,20 @@ def test_vicuna_aligned_targets_have_no_drift(char_tok):
     positions) with each piece's length in the conversation: every answer is a target."""
     turns = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"},
              {"from": "human", "value": "C?"}, {"from": "gpt", "value": "D"}]
-    ids, tg = P.tokenize_vicuna(turns, char_tok, aligned=True)
-    assert ids == P.tokenize_vicuna(turns, char_tok)[0]
+    ids, tg = prompts.tokenize_vicuna(turns, char_tok, aligned=True)
+    assert ids == prompts.tokenize_vicuna(turns, char_tok)[0]
     # in context: header 0..3, human 4..15, assistant 16..30, human 31..42, assistant 43..57, ### 58..60
     keep = [4, 5] + list(range(16, 33)) + list(range(43, 61))
     assert [i for i, t in enumerate(tg) if t != X] == keep
     assert all(tg[i] == ids[i] for i in keep)
-    assert P.tokenize_conversation(turns, char_tok, "vicuna", aligned=True) == (ids, tg)
+    assert prompts.tokenize_conversation(turns, char_tok, "vicuna", aligned=True) == (ids, tg)
 
 def test_llama2_single_turn_exact(char_tok):
-    turns = P.insert_media([{"from": "human", "value": "<ImageHere> Hi"}, {"from": "gpt", "value": "Yo"}],
-                           "image", N)
-    text = P.llama2_text(turns)
+    turns = prompts.insert_media([{"from": "human", "value": "<ImageHere> Hi"}, {"from": "gpt", "value": "Yo"}],
+                                 "image", N)
+    text = prompts.llama2_text(turns)
     assert text == ("[INST] <<SYS>>\n \n<</SYS>>\n\n<Image><ImageHere><ImageHere></Image> Hi [/INST] Yo </s>")
-    ids, tg = P.tokenize_llama2(turns, char_tok)
+    ids, tg = prompts.tokenize_llama2(turns, char_tok)
     instr = f"{LLAMA2_HEAD} < I m a g e > P P < / I m a g e > ▁H i ▁ [ / I N S T ]"
     answer = "▁Y o ▁ </s>"
     assert ids == [1, *T(char_tok, instr), *T(char_tok, answer)]
@@ -144,9 +144,9 @@ def test_llama2_single_turn_exact(char_tok):
 def test_llama2_multi_turn_exact(char_tok):
     turns = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"},
              {"from": "human", "value": "C?"}, {"from": "gpt", "value": "D"}]
-    text = P.llama2_text(turns)
+    text = prompts.llama2_text(turns)
     assert text == "[INST] <<SYS>>\n \n<</SYS>>\n\nA? [/INST] B </s><s>[INST] C? [/INST] D </s>"
-    ids, tg = P.tokenize_llama2(turns, char_tok)
+    ids, tg = prompts.tokenize_llama2(turns, char_tok)
     instr1 = T(char_tok, f"{LLAMA2_HEAD} A ? ▁ [ / I N S T ]")
     ans1 = T(char_tok, "▁B ▁ </s>")
     # after the special "<s>" the text gets no "▁" prefix (transformers 5, legacy=False)
@@ -158,36 +158,36 @@ def test_llama2_multi_turn_exact(char_tok):
 
 def test_llama2_rejects_non_alternating(char_tok):
     turns = [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]
-    with pytest.raises(P.PromptError, match="rec7.*turn 1.*alternating"):
-        P.tokenize_llama2(turns, char_tok, where="rec7")
+    with pytest.raises(prompts.PromptError, match="rec7.*turn 1.*alternating"):
+        prompts.tokenize_llama2(turns, char_tok, where="rec7")
 
 
 def test_video_insert_media_prepends_wrapper_and_time_message():
-    msg = P.video_time_message(np.array([0.0, 1.25, 2.5], np.float32))
+    msg = prompts.video_time_message(np.array([0.0, 1.25, 2.5], np.float32))
     assert msg == "The video contains 3 frames sampled at 0.0, 1.2, 2.5 seconds. "
-    turns = P.insert_media([{"from": "human", "value": "<ImageHere>\nWhat?"}, {"from": "gpt", "value": "x"}],
-                           "video", 2, msg)
+    turns = prompts.insert_media([{"from": "human", "value": "<ImageHere>\nWhat?"}, {"from": "gpt", "value": "x"}],
+                                 "video", 2, msg)
     assert turns[0]["value"] == "<Video><ImageHere><ImageHere></Video> " + msg + "What?"
-    with pytest.raises(P.PromptError, match="2 <ImageHere>"):
-        P.insert_media([{"from": "human", "value": "<ImageHere><ImageHere>"}], "image", 2, where="r")
+    with pytest.raises(prompts.PromptError, match="2 <ImageHere>"):
+        prompts.insert_media([{"from": "human", "value": "<ImageHere><ImageHere>"}], "image", 2, where="r")
 
 
 def test_pack_example_masks_media_and_padding(char_tok):
-    ids, tg = P.tokenize_caption("a cat", char_tok, N, end_sym="\n")
-    row = P.pack_example(ids, tg, char_tok.patch_id, char_tok.pad_id, seq_len=12, num_media_tokens=N)
+    ids, tg = prompts.tokenize_caption("a cat", char_tok, N, end_sym="\n")
+    row = prompts.pack_example(ids, tg, char_tok.patch_id, char_tok.pad_id, seq_len=12, num_media_tokens=N)
     n = len(ids)
     assert row["input_ids"].dtype == np.int32 and row["input_ids"].shape == (12,)
     assert row["media_mask"].tolist() == [False, True, True] + [False] * 9
     assert row["input_ids"][1:3].tolist() == [0, 0]
     assert row["attention_mask"].tolist() == [1] * n + [0] * (12 - n)
     assert (row["targets"][n:] == X).all() and (row["targets"][:3] == X).all()
-    with pytest.raises(P.PromptError, match="1 media tokens in the first 2 positions"):
-        P.pack_example(ids, tg, char_tok.patch_id, char_tok.pad_id, seq_len=2, num_media_tokens=N)
+    with pytest.raises(prompts.PromptError, match="1 media tokens in the first 2 positions"):
+        prompts.pack_example(ids, tg, char_tok.patch_id, char_tok.pad_id, seq_len=2, num_media_tokens=N)
 
 
 def test_blip_caption_word_limit():
-    assert P.blip_caption("Hello, World!!  Foo:bar ") == "hello, world foo bar"
-    assert P.blip_caption(" ".join(["w"] * 60)) == " ".join(["w"] * 50)
+    assert prompts.blip_caption("Hello, World!!  Foo:bar ") == "hello, world foo bar"
+    assert prompts.blip_caption(" ".join(["w"] * 60)) == " ".join(["w"] * 50)
 
 
 def test_demo_tokenizer_roundtrip(tmp_path):
@@ -238,6 +238,6 @@ def test_vicuna_aligned_targets_refuse_a_tokenizer_that_merges_across_turns():
             return ids
 
     turns = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"}]
-    P.tokenize_vicuna(turns, Merging())          # the reference's rule does not need the split
-    with pytest.raises(P.PromptError, match="merges tokens across a turn boundary"):
-        P.tokenize_vicuna(turns, Merging(), aligned=True)
+    prompts.tokenize_vicuna(turns, Merging())          # the reference's rule does not need the split
+    with pytest.raises(prompts.PromptError, match="merges tokens across a turn boundary"):
+        prompts.tokenize_vicuna(turns, Merging(), aligned=True)

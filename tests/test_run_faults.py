@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from train_utils import REPO, toy_config_dict, trees_equal
-from vllama_jax import checkpoint as C
+from vllama_jax import checkpoint
 from vllama_jax.train import cli, loop, toy
 
 
@@ -61,7 +61,7 @@ def test_damaged_newest_step_falls_back_and_is_kept_aside(tmp_path, runs, damage
     assert len(report) == 1 and "step 6" in report[0] and all(w in report[0] for w in want), report
     assert any("falling back to checkpoint step 3" in r.getMessage() for r in caplog.records)
     # Nothing lost: the damaged step is kept aside, byte for byte; the run redid steps 4-9.
-    aside = [n for n in _steps(workdir) if n.startswith("6" + C.DAMAGED_MARKER)]
+    aside = [n for n in _steps(workdir) if n.startswith("6" + checkpoint.DAMAGED_MARKER)]
     assert len(aside) == 1, _steps(workdir)
     kept = workdir / "checkpoints" / aside[0]
     assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == sorted(p.relative_to(at6 / "checkpoints" / "6")
@@ -76,7 +76,7 @@ def test_no_step_restores_names_each_and_moves_nothing(tmp_path, runs):
     for step in ("3", "6"):
         (workdir / "checkpoints" / step / "state" / "_METADATA").write_text("{not json")
     before = _steps(workdir)
-    with pytest.raises(C.CheckpointDamagedError, match=r"step 6: .*_METADATA: not valid JSON.*step 3: "):
+    with pytest.raises(checkpoint.CheckpointDamagedError, match=r"step 6: .*_METADATA: not valid JSON.*step 3: "):
         _train(workdir, 9)
     assert _steps(workdir) == before
 
@@ -97,12 +97,12 @@ def test_damaged_frozen_params_are_named(tmp_path):
     import numpy as np
 
     frozen = {"tower": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
-    with C.Checkpointer(str(tmp_path)) as ck:
+    with checkpoint.Checkpointer(str(tmp_path)) as ck:
         ck.save_frozen(frozen)
         (tmp_path / "frozen" / "_METADATA").write_text("")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
-        with pytest.raises(C.CheckpointDamagedError, match=r"frozen params .* do not restore: .*frozen/_METADATA: "
-                                                           r"empty file"):
+        with pytest.raises(checkpoint.CheckpointDamagedError,
+                           match=r"frozen params .* do not restore: .*frozen/_METADATA: empty file"):
             ck.restore_frozen(abstract)
 
 
@@ -139,18 +139,19 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     workdir = tmp_path / "run"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     workdir.mkdir()
-    (workdir / C.LOCK_NAME).write_text(json.dumps(
+    (workdir / checkpoint.LOCK_NAME).write_text(json.dumps(
         {"host": socket.gethostname(), "pid": int(dead.stdout), "start": "2026-01-01T00:00:00+00:00"}))
     with caplog.at_level(logging.WARNING):
         assert _train(workdir, 3).step == 3
     assert any("stale lock" in r.getMessage() and dead.stdout.strip() in r.getMessage() for r in caplog.records)
-    assert not (workdir / C.LOCK_NAME).exists()   # released at the end
+    assert not (workdir / checkpoint.LOCK_NAME).exists()   # released at the end
 
 
 def test_lock_from_another_host_is_refused(tmp_path):
-    (tmp_path / C.LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "start": "then"}))
-    with pytest.raises(C.WorkdirLockedError, match="host elsewhere, pid 1.*cannot check a process on another host"):
-        C.WorkdirLock(str(tmp_path)).acquire()
+    (tmp_path / checkpoint.LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "start": "then"}))
+    with pytest.raises(checkpoint.WorkdirLockedError,
+                       match="host elsewhere, pid 1.*cannot check a process on another host"):
+        checkpoint.WorkdirLock(str(tmp_path)).acquire()
 
 
 # ------------------------------------------------------------------------------ CLI errors

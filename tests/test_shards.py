@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import records, shards
-from data_pipelines import video as V
+from data_pipelines import video
 from data_pipelines.adapters.common import MediaOptions, build_example, item
 from data_pipelines.audio import load_audio_clips
 from data_pipelines.media import write_mp4
@@ -60,7 +60,7 @@ def test_round_trip_equals_direct_decoding(tmp_path, videos):
     examples = read_split(result)
     assert [e["id"] for e in examples] == ["test/0", "test/1", "test/2"]
     for ex, path in zip(examples, good):
-        direct = V.decode_video(path, OPTIONS.num_frames, short_side=OPTIONS.short_side)
+        direct = video.decode_video(path, OPTIONS.num_frames, short_side=OPTIONS.short_side)
         # Stored JPEGs are exactly the JPEG encoding of the directly decoded frames...
         assert ex["frames"] == [records.encode_jpeg(f) for f in direct.frames]
         stored = records.decode_frames(ex)
@@ -68,7 +68,7 @@ def test_round_trip_equals_direct_decoding(tmp_path, videos):
         # ...and decode back close to them (JPEG q90 of random 8px colour blocks; unrelated frames: ~85).
         assert np.abs(stored.astype(int) - direct.frames).mean() < 8.0
         np.testing.assert_allclose(ex["frame_times"], direct.times, atol=1e-6)
-        np.testing.assert_array_equal(direct.indices, V.sample_by_time(
+        np.testing.assert_array_equal(direct.indices, video.sample_by_time(
             np.arange(direct.num_source_frames), direct.num_source_frames, OPTIONS.num_frames))
         assert ex["duration_s"] == pytest.approx(direct.duration_s)
         if ex["audio_present"]:

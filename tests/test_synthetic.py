@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import records, shards, synthetic
-from data_pipelines import video as V
+from data_pipelines import video
 from data_pipelines.adapters.common import build_example
 from data_pipelines.audio import decode_audio
 
@@ -128,7 +128,8 @@ def test_generation_is_deterministic_and_reused(tmp_path):
     a, b, c = render(tmp_path / "a", 5), render(tmp_path / "b", 5), render(tmp_path / "c", 6)
     assert [x["meta"] for x in a] == [x["meta"] for x in b] and [x["meta"] for x in a] != [x["meta"] for x in c]
     assert [x["caption"] for x in a] == [x["caption"] for x in b]
-    np.testing.assert_array_equal(V.decode_video(a[3]["path"], 16).frames, V.decode_video(b[3]["path"], 16).frames)
+    np.testing.assert_array_equal(video.decode_video(a[3]["path"], 16).frames,
+                                  video.decode_video(b[3]["path"], 16).frames)
     np.testing.assert_array_equal(decode_audio(a[3]["path"])[0], decode_audio(b[3]["path"])[0])
     stamp = os.stat(a[0]["path"]).st_mtime_ns
     synthetic.render_clip(a[0])

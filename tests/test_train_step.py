@@ -17,7 +17,7 @@ from train_utils import (CountingIterator, setup_state, toy_batches, toy_config_
 from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer
 from vllama_jax.train import loop, optimizer, partition, schedules, toy
-from vllama_jax.train import step as S
+from vllama_jax.train import step as train_step
 
 
 def _run_steps(task, mesh_shape, batches, accum_steps=1):
@@ -25,10 +25,10 @@ def _run_steps(task, mesh_shape, batches, accum_steps=1):
     mesh = sharding.make_mesh(mesh_shape, devices=devices)
     state, frozen, tx, sched, paths = setup_state(task, mesh=mesh)
     b_train, b_frozen = partition.split(task.abstract_params(), paths)
-    state_sh = S.state_shardings(b_train, tx, mesh)
+    state_sh = train_step.state_shardings(b_train, tx, mesh)
     frozen_sh = sharding.param_shardings(b_frozen, mesh)
-    step = S.jit_train_step(S.make_train_step(task, tx, sched, accum_steps=accum_steps), mesh,
-                            state_sh, frozen_sh, sharding.batch_shardings(batches[0], mesh))
+    step = train_step.jit_train_step(train_step.make_train_step(task, tx, sched, accum_steps=accum_steps), mesh,
+                                     state_sh, frozen_sh, sharding.batch_shardings(batches[0], mesh))
     losses = []
     for b in batches:
         state, m = step(state, frozen, sharding.shard_batch(b, mesh))
@@ -62,7 +62,7 @@ def test_grad_accumulation_equals_big_batch():
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(acc.params), jax.tree.leaves(big.params)):
         assert_close(a, b, atol=2e-6, what=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="divisible by accum_steps=3"):
-        S.split_microbatches({"tokens": jnp.zeros((16, 8))}, 3)
+        train_step.split_microbatches({"tokens": jnp.zeros((16, 8))}, 3)
 
 
 def test_bf16_compute_keeps_fp32_master_weights():
@@ -72,7 +72,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
     out = {}
     for name, dtype in [("f32", jnp.float32), ("bf16", jnp.bfloat16)]:
         task = toy_task(dropout=0.0, dtype=dtype)   # same params, compute dtype differs
-        out[name] = jax.jit(S.make_train_step(task, tx, sched, compute_dtype=dtype))(state, frozen, batch)
+        out[name] = jax.jit(train_step.make_train_step(task, tx, sched, compute_dtype=dtype))(state, frozen, batch)
     s16, m16 = out["bf16"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state[0].mu))
@@ -103,7 +103,7 @@ def test_eval_mean_matches_manual_mean():
     task = toy_task()
     state, frozen, _, _, _ = setup_state(task)
     batches = toy_batches(3)
-    eval_step = jax.jit(S.make_eval_step(task))
+    eval_step = jax.jit(train_step.make_eval_step(task))
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     got = loop.evaluate(eval_step, state, frozen, batches, mesh)
     manual = [float(task.loss_fn(partition.merge(state.params, frozen), b, jax.random.PRNGKey(0), True)[0])
@@ -144,7 +144,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     assert ckpt.latest_step() == 6            # the step-8 save never happened
     b_train, _ = partition.split(task.abstract_params(), partition.resolve_patterns("toy_head"))
     tx = optimizer.make_optimizer(config.optim, schedules.make_schedule(config.optim), b_train)
-    restored = ckpt.restore(S.abstract_state(b_train, tx))
+    restored = ckpt.restore(train_step.abstract_state(b_train, tx))
     assert int(restored.step) == 6
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
     ckpt.close()
@@ -229,8 +229,8 @@ def test_accumulation_gathers_the_weights_inside_the_loop():
     batch = toy_batches(1)[0]
     state, frozen, tx, sched, paths = setup_state(task, mesh=mesh)
     b_train, b_frozen = partition.split(task.abstract_params(), paths)
-    step = S.jit_train_step(S.make_train_step(task, tx, sched, accum_steps=2), mesh,
-                            S.state_shardings(b_train, tx, mesh), sharding.param_shardings(b_frozen, mesh),
+    step = train_step.jit_train_step(train_step.make_train_step(task, tx, sched, accum_steps=2), mesh,
+                            train_step.state_shardings(b_train, tx, mesh), sharding.param_shardings(b_frozen, mesh),
                             sharding.batch_shardings(batch, mesh))
     hlo = step.lower(state, frozen, sharding.shard_batch(batch, mesh)).compile().as_text()
     comps = _computations(hlo)

@@ -15,7 +15,7 @@ sys.path.insert(0, REPO)
 from configs import toy as toy_config  # noqa: E402
 from vllama_jax import sharding  # noqa: E402
 from vllama_jax.train import optimizer, partition, schedules, toy  # noqa: E402
-from vllama_jax.train import step as S  # noqa: E402
+from vllama_jax.train import step as train_step  # noqa: E402
 
 
 def toy_config_dict(**train_overrides):
@@ -55,9 +55,9 @@ def setup_state(task, patterns=("head/.*",), *, mesh=None, lr=1e-2, grad_clip=No
     sched = schedules.constant(lr)
     tx = optimizer.adamw(sched, b_train, grad_clip_norm=grad_clip)
     trainable, frozen = partition.split(init_params(task, seed), paths)
-    state = jax.jit(S.init_state, static_argnums=1)(trainable, tx, jax.random.PRNGKey(seed + 1))
+    state = jax.jit(train_step.init_state, static_argnums=1)(trainable, tx, jax.random.PRNGKey(seed + 1))
     if mesh is not None:
-        state = jax.device_put(state, S.state_shardings(b_train, tx, mesh))
+        state = jax.device_put(state, train_step.state_shardings(b_train, tx, mesh))
         frozen = jax.device_put(frozen, sharding.param_shardings(b_frozen, mesh))
     return state, frozen, tx, sched, paths
 

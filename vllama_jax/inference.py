@@ -120,10 +120,6 @@ def load_params_msgpack(path: str | os.PathLike, config: VideoLlamaConfig) -> di
 
 # ------------------------------------------------------------------------------------ trainer workdirs
 
-# A config object as is, or a `configs/*.py[:arg]` path loaded (`config_loader`'s errors).
-load_train_config = config_loader.resolve
-
-
 def _as_load_error(fn, *args, **kwargs):
     from vllama_jax.convert.common import CheckpointError
 

@@ -351,7 +351,7 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
 
     from vllama_jax import sharding
     from vllama_jax.train import config_lib, loop, partition
-    from vllama_jax.train import step as S
+    from vllama_jax.train import step as train_step
     from vllama_jax.train.task import build_task
 
     n = choice.num_devices
@@ -373,10 +373,10 @@ def plan(config, choice: MeshChoice, *, config_name: str = "", devices=None,
     check_divisible(su.abstract_state.params, sizes, "trainable")
     check_divisible(su.abstract_frozen, sizes, "frozen")
 
-    step_fn = S.make_train_step(task, su.tx, su.schedule, accum_steps=accum,
-                                compute_dtype=config_lib.dtype_of(config.train.get("compute_dtype")))
-    jitted = S.jit_train_step(step_fn, mesh, su.state_sh, su.frozen_sh,
-                              {k: v.sharding for k, v in batch.items()})
+    step_fn = train_step.make_train_step(task, su.tx, su.schedule, accum_steps=accum,
+                                         compute_dtype=config_lib.dtype_of(config.train.get("compute_dtype")))
+    jitted = train_step.jit_train_step(step_fn, mesh, su.state_sh, su.frozen_sh,
+                                       {k: v.sharding for k, v in batch.items()})
     say(f"lowering the train step for {n} devices...")
     t0 = time.perf_counter()
     lowered = jitted.lower(su.abstract_state, su.abstract_frozen, batch)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
+from data_pipelines.adapters.common import expect_list, item, keyed_entries, load_json
 
 NAME = "cc_sbu_align"
 ANNOTATION = "filter_cap.json"
@@ -21,10 +21,8 @@ def items_from_dir(source_dir: str) -> List[Dict]:
         raise ValueError(f"cc_sbu_align: {path!r} must be {{'annotations': [...]}}, got keys "
                          f"{list(data)[:5] if isinstance(data, dict) else type(data).__name__}")
     entries = expect_list(data["annotations"], path, "cc_sbu_align annotations")
-    ids = entry_ids(entries, NAME, "image_id")
     out = []
-    for uid, entry in zip(ids, entries):
-        entry = entry if isinstance(entry, dict) else {}
+    for uid, entry in keyed_entries(entries, NAME, "image_id"):
         image_id, caption = str(entry.get("image_id", "")), str(entry.get("caption", "")).strip()
         error = "" if image_id and caption else "entry needs non-empty 'image_id' and 'caption'"
         out.append(item(id=uid, media="image", path=os.path.join(source_dir, "image", f"{image_id}.jpg"),

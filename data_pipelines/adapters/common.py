@@ -82,6 +82,12 @@ def entry_ids(entries: Sequence[Any], name: str, id_field: str) -> List[str]:
     return unique_ids(f"{name}/{e.get(id_field, i) if isinstance(e, dict) else i}" for i, e in enumerate(entries))
 
 
+def keyed_entries(entries: Sequence[Any], name: str, id_field: str) -> List[tuple]:
+    """(`entry_ids`' id, the entry) pairs, an entry that is not a dict read as {} (it then fails the
+    adapter's field checks and becomes an error item, not a crash)."""
+    return [(uid, e if isinstance(e, dict) else {}) for uid, e in zip(entry_ids(entries, name, id_field), entries)]
+
+
 def load_json(path: str, what: str) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: {path!r} does not exist")

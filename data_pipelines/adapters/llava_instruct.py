@@ -10,7 +10,7 @@ import os
 from typing import Dict, List, Optional
 
 from data_pipelines import records
-from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
+from data_pipelines.adapters.common import expect_list, item, keyed_entries, load_json
 
 NAME = "llava_instruct150k"
 ANNOTATION = "llava_instruct_150k.json"
@@ -40,10 +40,8 @@ def conversation_error(turns) -> str:
 
 def items_from_json(json_path: str, image_dir: str) -> List[Dict]:
     entries = expect_list(load_json(json_path, "LLaVA instruct json"), json_path, "LLaVA instruct json")
-    ids = entry_ids(entries, NAME, "id")
     out = []
-    for uid, entry in zip(ids, entries):
-        entry = entry if isinstance(entry, dict) else {}
+    for uid, entry in keyed_entries(entries, NAME, "id"):
         turns = entry.get("conversations")
         error = conversation_error(turns) or ("" if entry.get("image") else "no 'image' field")
         out.append(item(id=uid, media="image", path=image_path(image_dir, str(entry.get("image", ""))),

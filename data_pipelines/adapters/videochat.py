@@ -13,7 +13,7 @@ import os
 from typing import Dict, List, Optional
 
 from data_pipelines import records
-from data_pipelines.adapters.common import entry_ids, expect_list, item, load_json
+from data_pipelines.adapters.common import expect_list, item, keyed_entries, load_json
 
 NAME = "videochat_instruct11k"
 ANNOTATION = "videochat_instruct_11k.json"
@@ -38,10 +38,8 @@ def qa_turns(qa) -> tuple:
 
 def items_from_json(json_path: str, video_dir: str) -> List[Dict]:
     entries = expect_list(load_json(json_path, "VideoChat json"), json_path, "VideoChat json")
-    ids = entry_ids(entries, NAME, "video")
     out = []
-    for uid, entry in zip(ids, entries):
-        entry = entry if isinstance(entry, dict) else {}
+    for uid, entry in keyed_entries(entries, NAME, "video"):
         turns, instruction, error = qa_turns(entry.get("QA"))
         if not entry.get("video") and not error:
             error = "no 'video' field"

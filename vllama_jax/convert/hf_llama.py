@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax import tree_paths
-from vllama_jax.convert.common import (CheckpointError, atomic_dir, get_path, progress_bar, tensor_to_numpy,
-                                       torch_load)
+from vllama_jax.convert.common import (CheckpointError, atomic_dir, get_path as _get, progress_bar,
+                                       tensor_to_numpy, torch_load)
 from vllama_jax.models import scan as layer_scan
 from vllama_jax.models.llama import LlamaConfig, RopeScaling
 
@@ -344,14 +344,7 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     With `config.scan_layers` the layers come back stacked (`layers/...` [num_layers, ...], as
     `Llama` then expects them); the per-layer weights are gathered on the host before placing.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"HF LLaMA checkpoint directory {directory} does not exist")
-    config = config_from_hf(directory) if config is None else config
-    expected = key_map(config)
-    ckpt = _Checkpoint(directory)
-    found = ckpt.shapes()
-    _validate(expected, found, config, directory, strict)
+    directory, config, expected, ckpt, found = _open_checked(path, config, strict)
 
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     put = _placer(shardings)
@@ -381,6 +374,21 @@ def load_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     return config, params
 
 
+def _open_checked(path, config: LlamaConfig | None, strict: bool):
+    """An HF LLaMA directory opened and its tensor names and shapes checked against `config`
+    (default: its config.json) before anything is read: `(directory, config, key map, checkpoint,
+    found shapes)`."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"HF LLaMA checkpoint directory {directory} does not exist")
+    config = config_from_hf(directory) if config is None else config
+    expected = key_map(config)
+    ckpt = _Checkpoint(directory)
+    found = ckpt.shapes()
+    _validate(expected, found, config, directory, strict)
+    return directory, config, expected, ckpt, found
+
+
 def lazy_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype: Any = None,
             strict: bool = True) -> tuple[LlamaConfig, dict]:
     """`load_hf` without reading any weights yet: `(config, params)` whose leaves are
@@ -391,14 +399,7 @@ def lazy_hf(path: str | os.PathLike, *, config: LlamaConfig | None = None, dtype
     """
     from vllama_jax.convert.params_checkpoint import LazyArray
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"HF LLaMA checkpoint directory {directory} does not exist")
-    config = config_from_hf(directory) if config is None else config
-    expected = key_map(config)
-    ckpt = _Checkpoint(directory)
-    found = ckpt.shapes()
-    _validate(expected, found, config, directory, strict)
+    directory, config, expected, ckpt, found = _open_checked(path, config, strict)
     target = None if dtype is None else np.dtype(jnp.dtype(dtype))
     dtypes = _stored_dtypes(ckpt, found, expected)
 
@@ -634,7 +635,7 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         f.write(raw)
         for key, shape, dt in shard:
             s = spec[key]
-            array = np.asarray(jax.device_get(get_path(params, s.path))).astype(dt, copy=False)
+            array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
             _write_rows(f, array.T if s.transpose else array)
             del array
             bar.update(1)

@@ -342,12 +342,19 @@ def _names(key_path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
+# Tensors from this size on collect the garbage before they are read (see `_lazy_leaf`); below it a
+# full collection (~0.15 s, seconds in a big test process) would cost more than the bytes it frees.
+COLLECT_ABOVE_BYTES = 16 << 20
+
+
 def _lazy_leaf(item: Path, keys: tuple[str, ...], meta) -> LazyArray:
+    nbytes = int(np.prod(meta.shape, dtype=np.int64)) * np.dtype(meta.dtype).itemsize
+
     def load():
         ocp = _ocp()
         # An orbax restore leaves reference cycles that hold its result: collect the previous
-        # tensor's before reading this one (else two are alive at once now and then).
-        trim_host_memory(collect=True)
+        # tensors' before reading a big one (else two big ones are alive at once now and then).
+        trim_host_memory(collect=nbytes >= COLLECT_ABOVE_BYTES)
         restore_item: Any = 0
         restore_args: Any = ocp.RestoreArgs(restore_type=np.ndarray)
         for k in reversed(keys):

@@ -152,9 +152,9 @@ def lm_corpus(records: list[dict], renderings: int, num_frames: int, seed: int) 
     The training conversation and single question talk about a random view (synthetic.VIEWS):
     everything, only what is seen, or only what is heard, described accordingly, as the vision
     branch's and the audio branch's training text and the eval's audio+video prompt."""
-    from data_pipelines import prompts as P
+    from data_pipelines import prompts
     from data_pipelines import synthetic
-    from data_pipelines import video as V
+    from data_pipelines import video
     from vllama_jax import chat
 
     groups = []
@@ -163,8 +163,9 @@ def lm_corpus(records: list[dict], renderings: int, num_frames: int, seed: int) 
         groups.append(texts)
         attrs = {a: ex["meta"][a] for a in synthetic.ATTRIBUTES}
         seen, heard = synthetic.caption(attrs, "seen"), synthetic.caption(attrs, "heard")
-        times = np.asarray(ex["frame_times"], np.float32)[V.sample_indices(len(ex["frames"]), num_frames, "uniform")]
-        time_msg = P.video_time_message(times)
+        times = np.asarray(ex["frame_times"], np.float32)[
+            video.sample_indices(len(ex["frames"]), num_frames, "uniform")]
+        time_msg = prompts.video_time_message(times)
         texts += [synthetic.caption(attrs, view) for view in synthetic.VIEWS]
         rng = np.random.default_rng([seed, 7, k])
         for _ in range(renderings):
@@ -174,19 +175,21 @@ def lm_corpus(records: list[dict], renderings: int, num_frames: int, seed: int) 
             turns = synthetic.conversation(attrs, rng, view)
             layout = rng.integers(3)
             if layout == 0:      # the training conversation (loader: insert_media + vicuna_text)
-                media = P.insert_media(turns, "video", 1, time_msg)
-                texts.append(P.vicuna_text(media)[0].replace(P.IMAGE_PLACEHOLDER, described))
+                media = prompts.insert_media(turns, "video", 1, time_msg)
+                texts.append(prompts.vicuna_text(media)[0].replace(prompts.IMAGE_PLACEHOLDER, described))
             elif layout == 1:    # one question (evaluate.runner.qa_prompt) with its answer
                 q = int(rng.integers(len(turns) // 2))
-                prompt = P.vicuna_text(P.insert_media([turns[2 * q]], "video", 1, time_msg))[0] + "Assistant:"
-                texts.append(prompt.replace(P.IMAGE_PLACEHOLDER, described) + " " + turns[2 * q + 1]["value"] + "###")
+                prompt = (prompts.vicuna_text(prompts.insert_media([turns[2 * q]], "video", 1, time_msg))[0]
+                          + "Assistant:")
+                texts.append(prompt.replace(prompts.IMAGE_PLACEHOLDER, described) + " "
+                             + turns[2 * q + 1]["value"] + "###")
             else:                # the chat's audio+video upload, then every question
                 conv = chat.new_conversation("vicuna")
-                message = chat.AUDIO_VIDEO_MESSAGE.replace(P.IMAGE_PLACEHOLDER, heard, 1)
-                message = message.replace(P.IMAGE_PLACEHOLDER, seen, 1)
+                message = chat.AUDIO_VIDEO_MESSAGE.replace(prompts.IMAGE_PLACEHOLDER, heard, 1)
+                message = message.replace(prompts.IMAGE_PLACEHOLDER, seen, 1)
                 turns = ex["conversations"]
                 for i in range(0, len(turns), 2):
-                    q = turns[i]["value"].replace(P.IMAGE_PLACEHOLDER, "").strip()
+                    q = turns[i]["value"].replace(prompts.IMAGE_PLACEHOLDER, "").strip()
                     conv.append_message(conv.roles[0], f"{message} {q}" if i == 0 else q)
                     conv.append_message(conv.roles[1], turns[i + 1]["value"])
                 texts.append(conv.get_prompt())
@@ -197,12 +200,12 @@ def lm_corpus(records: list[dict], renderings: int, num_frames: int, seed: int) 
 
 def _loader_batches(train_config, pattern: str, batch_size: int):
     """One pass over `pattern` with the stage's eval transforms (fixed view per example), in order."""
-    from data_pipelines import loader as L
+    from data_pipelines import loader
 
-    lc = dataclasses.replace(L.loader_config_from(train_config, train=False), batch_size=batch_size,
+    lc = dataclasses.replace(loader.loader_config_from(train_config, train=False), batch_size=batch_size,
                              drop_remainder=False, shuffle=False, num_epochs=1, keep_ids=True)
-    return L.make_loader(L.DatasetSpec(paths=(pattern,), name=Path(pattern).name), lc, L._encoder_from(train_config),
-                         shard_index=0, shard_count=1)
+    return loader.make_loader(loader.DatasetSpec(paths=(pattern,), name=Path(pattern).name), lc,
+                              loader._encoder_from(train_config), shard_index=0, shard_count=1)
 
 
 def _clip_ids(ids) -> list[str]:
@@ -214,7 +217,7 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     """Pretrains and saves the three towers; returns (config.paths entries, histories, the train
     clips' media arrays, the tower params). `records`: the instruct_train records (`_records`)."""
     from data_pipelines import synthetic
-    from vllama_jax.demo import pretrain as DP
+    from vllama_jax.demo import pretrain
     from vllama_jax.train.video_llama_task import model_config
 
     # The audio runs' config equips every tower.
@@ -226,18 +229,18 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
 
     def fit_config(name):
         f = demo.pretrain[name]
-        return DP.FitConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, log_every=max(f.steps // 20, 1))
+        return pretrain.FitConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, log_every=max(f.steps // 20, 1))
 
     groups = lm_corpus(records, demo.pretrain.lm_renderings, demo.data.num_frames, demo.seed)
-    corpus = DP.tokenize_corpus(groups, tokenizer, vconfig.llama.max_position_embeddings)
+    corpus = pretrain.tokenize_corpus(groups, tokenizer, vconfig.llama.max_position_embeddings)
     out(f"   language model: {sum(map(len, groups))} texts, {int(corpus['attention_mask'].sum())} tokens "
         f"in {len(corpus['input_ids'])} rows")
-    llama, histories["llama"] = DP.pretrain_llama(vconfig.llama, corpus, fit_config("llama"), demo.seed,
-                                                  str(layout.tensorboard / "pretrain_llama"))
+    llama, histories["llama"] = pretrain.pretrain_llama(vconfig.llama, corpus, fit_config("llama"), demo.seed,
+                                                        str(layout.tensorboard / "pretrain_llama"))
 
     media, targets = train_media(layout, probe)
     ids = media["ids"]
-    bag = DP.bag_of_tokens(targets, vconfig.llama.vocab_size)
+    bag = pretrain.bag_of_tokens(targets, vconfig.llama.vocab_size)
     # The instruct records read above are the same clips (same id but its last part, same meta).
     metas = dict(zip(_clip_ids([r["id"] for r in records]), (r["meta"] for r in records)))
 
@@ -246,19 +249,19 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     # No caption bag of words for the image tower (a zero-width bag): a colour word is in every
     # caption, so the bag pulls the tiny ViT's features to colour, away from shape.
     no_bag = np.zeros((len(tower_frames), 0), np.float32)
-    image_encoder, histories["vision"] = DP.pretrain_vision(
+    image_encoder, histories["vision"] = pretrain.pretrain_vision(
         vconfig.vit, vconfig.image_qformer, tower_frames, no_bag, *tower_labels,
         [a in synthetic.IN_EACH_FRAME for a in synthetic.VISUAL], fit_config("vision"),
         demo.seed + 1, str(layout.tensorboard / "pretrain_vision"), bag_weight=0.0,
         attribute_weights=[demo.pretrain.attribute_weights.get(a, 1.0) for a in synthetic.VISUAL])
     del tower_frames
-    audio, histories["audio"] = DP.pretrain_audio(
+    audio, histories["audio"] = pretrain.pretrain_audio(
         vconfig.imagebind_audio, media["audio"], bag, *_labels([metas[i] for i in ids], synthetic.AUDIO),
         fit_config("audio"), demo.seed + 2, str(layout.tensorboard / "pretrain_audio"),
         bag_weight=demo.pretrain.bag_weight)
-    paths = DP.save_towers(str(layout.towers), llama=(llama, vconfig.llama), tokenizer_dir=str(layout.tokenizer),
-                           image_encoder=(image_encoder, vconfig.vit, vconfig.image_qformer),
-                           audio=(audio, vconfig.imagebind_audio), vision_config=None, seed=demo.seed)
+    paths = pretrain.save_towers(str(layout.towers), llama=(llama, vconfig.llama), tokenizer_dir=str(layout.tokenizer),
+                                 image_encoder=(image_encoder, vconfig.vit, vconfig.image_qformer),
+                                 audio=(audio, vconfig.imagebind_audio), vision_config=None, seed=demo.seed)
     (layout.towers / TOWERS_FILE).write_text(json.dumps({"config": demo.name, "seed": demo.seed, "paths": paths}))
     return paths, histories, media, {"image_encoder": image_encoder, "audio_encoder": audio}
 
@@ -306,21 +309,21 @@ def tower_clips(demo):
     (eval transform at the demo's image size): frames `[N, T, S, S, 3]` and (`attribute_labels`,
     value counts) of the visible attributes."""
     from data_pipelines import synthetic
-    from data_pipelines import video as V
+    from data_pipelines import video
 
     raw, attrs = synthetic.tower_clips(demo.pretrain.vision_clips, demo.pretrain.vision_frames, demo.seed)
     n, t = raw.shape[:2]
-    frames = V.eval_transform(raw.reshape(n * t, *raw.shape[2:]), demo.data.image_size)
+    frames = video.eval_transform(raw.reshape(n * t, *raw.shape[2:]), demo.data.image_size)
     return frames.reshape(n, t, *frames.shape[1:]), _labels(attrs, synthetic.VISUAL)
 
 
 def _labels(metas, names):
     """(`demo_pretrain.attribute_labels` of the attributes `names`, each one's number of values)."""
     from data_pipelines import synthetic
-    from vllama_jax.demo import pretrain as DP
+    from vllama_jax.demo import pretrain
 
     values = {a: synthetic.ATTRIBUTES[a] for a in names}
-    return DP.attribute_labels(metas, values), [len(v) for v in values.values()]
+    return pretrain.attribute_labels(metas, values), [len(v) for v in values.values()]
 
 
 def _tokenizer(path):
@@ -347,7 +350,7 @@ def tower_features(model_config, towers: dict, media: dict, medium: str, batch_s
 
     from vllama_jax.inference import abstract_params
     from vllama_jax.models.video_llama import FROZEN_TOWERS, VideoLlama
-    from vllama_jax.train import feature_cache as FC
+    from vllama_jax.train import feature_cache
 
     t = FROZEN_TOWERS[medium]
     tower, key, source = t.module, t.cache_key, t.input_key
@@ -356,8 +359,9 @@ def tower_features(model_config, towers: dict, media: dict, medium: str, batch_s
     # VideoLlama's setup creates every param; only the tower's are read, the rest may be zeros.
     params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(model_config))
     params[tower] = towers[tower]
-    return FC.build_feature_dataset(VideoLlama(model_config), {"params": params}, batches,
-                                    (FC.CachedOutput((tower,), key),), method=_frozen_tower, method_args=(medium,))
+    return feature_cache.build_feature_dataset(VideoLlama(model_config), {"params": params}, batches,
+                                               (feature_cache.CachedOutput((tower,), key),), method=_frozen_tower,
+                                               method_args=(medium,))
 
 
 def stage_run_config(layout: Layout, demo, demo_module, branch: str, stage: int, paths: dict, vocab_size: int):
@@ -377,13 +381,13 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
     import jax
 
     from vllama_jax import sharding
-    from vllama_jax.train import feature_cache as FC
+    from vllama_jax.train import feature_cache
     from vllama_jax.train import loop
     from vllama_jax.train.video_llama_task import build_task
 
     config = stage_run_config(layout, demo, demo_module, branch, stage, paths, vocab_size)
     task = build_task(config)
-    cached_outputs = FC.outputs_for_media(task.media)
+    cached_outputs = feature_cache.outputs_for_media(task.media)
     # Each branch trains on the text about its own medium (synthetic.py's seen / heard splits); the
     # run beside the video tokens (demo_config.joint_stage) on the questions about both, so it also
     # learns how its tokens affect the visual answers (on the heard questions only, that effect
@@ -398,9 +402,9 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
         ids += _clip_ids(batch["example_id"])
     if ids != feature_ids:
         raise RuntimeError(f"{split} does not list the clips in the order of caption_train")
-    data = FC.FeatureDataset({**{o.key: features[o.key] for o in cached_outputs},
-                              **{k: np.concatenate(v) for k, v in text.items()}})
-    cached = FC.CachedFeatureTask(task, outputs=cached_outputs)
+    data = feature_cache.FeatureDataset({**{o.key: features[o.key] for o in cached_outputs},
+                                         **{k: np.concatenate(v) for k, v in text.items()}})
+    cached = feature_cache.CachedFeatureTask(task, outputs=cached_outputs)
     train_iter = data.iterator(int(config.train.batch_size), seed=int(config.train.seed))
     # One device: the demo is sized for a CPU, and a mesh over several (fake) devices would only
     # partition the tiny step and slow its compile.
@@ -418,12 +422,12 @@ def evaluate(layout: Layout, demo, audio_config, out) -> dict:
     """The held-out questions answered three times: with the audio and video soft tokens together
     (`eval_report.json`, the demo's result), with the video tokens alone and with the audio tokens
     alone (`eval_report_{video,audio}.json`: what each branch knows on its own)."""
-    from data_pipelines import loader as L
+    from data_pipelines import loader
     from vllama_jax.evaluate import runner
     from vllama_jax.inference import load_for_inference
 
     model = load_for_inference([str(layout.run("vision2")), str(layout.run("audio2"))], audio_config)
-    lc = dataclasses.replace(L.loader_config_from(audio_config, train=False), batch_size=1)
+    lc = dataclasses.replace(loader.loader_config_from(audio_config, train=False), batch_size=1)
     reports = {}
     for name, media in EVAL_MEDIA.items():
         reports[name] = runner.run_eval(model, [layout.shards("instruct_test")], loader_config=lc, media=media,

@@ -39,14 +39,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point `vllama-eval`."""
     from data_pipelines.loader import LoaderError, loader_config_from
-    from vllama_jax.inference import LoadError, load_for_inference, load_train_config
+    from vllama_jax import config_loader
+    from vllama_jax.inference import LoadError, load_for_inference
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
         train_config = None
         config = args.config
-        if isinstance(config, str) and config.endswith(".py"):
-            loaded = load_train_config(config)
+        if isinstance(config, str) and config_loader.split_spec(config)[0].endswith(".py"):
+            loaded = config_loader.load_file(config)
             if hasattr(loaded, "data") and hasattr(loaded, "model"):
                 train_config = config = loaded
         model = load_for_inference(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], config,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import loader
-from data_pipelines import prompts as P
+from data_pipelines import prompts
 from data_pipelines.records import IMAGE_PLACEHOLDER
 from vllama_jax import media_encoding
 from vllama_jax.evaluate.metrics import DEMO_QUESTIONS, EvalError, score_examples
@@ -104,13 +104,13 @@ def _show_prompt(text: str, k: int) -> str:
 def qa_prompt(question: str, example_media: str, num_media_tokens: int, conv_style: str,
               time_msg: str = "", where: str = "") -> str:
     """A single-turn prompt for `question` about the record's media, cut where the answer starts."""
-    turns = P.insert_media([{"from": "human", "value": question}], example_media, num_media_tokens,
-                           time_msg, where)
+    turns = prompts.insert_media([{"from": "human", "value": question}], example_media, num_media_tokens,
+                                 time_msg, where)
     if conv_style == "vicuna":
-        return P.vicuna_text(turns)[0] + "Assistant:"
+        return prompts.vicuna_text(turns)[0] + "Assistant:"
     if conv_style == "llama_v2":
-        return P.llama2_text(turns, where=where)
-    raise EvalError(f"conv_style must be one of {P.CONV_STYLES}, got {conv_style!r}")
+        return prompts.llama2_text(turns, where=where)
+    raise EvalError(f"conv_style must be one of {prompts.CONV_STYLES}, got {conv_style!r}")
 
 
 def _record_prompts(example: Mapping, k: int, lc, encoder, kinds, questions, caption_prompt, time_msg: str,
@@ -128,7 +128,7 @@ def _record_prompts(example: Mapping, k: int, lc, encoder, kinds, questions, cap
                              label=label)))
     elif example["kind"] == "caption" and "caption" in kinds:
         # The loader's eval caption row without the caption: [bos] + prompt around the patches.
-        ids, _ = P.tokenize_caption("", encoder, k, caption_prompt, "", lc.max_txt_len)
+        ids, _ = prompts.tokenize_caption("", encoder, k, caption_prompt, "", lc.max_txt_len)
         text = (caption_prompt or IMAGE_PLACEHOLDER).replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * k)
         out.append(("caption", ids, text, dict(question=caption_prompt or "", reference=example["caption"],
                                                attribute=None, label=None)))
@@ -249,7 +249,7 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
                                          eos_token_ids=() if eos is None else (int(eos),),
                                          pad_token_id=encoder.pad_id)
     stops = {"qa": ("###",) if lc.conv_style == "vicuna" else (), "caption": (lc.end_sym,) if lc.end_sym else ()}
-    caption_prompt = P.caption_prompt(lc.caption_prompts, lc.caption_template, None)
+    caption_prompt = prompts.caption_prompt(lc.caption_prompts, lc.caption_template, None)
     run = _Runner(model, encoder, gen, batch_size, bucket, stops, mesh)
 
     source, count = _record_source(records)
@@ -274,9 +274,9 @@ def run_eval(model: InferenceModel, records, *, loader_config=None, media: Seque
         idx = loader.frame_indices(example, lc.num_frames)
         times = np.asarray(example["frame_times"], np.float32)[idx]
         soft = None
-        time_msg = P.video_time_message(times) if example["media"] == "video" and lc.video_time_msg else ""
-        prompts = _record_prompts(example, k, lc, encoder, kinds, questions, caption_prompt, time_msg, where)
-        for kind, ids, text, info in prompts:
+        time_msg = prompts.video_time_message(times) if example["media"] == "video" and lc.video_time_msg else ""
+        for kind, ids, text, info in _record_prompts(example, k, lc, encoder, kinds, questions, caption_prompt,
+                                                     time_msg, where):
             found = sum(i == encoder.patch_id for i in ids)
             if found != k:
                 raise EvalError(f"{where}: the prompt holds {found} media positions, expected {k}")

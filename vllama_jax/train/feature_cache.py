@@ -81,14 +81,13 @@ def outputs_for_media(media: Sequence[str]) -> tuple[CachedOutput, ...]:
 
 
 def _lookup(tree: Mapping, path: Sequence[str], what: str):
-    node = tree
-    for i, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            raise KeyError(f"{what}: submodule {'/'.join(path)!r} was not called (nothing recorded under "
-                           f"{'/'.join(path[:i + 1])!r}; recorded: "
-                           f"{sorted(node) if isinstance(node, Mapping) else node!r})")
-        node = node[name]
-    return node
+    i = tree_paths.missing_at(tree, path)
+    if i is not None:
+        node = tree_paths.get(tree, path[:i])
+        raise KeyError(f"{what}: submodule {'/'.join(path)!r} was not called (nothing recorded under "
+                       f"{'/'.join(path[:i + 1])!r}; recorded: "
+                       f"{sorted(node) if isinstance(node, Mapping) else node!r})")
+    return tree_paths.get(tree, path)
 
 
 def capture(module: nn.Module, variables: Any, outputs: Sequence[CachedOutput], batch_size: int,
@@ -374,13 +373,13 @@ def cache_dir(path: str) -> str:
 def loader_source(config) -> Iterable[dict]:
     """One pass over the training shards of `config.data` with eval transforms (uniform frames,
     plain resize, the first prompt): the fixed view of each example the cache stores."""
-    from data_pipelines import loader as L
+    from data_pipelines import loader
 
-    cfg = dataclasses.replace(L.loader_config_from(config, train=False), shuffle=False, num_epochs=1,
+    cfg = dataclasses.replace(loader.loader_config_from(config, train=False), shuffle=False, num_epochs=1,
                               drop_remainder=False)
-    encoder = L._encoder_from(config)
-    for spec in L._dataset_specs(config.data):
-        yield from L.make_loader(spec, cfg, encoder)
+    encoder = loader._encoder_from(config)
+    for spec in loader._dataset_specs(config.data):
+        yield from loader.make_loader(spec, cfg, encoder)
 
 
 def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:

@@ -23,10 +23,10 @@ from jax.experimental import multihost_utils
 
 from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer, WorkdirLock, remove_interrupted_saves
-from vllama_jax.train import metrics as M
-from vllama_jax.train import optimizer as O
+from vllama_jax.train import metrics
+from vllama_jax.train import optimizer
 from vllama_jax.train import config_lib, partition, schedules
-from vllama_jax.train import step as S
+from vllama_jax.train import step as train_step
 from vllama_jax.train.task import (Task, check_provided, check_task, initial_params, run_keys,
                                    trainable_patterns)
 
@@ -52,7 +52,7 @@ class TrainResult:
     preempted: bool               # stopped early on SIGTERM (state saved)
     history: list[dict]           # logged train summaries, one per log window
     eval_history: list[dict]      # eval summaries
-    state: S.TrainState
+    state: train_step.TrainState
     frozen: Any
 
 
@@ -90,9 +90,9 @@ class _Setup:
     paths: frozenset
     tx: Any
     schedule: Callable
-    state_sh: S.TrainState
+    state_sh: train_step.TrainState
     frozen_sh: Any
-    abstract_state: S.TrainState
+    abstract_state: train_step.TrainState
     abstract_frozen: Any
 
 
@@ -102,13 +102,13 @@ def _setup(config, task: Task, mesh) -> _Setup:
     b_train, b_frozen = partition.split(boxed, paths)
     b_frozen = partition.cast_floating(b_frozen, config_lib.dtype_of(config.train.get("frozen_dtype")))
     schedule = schedules.make_schedule(config.optim)
-    tx = O.make_optimizer(config.optim, schedule, b_train)
-    state_sh = S.state_shardings(b_train, tx, mesh)
+    tx = optimizer.make_optimizer(config.optim, schedule, b_train)
+    state_sh = train_step.state_shardings(b_train, tx, mesh)
     frozen_sh = sharding.param_shardings(b_frozen, mesh)
     abstract_frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    nn.meta.unbox(b_frozen), frozen_sh)
     return _Setup(mesh, paths, tx, schedule, state_sh, frozen_sh,
-                  S.abstract_state(b_train, tx, state_sh), abstract_frozen)
+                  train_step.abstract_state(b_train, tx, state_sh), abstract_frozen)
 
 
 def _fresh_params(task: Task, full_sh, seed: int):
@@ -140,22 +140,22 @@ def _initial_state(config, task: Task, su: _Setup, ckpt: Checkpointer, train_ite
     if latest is not None:
         logger.write(f"resumed from checkpoint step {latest} in {ckpt.workdir}")
         return state, frozen, latest
-    init = jax.jit(lambda p, r: S.init_state(p, su.tx, r), out_shardings=su.state_sh)
+    init = jax.jit(lambda p, r: train_step.init_state(p, su.tx, r), out_shardings=su.state_sh)
     state = init(trainable, state_rng)
     if config.checkpoint.get("save_frozen", False):
         ckpt.save_frozen(frozen)
     return state, frozen, 0
 
 
-def evaluate(eval_step, state: S.TrainState, frozen: Any, batches: Iterable, mesh) -> dict[str, float]:
+def evaluate(eval_step, state: train_step.TrainState, frozen: Any, batches: Iterable, mesh) -> dict[str, float]:
     """Mean eval metrics over a finite iterable of host batches."""
     results = [eval_step(state.params, frozen, sharding.shard_batch(b, mesh)) for b in batches]
-    return M.mean_over_batches(jax.device_get(results))
+    return metrics.mean_over_batches(jax.device_get(results))
 
 
 class _EvalRunner:
     def __init__(self, task, su: _Setup, compute_dtype):
-        self.fn = S.make_eval_step(task, compute_dtype=compute_dtype)
+        self.fn = train_step.make_eval_step(task, compute_dtype=compute_dtype)
         self.su = su
         self.jitted = None
 
@@ -165,8 +165,8 @@ class _EvalRunner:
         if first is None:
             raise ValueError("the eval iterator yielded no batches")
         if self.jitted is None:
-            self.jitted = S.jit_eval_step(self.fn, self.su.mesh, self.su.state_sh.params,
-                                          self.su.frozen_sh, sharding.batch_shardings(first, self.su.mesh))
+            self.jitted = train_step.jit_eval_step(self.fn, self.su.mesh, self.su.state_sh.params,
+                                                   self.su.frozen_sh, sharding.batch_shardings(first, self.su.mesh))
         return evaluate(self.jitted, state, frozen, _chain(first, batches), self.su.mesh)
 
 
@@ -212,8 +212,8 @@ def train(config, task: Task, train_iter: Iterator, *, workdir: str,
     except BaseException:
         lock.release()
         raise
-    logger = M.MetricsLogger(os.path.join(workdir, "tb") if t.get("tensorboard", True) else None,
-                             total_steps=n_steps, progress=bool(t.get("progress", True)))
+    logger = metrics.MetricsLogger(os.path.join(workdir, "tb") if t.get("tensorboard", True) else None,
+                                   total_steps=n_steps, progress=bool(t.get("progress", True)))
     try:
         state, frozen, step = _initial_state(config, task, su, ckpt, train_iter, logger)
         logger.bar.n = step
@@ -233,9 +233,9 @@ class _Run:
     def __init__(self, config, task, su, ckpt, logger, train_iter, eval_iter_fn, compute_dtype):
         self.su, self.ckpt, self.logger = su, ckpt, logger
         self.train_iter, self.eval_iter_fn = train_iter, eval_iter_fn
-        self.step_fn = S.make_train_step(task, su.tx, su.schedule,
-                                         accum_steps=int(config.train.get("accum_steps", 1)),
-                                         compute_dtype=compute_dtype)
+        self.step_fn = train_step.make_train_step(task, su.tx, su.schedule,
+                                                  accum_steps=int(config.train.get("accum_steps", 1)),
+                                                  compute_dtype=compute_dtype)
         self.evaluator = _EvalRunner(task, su, compute_dtype)
         self.jitted = None
         self.pending: list[dict] = []       # device metrics since the last fetch
@@ -245,13 +245,13 @@ class _Run:
         self.eval_history: list[dict] = []
         self.examples_in_window = 0
         self.last_saved = ckpt.latest_step()
-        self.throughput = M.Throughput()
+        self.throughput = metrics.Throughput()
         self.check_batch = None
 
     def _compile(self, batch):
         batch_sh = sharding.batch_shardings(batch, self.su.mesh)
-        self.jitted = S.jit_train_step(self.step_fn, self.su.mesh, self.su.state_sh,
-                                       self.su.frozen_sh, batch_sh)
+        self.jitted = train_step.jit_train_step(self.step_fn, self.su.mesh, self.su.state_sh,
+                                                self.su.frozen_sh, batch_sh)
 
     def _fetch(self, step: int):
         """Pulls pending metrics to the host and stops on a non-finite value."""
@@ -262,7 +262,7 @@ class _Run:
         self.pending = []
         for i, m in enumerate(fetched):
             self.recent_losses = (self.recent_losses + [float(m["loss"])])[-8:]
-            if M.first_nonfinite([m]) is not None:
+            if metrics.first_nonfinite([m]) is not None:
                 self.ckpt.wait()
                 raise NonFiniteLossError(first_step + i, list(self.recent_losses),
                                          self.ckpt.latest_step())
@@ -272,7 +272,7 @@ class _Run:
         self._fetch(step)
         if not self.window:
             return
-        summary = M.summarize(self.window)
+        summary = metrics.summarize(self.window)
         summary.update(self.throughput.rates(self.examples_in_window, summary.get("num_tokens")))
         self.logger.log(step, summary)
         self.history.append({"step": step, **summary})
