@@ -96,6 +96,7 @@ class LoaderConfig(Preset):
     num_audio_clips: int = 8
     conv_style: str = "vicuna"
     max_conv_len: int = prompts.DEFAULT_MAX_CONV_LEN
+    aligned_targets: bool = False    # vicuna targets without the reference's drift (prompts.tokenize_vicuna)
     max_txt_len: int = 32            # caption tokens (incl. end_sym)
     caption_prompts: tuple[str, ...] = ()     # empty: no prompt (stage 1)
     caption_template: str = prompts.VICUNA_CAPTION_TEMPLATE
@@ -279,7 +280,8 @@ class ExampleTransform:
             return prompts.tokenize_caption(caption, enc, cfg.num_media_tokens, prompt, cfg.end_sym, cfg.max_txt_len)
         msg = prompts.video_time_message(times) if example["media"] == "video" and cfg.video_time_msg else ""
         turns = prompts.insert_media(example["conversations"], example["media"], cfg.num_media_tokens, msg, where)
-        return prompts.tokenize_conversation(turns, enc, cfg.conv_style, cfg.max_conv_len, where)
+        return prompts.tokenize_conversation(turns, enc, cfg.conv_style, cfg.max_conv_len, where,
+                                             cfg.aligned_targets)
 
     def _transform(self, example, rng, where):
         cfg = self.config
@@ -482,7 +484,8 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),
-        pack=bool(d.get("pack", False)), max_examples_per_row=int(d.get("max_examples_per_row", 2)))
+        pack=bool(d.get("pack", False)), max_examples_per_row=int(d.get("max_examples_per_row", 2)),
+        aligned_targets=bool(d.get("aligned_targets", False)))
 
 
 def _encoder_from(config) -> TextEncoder:

@@ -15,7 +15,9 @@ vicuna (`preprocess` + `_mask_targets`):
   and each turn *tokenized on its own, each with its own BOS* (non-pad tokens counted): the
   header span is -100, then every human turn is -100 except its first 2 positions. Because each
   piece adds a BOS (and a "▁" prefix) the mask drifts right by a token or two per turn; the
-  reference trained with that drift, so it is kept.
+  reference trained with that drift, so it is kept. `aligned=True` applies the same rule with
+  each piece's length *in the conversation* (no drift), for models trained from scratch: with
+  one-word answers the drift leaves every answer after the first two turns untrained.
 llama_v2 (`preprocess_for_llama_v2`, `Conversation.get_prompt` LLAMA_2 style, system " "):
     text = "[INST] <<SYS>>\\n \\n<</SYS>>\\n\\n{q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s>"
   tokenized with BOS. Target: position 0 masked; per round (split on "</s>") the first
@@ -150,21 +152,42 @@ def vicuna_text(turns: Sequence[dict]) -> tuple[str, list[str]]:
     return "\n\n" + "".join(pieces) + "###", pieces
 
 
-def tokenize_vicuna(turns: Sequence[dict], encode: Encoder,
-                    max_length: int = DEFAULT_MAX_CONV_LEN) -> tuple[list[int], list[int]]:
-    """`preprocess` of the reference: ids and targets of a `###Human/###Assistant` conversation."""
+def tokenize_vicuna(turns: Sequence[dict], encode: Encoder, max_length: int = DEFAULT_MAX_CONV_LEN,
+                    aligned: bool = False) -> tuple[list[int], list[int]]:
+    """`preprocess` of the reference: ids and targets of a `###Human/###Assistant` conversation;
+    `aligned`: the mask without the reference's drift (module docstring)."""
     text, pieces = vicuna_text(turns)
     ids = encode(text, add_bos=True, max_length=max_length)
     targets = list(ids)
-    header_len = _nonpad_len(encode("\n\n", add_bos=True, max_length=max_length), encode.pad_id)
-    cur = header_len
+    if aligned:
+        lengths = _lengths_in_context(ids, ["\n\n", *pieces], encode, max_length)
+    else:
+        lengths = [_nonpad_len(encode(p, add_bos=True, max_length=max_length), encode.pad_id)
+                   for p in ["\n\n", *pieces]]
+    cur = lengths[0]
     _mask(targets, 0, cur)
-    for turn, piece in zip(turns, pieces):
-        n = _nonpad_len(encode(piece, add_bos=True, max_length=max_length), encode.pad_id)
+    for turn, n in zip(turns, lengths[1:]):
         if turn["from"] == "human":
             _mask(targets, cur + 2, cur + n)
         cur += n
     return ids, targets
+
+
+def _lengths_in_context(ids: Sequence[int], pieces: Sequence[str], encode: Encoder, max_length: int) -> list[int]:
+    """How many of `ids` (the pieces joined, tokenized with BOS) each piece takes: from the
+    tokenized prefixes, which must be prefixes of `ids` (a tokenizer that merges across a piece
+    boundary has no such split)."""
+    lengths, before, prefix = [], 0, ""
+    for piece in pieces:
+        prefix += piece
+        upto = encode(prefix, add_bos=True, max_length=max_length)
+        n = min(_nonpad_len(upto, encode.pad_id), len(ids))
+        if list(upto[:n]) != list(ids[:n]):
+            raise PromptError("aligned targets: the tokenizer merges tokens across a turn boundary "
+                              f"(after {prefix[-40:]!r})")
+        lengths.append(n - before)
+        before = n
+    return lengths
 
 
 def llama2_text(turns: Sequence[dict], system: str = _LLAMA2_SYSTEM, where: str = "") -> str:
@@ -210,9 +233,11 @@ def tokenize_llama2(turns: Sequence[dict], encode: Encoder, max_length: int = DE
 
 
 def tokenize_conversation(turns: Sequence[dict], encode: Encoder, style: str,
-                          max_length: int = DEFAULT_MAX_CONV_LEN, where: str = "") -> tuple[list[int], list[int]]:
+                          max_length: int = DEFAULT_MAX_CONV_LEN, where: str = "",
+                          aligned: bool = False) -> tuple[list[int], list[int]]:
+    """`aligned`: vicuna targets without the reference's drift (llama_v2's mask does not drift)."""
     if style == "vicuna":
-        return tokenize_vicuna(turns, encode, max_length)
+        return tokenize_vicuna(turns, encode, max_length, aligned)
     if style == "llama_v2":
         return tokenize_llama2(turns, encode, max_length, where=where)
     raise PromptError(f"conversation style must be one of {CONV_STYLES}, got {style!r}")

@@ -76,6 +76,79 @@ def test_quick_demo_is_deterministic(tmp_path):
     assert [e["answer"] for e in answers[0]] == [e["answer"] for e in answers[1]]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
+def test_rerun_from_a_phase_reproduces_it(quick_demo, tmp_path):
+    """`--from-phase audio2` on a copy of a finished run: only audio2 and the evaluation run again,
+    on the saved towers and earlier runs, and give the same losses and answers (everything is a
+    function of the seed), so a recipe change of the later phases can be measured alone."""
+    import shutil
+
+    from vllama_jax.convert import params_checkpoint as pc
+
+    workdir = tmp_path / "run"
+    shutil.copytree(quick_demo.workdir, workdir)
+    vision2 = pc.load_params(str(workdir / "runs" / "vision2"))
+    lines = []
+    summary = cli_demo_rerun(workdir, "audio2", lines.append)
+    text = "\n".join(lines)
+    assert summary["from_phase"] == "audio2"
+    assert set(summary["phase_seconds"]) == {"audio2", "evaluate"}
+    assert "== [vision1]" not in text and "== [audio2] done" in text
+    assert summary["final_losses"]["audio2"] == quick_demo.summary["final_losses"]["audio2"]
+    assert summary["accuracy"] == quick_demo.summary["accuracy"]
+    again = pc.load_params(str(workdir / "runs" / "vision2"))
+    assert all((a == b).all() for a, b in zip(*(jax_leaves(p) for p in (vision2, again))))
+
+
+def cli_demo_rerun(workdir, phase, out, seed=0):
+    from vllama_jax.demo import recipe
+
+    return recipe.run_demo(str(workdir), seed=seed, quick=True, workers=1, from_phase=phase, out=out)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_from_phase_needs_a_finished_run_of_the_same_seed(tmp_path, capsys):
+    from vllama_jax.cli_errors import UserError
+
+    with pytest.raises(UserError, match="no pretrained towers"):
+        cli_demo_rerun(tmp_path, "audio1", print)
+    (tmp_path / "towers").mkdir()
+    (tmp_path / "towers" / "towers.json").write_text(json.dumps({"config": "quick", "seed": 1, "paths": {}}))
+    with pytest.raises(UserError, match="at seed 1"):
+        cli_demo_rerun(tmp_path, "audio1", print)
+    assert cli.demo_main(["--workdir", str(tmp_path), "--from-phase", "audio1"]) == 2
+    assert "the 'quick' demo at seed 1, not 'full' at seed 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.demo_main(["--from-phase", "pretrain"])
+
+
+def test_every_answer_of_the_demo_conversations_is_a_target(quick_demo):
+    """The stage-2 runs' rows (demo config -> trainer config -> loader) mark every answer word as a
+    loss target: with the reference's drifting mask most one-word answers were not (issue 19)."""
+    from data_pipelines import synthetic
+    from vllama_jax.demo import recipe
+
+    layout = recipe.Layout(quick_demo.workdir)
+    demo_module, demo = recipe.load_demo_config("quick")
+    paths = json.loads((layout.towers / recipe.TOWERS_FILE).read_text())["paths"]
+    vocab = len(recipe._tokenizer(layout.tokenizer))
+    tok = recipe._tokenizer(layout.tokenizer)
+    words = {tok.convert_tokens_to_ids("▁" + v) for values in synthetic.ATTRIBUTES.values() for v in values}
+    for branch, split, per_row in (("vision", "instruct_seen_train", 3), ("audio", "instruct_train", 5)):
+        config = recipe.stage_run_config(layout, demo, demo_module, branch, 2, paths, vocab)
+        batch = next(iter(recipe._loader_batches(config, layout.shards(split), 4)))
+        for ids, targets in zip(batch["input_ids"], batch["targets"]):
+            answers = [i for i, t in enumerate(ids) if int(t) in words]
+            assert len(answers) == per_row
+            assert all(targets[i] == ids[i] for i in answers), (branch, answers)
+
+
 def test_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli.demo_main(["--seed", "x"])

@@ -113,6 +113,20 @@ def test_vicuna_multi_turn_exact(char_tok):
 LLAMA2_HEAD = "▁ [ I N S T ] ▁ < < S Y S > > NL ▁ NL < < / S Y S > > NL NL"
 
 
+
+def test_vicuna_aligned_targets_have_no_drift(char_tok):
+    """The same rule as the reference (header masked, every human turn masked but its first 2
+    positions) with each piece's length in the conversation: every answer is a target."""
+    turns = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"},
+             {"from": "human", "value": "C?"}, {"from": "gpt", "value": "D"}]
+    ids, tg = prompts.tokenize_vicuna(turns, char_tok, aligned=True)
+    assert ids == prompts.tokenize_vicuna(turns, char_tok)[0]
+    # in context: header 0..3, human 4..15, assistant 16..30, human 31..42, assistant 43..57, ### 58..60
+    keep = [4, 5] + list(range(16, 33)) + list(range(43, 61))
+    assert [i for i, t in enumerate(tg) if t != X] == keep
+    assert all(tg[i] == ids[i] for i in keep)
+    assert prompts.tokenize_conversation(turns, char_tok, "vicuna", aligned=True) == (ids, tg)
+
 def test_llama2_single_turn_exact(char_tok):
     turns = prompts.insert_media([{"from": "human", "value": "<ImageHere> Hi"}, {"from": "gpt", "value": "Yo"}],
                                  "image", N)
@@ -209,3 +223,21 @@ def test_tokenizer_errors(tmp_path):
     (bad / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="bad"):
         load_tokenizer(bad)
+
+
+def test_vicuna_aligned_targets_refuse_a_tokenizer_that_merges_across_turns():
+    class Merging:
+        bos_id, pad_id, patch_id = 1, 0, 2
+
+        def __call__(self, text, add_bos=True, max_length=None):
+            ids, i = [1] if add_bos else [], 0
+            while i < len(text):     # "\n#" is one token: the boundary after a turn's "\n" splits it
+                step = 2 if text[i:i + 2] == "\n#" else 1
+                ids.append(10 + sum(map(ord, text[i:i + step])))
+                i += step
+            return ids
+
+    turns = [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"}]
+    prompts.tokenize_vicuna(turns, Merging())          # the reference's rule does not need the split
+    with pytest.raises(prompts.PromptError, match="merges tokens across a turn boundary"):
+        prompts.tokenize_vicuna(turns, Merging(), aligned=True)

@@ -18,6 +18,9 @@ def _demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny, fast variant (every phase, no accuracy target)")
     p.add_argument("--skip-data", action="store_true", help="reuse the workdir's shards when they exist")
     p.add_argument("--workers", type=int, default=None, help="data-writer processes (default: cores - 1)")
+    p.add_argument("--from-phase", choices=recipe.RESUMABLE, default=None,
+                   help="rerun from this phase on the data, tokenizer, towers and earlier runs an earlier "
+                        "run left in --workdir (same --seed); for recipe experiments")
     return p
 
 
@@ -30,7 +33,8 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         return 2
     from vllama_jax.demo.recipe import run_demo
 
-    run_demo(args.workdir, seed=args.seed, quick=args.quick, skip_data=args.skip_data, workers=args.workers)
+    run_demo(args.workdir, seed=args.seed, quick=args.quick, skip_data=args.skip_data, workers=args.workers,
+             from_phase=args.from_phase)
     return 0
 
 

@@ -21,10 +21,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    # 512 train clips (was 256): the stage runs memorised 256 (vision stage-1 loss 0.009) and read
-    # shape from the frozen tower's features at 70 %; measured at seed 0, same recipe otherwise:
-    # video tokens alone shape 70 -> 86 %, audio+video visual 85.4 -> 90.6 %, audio 96 -> 100 %,
-    # for +35 s of data writing (the stage runs' steps are fixed).
+    # 512 train clips: with fewer the stage runs memorise the clips instead of reading shape from
+    # the frozen tower's features (history: docs/STATUS.md, "The demo").
     c.data.num_train = 16 if quick else 512
     c.data.num_test = 8 if quick else 64
     c.data.num_frames = 8             # sampled of the 16 stored, as the reference's 8
@@ -34,8 +32,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
 
     # Tower sizes: overrides of each tower's `tiny` preset (config_lib.tiny names them).
     c.towers = ml_collections.ConfigDict()
-    # initializer_range 1/sqrt(64) (HF's 0.02 is a 4096-wide model's): word embeddings nearer the
-    # soft tokens' scale; measured on the same towers, stage-1 loss 0.36 -> 0.30, stage-2 0.839 -> 0.822.
+    # initializer_range 1/sqrt(64) (HF's 0.02 is a 4096-wide model's): word embeddings on the
+    # scale of the soft tokens the projections produce.
     c.towers.llama = dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=4,
                           head_dim=16, max_position_embeddings=256, initializer_range=0.125)
     c.towers.vit = dict(patch_size=8, width=64, depth=2, num_heads=4)
@@ -53,26 +51,18 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
 
     c.pretrain = ml_collections.ConfigDict()
     # The LM needs ~600 steps before it answers from its context (copies the asked attribute's
-    # word from the description) rather than guessing (measured on held-out descriptions).
+    # word from the description) rather than guessing.
     c.pretrain.llama = fit(10 if quick else 700, 8, 5e-3)
-    # Towers: caption heads (demo_pretrain.CaptionHeads). Measured on the held-out clips with a linear
-    # probe on the frozen features: 150 steps at 2e-3 with the bag of words alone left shape, motion
-    # and rhythm near chance; the attribute heads at 5e-3 need a few hundred steps to learn them.
-    # The image tower learns from its own rendered clips (synthetic.tower_clips: short clips, many
-    # shape instances at random places on their paths) rather than the 256 train clips, on which
-    # its shape head stayed at 0.44-0.62 held-out whatever the recipe. Shape is the slow one: its
-    # accuracy sits near 0.45 (two equal-area pairs) for ~300 steps, then climbs; the demo's shape
-    # answers follow the tower's. Held-out shape of the tower's head (tower clips of another seed),
-    # 600 steps at 2e-3: 0.70 at demo seed 1 (train accuracy 0.69; seed 0's 0.75); 900 steps at
-    # 3e-3, seeds 0 / 1 / 2: 0.94 / 0.98 / 0.85 (+30 s). 4e-3 learned motion first and stalled
-    # shape (0.63 at seed 1); batch 32 x 1200 or 128 x 450 steps were worse (0.69 at seed 2).
+    # Towers: attribute heads beside the caption bag of words (demo.pretrain.CaptionHeads); the bag
+    # alone leaves shape, motion and rhythm out of the features. The image tower learns from its own
+    # rendered clips (synthetic.tower_clips: many shape instances at random places), as a ViT needs
+    # many shape instances; its shape accuracy sits near 0.45 (two equal-area pairs) for ~300
+    # steps before it climbs, and the demo's shape answers follow the tower's: hence 900 steps.
     c.pretrain.vision = fit(10 if quick else 900, 8 if quick else 64, 3e-3)
     c.pretrain.vision_clips = 32 if quick else 8192
     c.pretrain.vision_frames = 2
-    # Loss weights of the tower's attribute heads (1 if not named). Colour, learned first and
-    # easily, took over the tiny ViT's features: on the recipe above, held-out shape 0.59 with
-    # every weight 1; colour 0.1 and motion 0.3: shape 0.98, colour 1.0, motion 0.97 (rendered
-    # clips; 0.98 on the demo's decoded test mp4s too).
+    # Loss weights of the tower's attribute heads (1 if not named): colour, learned first and
+    # easily, otherwise takes over the tiny ViT's features and shape is not learned.
     c.pretrain.attribute_weights = dict(colour=0.1, motion=0.3)
     c.pretrain.audio = fit(10 if quick else 300, 16 if quick else 32, 5e-3)
     # The audio tower's bag of caption words: its summed-over-vocab loss (~20) on the attributes'
@@ -85,13 +75,10 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     for branch in ("vision", "audio"):
         for stage in (1, 2):
             c.stages[f"{branch}{stage}"] = fit(4 if quick else 120, 8 if quick else 32, 5e-3)
-    # The video Q-Former learns motion (an order across frames) in stage 1's captions; measured on
-    # the same towers (video tokens alone): 120 steps -> motion 66 %, 240 -> 81 %, 400 -> 97 %
-    # (+16 s). 240 stage-2 steps instead gave 81 % at +65 s.
+    # The video Q-Former learns motion (an order across frames) from stage 1's captions, slowly:
+    # more stage-1 steps are the cheapest way to it.
     c.stages.vision1.steps = 4 if quick else 400
-    # Audio stage 2 (beside the video tokens): twice the updates at half the batch, the same time.
-    # Measured on the same towers and vision runs: 120 x 32 -> audio 81 %, visual 83 %;
-    # 240 x 16 -> audio 96 %, visual 85 %.
+    # Audio stage 2 (beside the video tokens): more updates at half the batch, in the same time.
     if not quick:
         c.stages.audio2.steps, c.stages.audio2.batch_size = 240, 16
     c.eval = ml_collections.ConfigDict()
@@ -99,10 +86,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.eval.batch_size = 8 if quick else 32
     c.eval.sample_dialogues = 2 if quick else 3
     c.eval.bucket = 96                # every question prompt (56-72 tokens) pads to one length: one program
-    # XLA optimizations off (demo.py:_compile_settings) only for the quick config's few-step runs:
-    # over hundreds of steps optimized code pays for its longer compile (measured on 2 cores, fresh
-    # compile cache, light -> optimized: vision1 45 -> 25 s, vision2 64 -> 42 s, audio1 19 -> 16 s,
-    # audio2 68 -> 40 s; the same losses).
+    # XLA optimizations off (recipe._compile_settings) only for the quick config's few-step runs:
+    # over hundreds of steps optimized code pays for its longer compile.
     c.light_compiles = quick
     return c
 
@@ -111,9 +96,8 @@ def joint_stage(branch: str, stage: int) -> bool:
     """Whether the run trains beside the other medium's (frozen) soft tokens: the audio branch's
     stage 2, with the vision2 run's video tokens after its own, as the chat and the eval present
     them (not the reference, whose audio branch only ever trains alone: the demo's two-layer LM
-    does not learn on its own to read audio tokens placed next to video tokens; measured: pitch
-    100 % with the audio tokens alone, 33 % with both). It trains on the questions about both
-    media (demo.train_stage)."""
+    does not learn on its own to read audio tokens placed next to video tokens it never trained
+    beside). It trains on the questions about both media (recipe.train_stage)."""
     return branch == "audio" and stage == 2
 
 
@@ -149,6 +133,10 @@ def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, pa
         m.train_with_media = ("video",)
         d.num_query_placeholders = demo.num_video_query_token + demo.num_audio_query_token
     d.seq_len = 0 if stage == 1 else demo.data.conv_seq_len
+    # Every answer a target: the reference's vicuna mask drifts by two tokens per turn with this
+    # tokenizer, which leaves one-word answers after the first turns untrained (and trains on
+    # question tokens instead); the demo's model is trained from scratch, so it needs no drift.
+    d.aligned_targets = True
     d.datasets = ml_collections.ConfigDict()
     d.dataset_shards = ml_collections.ConfigDict()
     c.paths.prompt_path = ""          # the demo's stage 2 is conversations only
@@ -165,6 +153,6 @@ def stage_config(demo: ml_collections.ConfigDict, branch: str, stage: int, *, pa
     c.checkpoint.async_save = False
     c.checkpoint.max_to_keep = 1
     # No dropout in the Q-Formers (the reference has 0.1): on a CPU its random masks double the
-    # compile time of a train step (measured 18.6 s -> 9.3 s), and the demo's clips do not need it.
+    # compile time of a train step, and the demo's clips do not need it.
     m.dropout = 0.0
     return c

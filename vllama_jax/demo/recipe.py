@@ -36,6 +36,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -237,22 +238,16 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     llama, histories["llama"] = pretrain.pretrain_llama(vconfig.llama, corpus, fit_config("llama"), demo.seed,
                                                         str(layout.tensorboard / "pretrain_llama"))
 
-    frames, fbank, targets, ids = [], [], [], []
-    for batch in _loader_batches(probe, layout.shards("caption_train"), 32):
-        frames.append(batch["frames"])
-        fbank.append(batch["audio"].astype(np.float16))
-        targets.append(batch["targets"])
-        ids += _clip_ids(batch["example_id"])
-    media = {"frames": np.concatenate(frames), "audio": np.concatenate(fbank), "ids": ids}
-    bag = pretrain.bag_of_tokens(np.concatenate(targets), vconfig.llama.vocab_size)
+    media, targets = train_media(layout, probe)
+    ids = media["ids"]
+    bag = pretrain.bag_of_tokens(targets, vconfig.llama.vocab_size)
     # The instruct records read above are the same clips (same id but its last part, same meta).
     metas = dict(zip(_clip_ids([r["id"] for r in records]), (r["meta"] for r in records)))
 
     tower_frames, tower_labels = tower_clips(demo)
     out(f"   image tower: {len(tower_frames)} rendered clips of {tower_frames.shape[1]} frames")
-    # No caption bag of words for the image tower (a zero-width bag): at the audio tower's weight
-    # it pulled the features to colour (a colour word is in every caption) and cut the held-out
-    # shape accuracy of the same recipe from 0.98 to 0.69.
+    # No caption bag of words for the image tower (a zero-width bag): a colour word is in every
+    # caption, so the bag pulls the tiny ViT's features to colour, away from shape.
     no_bag = np.zeros((len(tower_frames), 0), np.float32)
     image_encoder, histories["vision"] = pretrain.pretrain_vision(
         vconfig.vit, vconfig.image_qformer, tower_frames, no_bag, *tower_labels,
@@ -267,7 +262,46 @@ def pretrain_towers(layout: Layout, demo, demo_module, vocab_size: int, records:
     paths = pretrain.save_towers(str(layout.towers), llama=(llama, vconfig.llama), tokenizer_dir=str(layout.tokenizer),
                                  image_encoder=(image_encoder, vconfig.vit, vconfig.image_qformer),
                                  audio=(audio, vconfig.imagebind_audio), vision_config=None, seed=demo.seed)
+    (layout.towers / TOWERS_FILE).write_text(json.dumps({"config": demo.name, "seed": demo.seed, "paths": paths}))
     return paths, histories, media, {"image_encoder": image_encoder, "audio_encoder": audio}
+
+
+def train_media(layout: Layout, config) -> tuple[dict, np.ndarray]:
+    """The train clips as the stage runs see them (caption_train, in order): ({'frames', 'audio'
+    (float16 fbank), 'ids'}, the captions' target tokens)."""
+    frames, fbank, targets, ids = [], [], [], []
+    for batch in _loader_batches(config, layout.shards("caption_train"), 32):
+        frames.append(batch["frames"])
+        fbank.append(batch["audio"].astype(np.float16))
+        targets.append(batch["targets"])
+        ids += _clip_ids(batch["example_id"])
+    return {"frames": np.concatenate(frames), "audio": np.concatenate(fbank), "ids": ids}, np.concatenate(targets)
+
+
+TOWERS_FILE = "towers.json"
+
+
+def saved_towers(layout: Layout, demo, demo_module) -> tuple[dict, int, dict, dict]:
+    """What the pretrain phase left in the work dir, for a rerun from a later phase
+    (`--from-phase`): (config.paths entries, the vocabulary size, the train clips' media, the
+    frozen tower params)."""
+    from vllama_jax.cli_errors import UserError
+    from vllama_jax.train.video_llama_task import build_task
+
+    record = layout.towers / TOWERS_FILE
+    if not record.is_file():
+        raise UserError(f"--from-phase: {layout.root} holds no pretrained towers ({record} missing); "
+                        "run the whole demo there first")
+    saved = json.loads(record.read_text())
+    if (saved["config"], saved["seed"]) != (demo.name, demo.seed):
+        raise UserError(f"--from-phase: the towers in {layout.root} are of the {saved['config']!r} demo at seed "
+                        f"{saved['seed']}, not {demo.name!r} at seed {demo.seed}")
+    paths = saved["paths"]
+    vocab_size = len(_tokenizer(layout.tokenizer))
+    config = demo_module.stage_config(demo, "audio", 1, paths=paths, vocab_size=vocab_size)
+    params = build_task(config).load_pretrained({})
+    media, _ = train_media(layout, config)
+    return paths, vocab_size, media, {k: params[k] for k in ("image_encoder", "audio_encoder")}
 
 
 def tower_clips(demo):
@@ -330,6 +364,17 @@ def tower_features(model_config, towers: dict, media: dict, medium: str, batch_s
                                                method_args=(medium,))
 
 
+def stage_run_config(layout: Layout, demo, demo_module, branch: str, stage: int, paths: dict, vocab_size: int):
+    """The trainer config of one stage run, started from the earlier runs in the work dir."""
+    run_paths = dict(paths)
+    # Stage 2 starts from stage 1. The audio runs hold the vision branch too (frozen; audio2's
+    # prompts show its video tokens): vision2's, as `ckpt_2` beside audio2's start, audio1.
+    starts = ([f"{branch}1"] if stage == 2 else []) + (["vision2"] if branch == "audio" else [])
+    for key, start in zip(("ckpt", "ckpt_2"), starts):
+        run_paths[key] = str(layout.run(start))
+    return demo_module.stage_config(demo, branch, stage, paths=run_paths, vocab_size=vocab_size)
+
+
 def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, paths: dict, vocab_size: int,
                 features, feature_ids: list[str]):
     """One trainer run on the cached frozen-tower outputs; returns (trainer config, TrainResult)."""
@@ -340,19 +385,13 @@ def train_stage(layout: Layout, demo, demo_module, branch: str, stage: int, path
     from vllama_jax.train import loop
     from vllama_jax.train.video_llama_task import build_task
 
-    run_paths = dict(paths)
-    # Stage 2 starts from stage 1. The audio runs hold the vision branch too (frozen; audio2's
-    # prompts show its video tokens): vision2's, as `ckpt_2` beside audio2's start, audio1.
-    starts = ([f"{branch}1"] if stage == 2 else []) + (["vision2"] if branch == "audio" else [])
-    for key, start in zip(("ckpt", "ckpt_2"), starts):
-        run_paths[key] = str(layout.run(start))
-    config = demo_module.stage_config(demo, branch, stage, paths=run_paths, vocab_size=vocab_size)
+    config = stage_run_config(layout, demo, demo_module, branch, stage, paths, vocab_size)
     task = build_task(config)
     cached_outputs = feature_cache.outputs_for_media(task.media)
     # Each branch trains on the text about its own medium (synthetic.py's seen / heard splits); the
     # run beside the video tokens (demo_config.joint_stage) on the questions about both, so it also
-    # learns how its tokens affect the visual answers. (On the heard questions only, that effect
-    # went untrained: seed 0 audio+video visual 90.1 -> 92.2 %, but seed 1 79.7 %, shape 58 %.)
+    # learns how its tokens affect the visual answers (on the heard questions only, that effect
+    # would go untrained).
     view = "" if demo_module.joint_stage(branch, stage) else ("_seen" if branch == "vision" else "_heard")
     split = f"{'caption' if stage == 1 else 'instruct'}{view}_train"
     text = {k: [] for k in ("input_ids", "attention_mask", "targets", "media_mask", "frame_mask")}
@@ -552,16 +591,27 @@ def _xla_optimizations(on: bool):
 CHAT_COMMAND_FILE = "chat.sh"
 
 
+# The phases a run can start from (`from_phase`): those after the tower pretraining, whose inputs
+# (data, tokenizer, towers) a finished run leaves in its work dir.
+RESUMABLE = PHASES[PHASES.index("vision1"):]
+
+
 def run_demo(workdir: str = "./vllama_demo_run", *, seed: int = 0, quick: bool = False, skip_data: bool = False,
-             workers: int | None = None, out=print) -> dict:
-    """Runs every phase; returns the summary written to `<workdir>/summary.json`."""
+             workers: int | None = None, from_phase: str | None = None, out=print) -> dict:
+    """Runs every phase (or, with `from_phase`, that one and the later ones on what an earlier run
+    left in `workdir`); returns the summary written to `<workdir>/summary.json`."""
+    from vllama_jax.cli_errors import UserError
+
+    if from_phase is not None and from_phase not in RESUMABLE:
+        raise UserError(f"--from-phase must be one of {', '.join(RESUMABLE)}, got {from_phase!r}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     demo_module, demo = load_demo_config("quick" if quick else "full")
     with _compile_settings(demo.light_compiles, Path(workdir).resolve() / "jax_cache"):
-        return _run(workdir, demo_module, demo, seed=seed, skip_data=skip_data, workers=workers, out=out)
+        return _run(workdir, demo_module, demo, seed=seed, skip_data=skip_data, workers=workers,
+                    from_phase=from_phase, out=out)
 
 
-def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
+def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out, from_phase=None) -> dict:
     start = time.perf_counter()
     demo.seed = int(seed)
     layout = Layout(workdir)
@@ -572,7 +622,56 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     out(f"machine: {describe_machine(machine)}")
     out(f"note: {DEVIATION}")
     workers = max((os.cpu_count() or 1) - 1, 1) if workers is None else workers
+    if from_phase is None:
+        paths, histories, vocab_size, towers, media = _towers_phases(layout, demo, demo_module, phases, skip_data,
+                                                                     workers, out)
+    else:
+        out(f"   --from-phase {from_phase}: reusing the data, tokenizer, towers"
+            + "".join(f", {n}" for n in RESUMABLE[:RESUMABLE.index(from_phase)]) + f" in {layout.root}")
+        paths, vocab_size, media, towers = saved_towers(layout, demo, demo_module)
+        histories = {}
+    configs = {}
+    from data_pipelines import synthetic
+    from vllama_jax.train.video_llama_task import model_config
 
+    vconfig = model_config(demo_module.stage_config(demo, "audio", 1, paths=paths, vocab_size=vocab_size))
+    features = {}   # cached frozen-tower outputs of the train clips, by FrozenTower.cache_key
+    for branch in ("vision", "audio"):
+        for stage in (1, 2):
+            name = f"{branch}{stage}"
+            if from_phase is not None and RESUMABLE.index(name) < RESUMABLE.index(from_phase):
+                if not layout.run(name).is_dir():
+                    from vllama_jax.cli_errors import UserError
+
+                    raise UserError(f"--from-phase {from_phase}: {layout.run(name)} is missing (run the phases "
+                                    "before it first)")
+                configs[name] = stage_run_config(layout, demo, demo_module, branch, stage, paths, vocab_size)
+                continue
+            what = {1: "video-caption pretraining", 2: "instruction tuning"}[stage]
+            trains = ("video Q-Former, frame positions, query tokens, llama_proj" if branch == "vision" else
+                      "audio Q-Former, audio positions, query tokens, audio_llama_proj")
+            with phases(name, f"stage {stage} ({what}), {branch} branch: trains {trains}"):
+                from vllama_jax.models.video_llama import FROZEN_TOWERS
+
+                # The joint run (demo_config.joint_stage) also reads the video tokens.
+                needed = ["video"] if branch == "vision" else ["audio"] + (["video"] if stage == 2 else [])
+                for medium in needed:
+                    if FROZEN_TOWERS[medium].cache_key not in features:
+                        features.update(tower_features(vconfig, towers, media, medium).arrays)
+                if from_phase is not None:
+                    # A rerun starts the run afresh, not from the earlier run's last step.
+                    shutil.rmtree(layout.run(name), ignore_errors=True)
+                configs[name], result = train_stage(layout, demo, demo_module, branch, stage, paths, vocab_size,
+                                                    features, media["ids"])
+                histories[name] = result.history
+                out(f"   loss {result.history[0]['loss']:.3f} -> {result.history[-1]['loss']:.3f} "
+                    f"({result.step} steps) -> {layout.run(name)}")
+    return _finish(layout, demo, configs, histories, phases, machine, paths, start, from_phase, out)
+
+
+def _towers_phases(layout, demo, demo_module, phases, skip_data, workers, out):
+    """The data, tokenizer and pretrain phases: (config.paths of the towers, their loss histories,
+    the vocabulary size, the tower params, the train clips' media)."""
     with phases("data", "synthetic audio-visual clips -> ArrayRecord shards"):
         have = all(glob.glob(layout.shards(s)) for s in DATA_SPLITS)
         if skip_data and have:
@@ -594,26 +693,12 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
             out(f"   {name}: loss {h[0]['loss']:.3f} -> {h[-1]['loss']:.3f} ({h[-1]['step']} steps)")
         out(f"   saved: {json.dumps(paths)}")
     histories = {f"pretrain_{k}": v for k, v in tower_hist.items()}
-    configs = {}
-    from data_pipelines import synthetic
-    from vllama_jax.train.video_llama_task import model_config
+    return paths, histories, vocab_size, towers, media
 
-    vconfig = model_config(demo_module.stage_config(demo, "audio", 1, paths=paths, vocab_size=vocab_size))
-    features = {}   # cached frozen-tower outputs of the train clips, by FrozenTower.cache_key
-    for branch in ("vision", "audio"):
-        for stage in (1, 2):
-            name = f"{branch}{stage}"
-            what = {1: "video-caption pretraining", 2: "instruction tuning"}[stage]
-            trains = ("video Q-Former, frame positions, query tokens, llama_proj" if branch == "vision" else
-                      "audio Q-Former, audio positions, query tokens, audio_llama_proj")
-            with phases(name, f"stage {stage} ({what}), {branch} branch: trains {trains}"):
-                if stage == 1:
-                    features.update(tower_features(vconfig, towers, media, "video" if branch == "vision" else "audio").arrays)
-                configs[name], result = train_stage(layout, demo, demo_module, branch, stage, paths, vocab_size,
-                                                    features, media["ids"])
-                histories[name] = result.history
-                out(f"   loss {result.history[0]['loss']:.3f} -> {result.history[-1]['loss']:.3f} "
-                    f"({result.step} steps) -> {layout.run(name)}")
+
+def _finish(layout, demo, configs, histories, phases, machine, paths, start, from_phase, out) -> dict:
+    from data_pipelines import synthetic
+
     with phases("evaluate", "held-out clips: audio + video soft tokens, every question answered by generation"):
         reports, model = evaluate(layout, demo, configs["audio2"], out)
         report = reports["audio+video"]
@@ -628,7 +713,7 @@ def _run(workdir, demo_module, demo, *, seed, skip_data, workers, out) -> dict:
     chat_config = write_chat_config(layout, configs["audio2"])
     groups = report["metrics"]["attributes"]["groups"]
     summary = {
-        "config": demo.name, "seed": demo.seed, "machine": machine, "deviation": DEVIATION,
+        "config": demo.name, "seed": demo.seed, "from_phase": from_phase, "machine": machine, "deviation": DEVIATION,
         "accuracy": {a: s["accuracy"] for a, s in report["metrics"]["attributes"]["per_attribute"].items()},
         "accuracy_own_medium": own_medium_accuracy(reports),
         "visual_accuracy": groups["visual"]["accuracy"], "audio_accuracy": groups["audio"]["accuracy"],
