@@ -56,14 +56,12 @@ class _Item:
     soft: jax.Array                 # [K, d_llm], K = the media's tokens in order
 
 
-def default_loader_config(model: InferenceModel) -> "LoaderConfig":
+def default_loader_config(model: InferenceModel) -> loader.LoaderConfig:
     """The eval prompt format for a model loaded without its trainer config: its conversation
     style and media layout, stage-1 captions (no prompt, ending at a newline)."""
-    from data_pipelines.loader import LoaderConfig
-
-    return LoaderConfig(num_frames=model.num_frames, image_size=model.image_size,
-                        num_audio_clips=model.num_audio_clips, conv_style=model.conv_style,
-                        train=False, shuffle=False, num_epochs=1)
+    return loader.LoaderConfig(num_frames=model.num_frames, image_size=model.image_size,
+                               num_audio_clips=model.num_audio_clips, conv_style=model.conv_style,
+                               train=False, shuffle=False, num_epochs=1)
 
 
 def _media_for(example: Mapping, media: Sequence[str] | None, model: InferenceModel) -> tuple[str, ...]:
