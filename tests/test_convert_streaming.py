@@ -95,6 +95,8 @@ def test_import_and_hf_export_stream_one_tensor_at_a_time(tmp_path, loads):
     loads.update(loads=0, most_alive=0, names=[])
     rc, out = _run("export", tmp_path / "ck", "--hf", tmp_path / "back")
     assert rc == 0, out
+    # Tensors stored in several chunks are written block by block (never loaded whole); the rest
+    # (here: all, the tiny tensors fit one chunk) one at a time.
     assert loads["loads"] == n and loads["most_alive"] == 1, loads
     _, again = hf_llama.load_hf(tmp_path / "back", progress=False)
     for key, spec in hf_llama.key_map(LLAMA).items():
@@ -142,3 +144,42 @@ def test_blockwise_read_and_write_equal_whole_copies(tmp_path):
     buf = _io.BytesIO()
     hf_llama._write_rows(buf, a.T, block_bytes=30)
     assert buf.getvalue() == np.ascontiguousarray(a.T).tobytes()
+
+
+def test_chunked_export_reads_blocks_and_writes_the_same_bytes(tmp_path, monkeypatch, loads):
+    """A params checkpoint stores each array in chunks of <= CHUNK_BYTES; the HF export of one whose
+    tensors span several chunks reads them a block at a time (no whole-tensor load) and writes the
+    same files, byte for byte, as the export of the same params held in memory."""
+    monkeypatch.setattr(params_checkpoint, "CHUNK_BYTES", 256)   # tiny tensors: several chunks each
+    stored = _random_hf(tmp_path / "hf")
+    assert _run("import", tmp_path / "ck", "--preset", "tiny", "--llama", tmp_path / "hf")[0] == 0
+    lazy = params_checkpoint.lazy_params(tmp_path / "ck")["llama"]
+    big = lazy["layers_0"]["mlp"]["down_proj"]["kernel"]
+    read = big.block_reader()
+    assert read is not None
+    np.testing.assert_array_equal(read((slice(None), slice(3, 9))), stored["layers_0"]["mlp"]["down_proj"]["kernel"][:, 3:9])
+
+    loads.update(loads=0, most_alive=0, names=[])
+    monkeypatch.setattr(hf_llama, "_write_blocks", _small_blocks(hf_llama._write_blocks))
+    hf_llama.save_hf(lazy, LLAMA, tmp_path / "blocks", max_shard_size=20_000, progress=False)
+    two_d = sum(len(s.hf_shape) == 2 for s in hf_llama.key_map(LLAMA).values())
+    assert loads["loads"] == len(hf_llama.key_map(LLAMA)) - two_d, loads["names"]   # only the 1-D norms
+    hf_llama.save_hf(stored, LLAMA, tmp_path / "whole", max_shard_size=20_000, progress=False)
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "blocks").iterdir())
+    for name in names:
+        assert (tmp_path / "blocks" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def _small_blocks(write_blocks):
+    def small(f, read, shape, dt, transpose, block_bytes=16 << 20):
+        return write_blocks(f, read, shape, dt, transpose, block_bytes=100)   # several blocks a tensor
+    return small
+
+
+def test_checkpoints_without_chunks_are_read_whole(tmp_path):
+    """An array stored as one chunk (a checkpoint written before CHUNK_BYTES) has no block reader:
+    each block would decode the whole tensor."""
+    a = np.arange(64, dtype=np.float32).reshape(8, 8)
+    params_checkpoint.save_params(tmp_path / "ck", {"w": {"kernel": a}})
+    assert params_checkpoint.lazy_params(tmp_path / "ck")["w"]["kernel"].block_reader() is None

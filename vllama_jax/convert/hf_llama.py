@@ -622,7 +622,9 @@ def _write_rows(f, array: np.ndarray, block_bytes: int = 16 << 20) -> None:
 
 
 def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar) -> None:
-    """Writes the header first, then each tensor's bytes as it is fetched (one in memory at a time)."""
+    """Writes the header first, then each tensor's bytes as it is fetched (one in memory at a time,
+    or one block of it when the params checkpoint can be read in blocks)."""
+    from vllama_jax.convert.params_checkpoint import LazyArray
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, shape, dt in shard:
         n = _nbytes(shape, dt)
@@ -635,8 +637,26 @@ def _write_safetensors(path: Path, shard, params, spec: dict[str, KeySpec], bar)
         f.write(raw)
         for key, shape, dt in shard:
             s = spec[key]
-            array = np.asarray(jax.device_get(_get(params, s.path))).astype(dt, copy=False)
-            _write_rows(f, array.T if s.transpose else array)
-            del array
+            leaf = _get(params, s.path)
+            read = leaf.block_reader() if isinstance(leaf, LazyArray) else None
+            if read is not None:
+                _write_blocks(f, read, shape, dt, s.transpose)
+            else:
+                array = np.asarray(jax.device_get(leaf)).astype(dt, copy=False)
+                _write_rows(f, array.T if s.transpose else array)
+                del array
             bar.update(1)
+
+
+def _write_blocks(f, read, hf_shape: tuple, dt: np.dtype, transpose: bool, block_bytes: int = 16 << 20) -> None:
+    """Writes a stored tensor in blocks of HF rows, each read on its own (`LazyArray.block_reader`):
+    host memory holds one block, not the tensor. A transposed (HF [out, in]) tensor's row block is
+    a column block of ours ([in, out])."""
+    row_bytes = max(1, int(np.prod(hf_shape[1:], dtype=np.int64)) * dt.itemsize)
+    step = max(1, block_bytes // row_bytes)
+    for i in range(0, hf_shape[0], step):
+        rows = slice(i, min(i + step, hf_shape[0]))
+        part = read((slice(None), rows)).T if transpose else read((rows,))
+        f.write(np.ascontiguousarray(part, dtype=dt).reshape(-1).view(np.uint8).data)
+        del part
 
