@@ -1,15 +1,21 @@
 """grain input pipeline: ArrayRecord shards -> fixed-shape Video-LLaMA model batches.
 
     per dataset:  ShardSource (ArrayRecord + records.decode_example)
-                  -> shard by process (disjoint, equal-sized slices)
                   -> shuffle (seeded, reshuffled every epoch) -> repeat(num_epochs)
                   -> ExampleTransform (random_map: frame sampling, crop/resize, prompt + targets)
     mixture:      MapDataset.mix(datasets, weights)  (deterministic weighted interleave)
+    per process:  ProcessRows: this process' rows of each global batch of that global order
     then:         to_iter_dataset(read threads) -> batch -> optional mp_prefetch(worker processes)
 
-Every random choice (shuffle order, headtail frames, crop, caption prompt) is a function of the
-seed and the element's position, so an iterator's `get_state()` (a small dict: positions only)
-restored with `set_state()` replays exactly the remaining batches, in any process count.
+The example order is global: every process builds the same one (same seeds) and takes its own
+rows of each global batch, so the processes' batches are disjoint and together are the
+one-process run's. Every random choice (shuffle order, headtail frames, crop, caption prompt) is
+a function of the seed and the example's global position, so the loader's state is one global
+position (`GlobalPositionLoader`: `{"global_examples", "global_batch_size"}`) and a resume replays
+exactly the remaining batches, on any process count with the same global batch.
+Packed batches (`pack=True`) are the exception: a row's contents depend on the examples read
+before it, so each process packs its own shard (split before the shuffle) and its position is
+grain's per-process state, resumable on the same process count only.
 
 Batch (per process; `batch_size` rows), the contract with the model:
   frames          float32 [B,T,S,S,3] CLIP-normalized (S = image_size)
@@ -46,6 +52,7 @@ from data_pipelines import prompts
 from data_pipelines import video
 from data_pipelines.records import RecordError, decode_example, decode_jpeg
 from data_pipelines.tokenizer import TextEncoder
+from vllama_jax.cli_errors import UserError
 from vllama_jax.models.common import Preset
 
 FRAME_SAMPLINGS = ("auto", "uniform", "headtail")
@@ -311,7 +318,7 @@ def _as_specs(datasets) -> list[DatasetSpec]:
 
 
 def process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-    """(index, count) of this process' data shard; defaults to jax's process index / count."""
+    """(index, count) of this process' rows of each global batch; defaults to jax's process index / count."""
     if shard_index is None and shard_count is None:
         import grain
 
@@ -324,7 +331,8 @@ def process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
 
 def shard_dataset(ds, shard_index: int, shard_count: int, drop_remainder: bool = True):
     """This shard's slice of a MapDataset; equal sizes across shards when drop_remainder (so no
-    process runs out of batches before the others and hangs a collective)."""
+    process runs out of batches before the others and hangs a collective). The packed pipeline's
+    split (its rows are not a function of a global example position)."""
     if drop_remainder:
         ds = ds[: len(ds) - len(ds) % shard_count]
     return ds[shard_index::shard_count]
@@ -347,7 +355,9 @@ def check_shard_geometry(source: ShardSource, config: LoaderConfig, name: str = 
 
 def make_example_dataset(spec: DatasetSpec, config: LoaderConfig, encoder: TextEncoder,
                          shard_index: int, shard_count: int, seed: int):
-    """grain.MapDataset of transformed rows for one dataset (sharded, shuffled, repeated)."""
+    """grain.MapDataset of transformed rows for one dataset (split, shuffled, repeated). The
+    unpacked pipeline calls it with one shard (the global order, split into rows afterwards by
+    `ProcessRows`); the packed one with this process' shard."""
     import grain
 
     source = ShardSource(spec.paths)
@@ -359,34 +369,159 @@ def make_example_dataset(spec: DatasetSpec, config: LoaderConfig, encoder: TextE
     if config.shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(config.num_epochs)
+    # random_map seeds each element by its index here: in the global order, an example gets the same
+    # crop, frames and prompt whatever the process count.
     return ds.random_map(ExampleTransform(config, spec, encoder), seed=seed + 1)
 
 
-def make_dataset(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,
-                 shard_count: int | None = None):
-    """grain.IterDataset of model batches (see module docstring) for this process' shard.
-
-    `datasets`: a DatasetSpec, a path, or a list of them (mixed by their weights).
-    `encoder`: `tokenizer.TextEncoder` over the LLM's tokenizer.
-    """
+def _mixture(specs, config: LoaderConfig, encoder: TextEncoder, shard_index: int, shard_count: int):
     import grain
 
-    specs = _as_specs(datasets)
-    shard_index, shard_count = process_shard(shard_index, shard_count)
     # Distinct, fixed seeds per dataset so adding a dataset does not reorder the others.
     parts = [make_example_dataset(s, config, encoder, shard_index, shard_count,
                                   seed=(config.seed * 1_000_003 + 7919 * k) % 2**31)
              for k, s in enumerate(specs)]
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in specs])
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                              prefetch_buffer_size=config.prefetch_buffer_size))
-    if config.pack:
-        from data_pipelines.packing import PackedBatchIterDataset
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in specs])
 
-        it = PackedBatchIterDataset(it, config.batch_size, config.seq_len, config.max_examples_per_row,
-                                    encoder.pad_id, config.drop_remainder)
-    else:
-        it = it.batch(config.batch_size, drop_remainder=config.drop_remainder)
+
+class ProcessRows:
+    """Process `index`'s rows of each global batch of a global example order, as a random-access
+    sequence: its local example j is global example (j // b) * G + index * b + j % b, where b is
+    the per-process batch and G = count * b the global one. Every process reads the same global
+    order (same seeds, same per-example randomness), so the processes' batches are disjoint and
+    together are exactly the one-process run's global batches, for any process count."""
+
+    def __init__(self, examples, index: int, count: int, batch_size: int, drop_remainder: bool = True):
+        self.examples, self.index, self.count, self.batch_size = examples, index, count, batch_size
+        n, g = len(examples), count * batch_size
+        full, rest = divmod(n, g)
+        self._len = full * batch_size + (0 if drop_remainder else min(max(rest - index * batch_size, 0), batch_size))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def global_index(self, j: int) -> int:
+        b = self.batch_size
+        return (j // b) * self.count * b + self.index * b + j % b
+
+    def __getitem__(self, j: int):
+        if not 0 <= j < self._len:
+            raise IndexError(f"row {j} out of range [0, {self._len})")
+        return self.examples[self.global_index(j)]
+
+
+class LoaderStateError(LoaderError, UserError):
+    """A data position this loader cannot resume from (another format, another global batch): the
+    user's choice to make, not checkpoint damage (`Checkpointer.restore_newest` passes it through)."""
+
+
+class GlobalPositionLoader:
+    """The unpacked loader's iterator: batches of this process' rows (`ProcessRows`) with a state
+    that is one position in the global example order, `{"global_examples": n, "global_batch_size":
+    G}`, the same on every process. So it resumes on any process count (`state_is_global`, read by
+    `vllama_jax.checkpoint`): each process re-derives its rows from n. (grain's own iterator state
+    is an index into one process' slice of the data and its checkpoint handler keeps one file per
+    process; neither carries over to another count.)"""
+
+    state_is_global = True
+
+    def __init__(self, rows, config: LoaderConfig, make_iter):
+        self._rows, self._config, self._make_iter = rows, config, make_iter
+        self.global_batch_size = rows.count * config.batch_size
+        self._batches = 0
+        self._it = make_iter(0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        self._batches += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"global_examples": self._batches * self.global_batch_size,
+                "global_batch_size": self.global_batch_size}
+
+    def set_state(self, state) -> None:
+        if not isinstance(state, dict) or "global_examples" not in state:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise LoaderStateError(
+                f"data iterator state {found} is not this loader's (expected {{'global_examples', "
+                f"'global_batch_size'}}): it was written by an older vllama_jax whose positions were per "
+                f"process; restart the data from the beginning (a new workdir, or --config.train.resume=False "
+                f"keeping the params via paths.init_ckpt), or resume with that version")
+        n, g = int(state["global_examples"]), int(state.get("global_batch_size", 0))
+        if g != self.global_batch_size:
+            raise LoaderStateError(
+                f"data position was saved with a global batch of {g} examples, this run's is "
+                f"{self.global_batch_size} ({self._rows.count} process(es) x {self._config.batch_size}): "
+                f"keep config.train.batch_size to resume at the same example")
+        if n % g:
+            raise LoaderStateError(f"data position {n} is not a whole number of global batches of {g}")
+        self._close_inner()
+        self._batches = n // g
+        self._it = self._make_iter(self._batches * self._config.batch_size)
+
+    def start_prefetch(self) -> None:
+        if hasattr(self._it, "start_prefetch"):
+            self._it.start_prefetch()
+
+    def _close_inner(self) -> None:
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+    def close(self) -> None:
+        self._close_inner()
+
+
+def _read(ds, config: LoaderConfig):
+    import grain
+
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                prefetch_buffer_size=config.prefetch_buffer_size))
+
+
+def _batched(rows, config: LoaderConfig, start: int = 0):
+    """`ProcessRows` from local row `start` on -> the IterDataset of batches."""
+    import grain
+
+    it = _read(grain.MapDataset.source(rows)[start:], config)
+    return _prefetched(it.batch(config.batch_size, drop_remainder=config.drop_remainder), config)
+
+
+def make_dataset(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,
+                 shard_count: int | None = None):
+    """grain.IterDataset of this process' model batches (see module docstring).
+
+    `datasets`: a DatasetSpec, a path, or a list of them (mixed by their weights).
+    `encoder`: `tokenizer.TextEncoder` over the LLM's tokenizer.
+    Unpacked: one global example order, this process' rows of each global batch (`ProcessRows`).
+    Packed: this process' shard of the examples, packed in order (rows depend on the sequence).
+    """
+    specs = _as_specs(datasets)
+    shard_index, shard_count = process_shard(shard_index, shard_count)
+    if config.pack:
+        return _packed(_mixture(specs, config, encoder, shard_index, shard_count), config, encoder)
+    return _batched(_process_rows(specs, config, encoder, shard_index, shard_count), config)
+
+
+def _process_rows(specs, config: LoaderConfig, encoder: TextEncoder, shard_index: int, shard_count: int):
+    return ProcessRows(_mixture(specs, config, encoder, 0, 1), shard_index, shard_count, config.batch_size,
+                       config.drop_remainder)
+
+
+def _packed(ds, config: LoaderConfig, encoder: TextEncoder):
+    from data_pipelines.packing import PackedBatchIterDataset
+
+    it = PackedBatchIterDataset(_read(ds, config), config.batch_size, config.seq_len, config.max_examples_per_row,
+                                encoder.pad_id, config.drop_remainder)
+    return _prefetched(it, config)
+
+
+def _prefetched(it, config: LoaderConfig):
+    import grain
+
     if config.worker_count > 0:
         _use_default_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
@@ -405,8 +540,14 @@ def _use_default_absl_flags() -> None:
 
 def make_loader(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,
                 shard_count: int | None = None):
-    """An iterator of batches with `get_state()` / `set_state(state)` (grain DatasetIterator)."""
-    return iter(make_dataset(datasets, config, encoder, shard_index, shard_count))
+    """An iterator of this process' batches with `get_state()` / `set_state(state)`: a
+    `GlobalPositionLoader` (resumes on any process count), or for packed batches grain's iterator
+    (its position is per process: resumes on the same process count only)."""
+    if config.pack:
+        return iter(make_dataset(datasets, config, encoder, shard_index, shard_count))
+    shard_index, shard_count = process_shard(shard_index, shard_count)
+    rows = _process_rows(_as_specs(datasets), config, encoder, shard_index, shard_count)
+    return GlobalPositionLoader(rows, config, lambda start: iter(_batched(rows, config, start)))
 
 
 def batch_spec(config: LoaderConfig) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -376,16 +376,17 @@ class Checkpointer:
         A step that fails to restore is reported (step, file, problem) and the next older one is
         tried; once one restores, the failed newer ones are renamed aside (`set_aside`). If none
         restores, nothing is renamed and CheckpointDamagedError names each step's problem. A
-        checkpoint of a different trainable set, or a data state this iterator cannot re-split
-        across a changed process count, is not damage: those errors pass through.
+        checkpoint of a different trainable set, a data state this iterator cannot re-split across
+        a changed process count or cannot read at all (any `UserError` its `set_state` raises, e.g.
+        `loader.LoaderStateError`) is not damage: those errors pass through.
         """
         steps = sorted(self.all_steps(), reverse=True)
         failed: list[tuple[int, str]] = []
         for step in steps:
             try:
                 state = self.restore(abstract, data_iter, step=step, trainable_paths=trainable_paths)
-            except (_TrainableSetMismatch, ProcessCountChangeError):
-                raise
+            except UserError:
+                raise   # another trainable set, process count or data position: not damage
             except Exception as e:  # noqa: BLE001 - any failure of a step's files is damage to report
                 problem = describe_damage(self.step_dir(step), e)
                 log.error("checkpoint step %d is damaged and cannot be restored: %s", step, problem)

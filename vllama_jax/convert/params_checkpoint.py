@@ -130,6 +130,8 @@ _MALLOC_TRIM = None
 # block of a tensor (`LazyArray.block_reader`: the HF export) decoding only the chunks it touches,
 # instead of the whole stored tensor next to its restored copy (2x the tensor, the old peak).
 CHUNK_BYTES = 4 << 20
+# The import writes a tensor this many bytes (rounded to whole chunk rows) at a time.
+SLAB_BYTES = 16 << 20
 
 
 def _chunked(arg, ocp):
@@ -157,6 +159,21 @@ def _streaming_registry():
     class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
         def __init__(self):
             super().__init__(deepcopy_host_arrays=False)
+
+        async def _open_and_write(self, value, tspec, ts_context):
+            # In slabs of whole chunks, each committed before the next: written at once, a chunked
+            # array is copied into all its chunk buffers before any is flushed (a second tensor).
+            import tensorstore as ts
+            t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            if value.ndim == 0:
+                await t.write(value)
+                return
+            rows = int(t.chunk_layout.write_chunk.shape[0] or value.shape[0])
+            row_bytes = max(1, value[:1].nbytes)
+            step = max(1, SLAB_BYTES // (rows * row_bytes)) * rows
+            n = value.shape[0]
+            for i in range(0, n, step):
+                await t[i:min(i + step, n)].write(value[i:min(i + step, n)])
 
         async def _background_serialize(self, values, infos, args=None):
             args = args or [None] * len(values)
