@@ -14,6 +14,7 @@ from test_loader import CFG, caption_example, conv_example, write_shards
 from train_utils import CountingIterator, setup_state, toy_task
 from vllama_jax import sharding
 from vllama_jax.checkpoint import Checkpointer
+from vllama_jax.train import feature_cache
 from vllama_jax.train import partition
 from vllama_jax.train import step as train_step
 
@@ -171,3 +172,69 @@ def test_packed_batches_stay_per_process(specs, encoder):
     state and does not claim to resume on another count (the checkpointer refuses such a resume)."""
     it = loader.make_loader(specs, _cfg(B, pack=True), encoder, 0, 2)
     assert not getattr(it, "state_is_global", False)
+
+
+# ---------------------------------------------------------------------------- the feature cache
+
+def _parts(n_examples, count, b, tmp_path=None):
+    """A cache of `n_examples` as `count` processes build it: part p holds its ProcessRows rows
+    (no remainder dropped), each row's features a function of its global index."""
+    parts = []
+    for p in range(count):
+        rows = loader.ProcessRows(list(range(n_examples)), p, count, b, drop_remainder=False)
+        gi = np.array([rows.global_index(j) for j in range(len(rows))], np.int64)
+        part = feature_cache.FeatureDataset({"image_features": np.stack([np.full((2, 3), g, np.float32) for g in gi]),
+                                             "input_ids": gi[:, None].astype(np.int32).repeat(4, 1),
+                                             feature_cache.GLOBAL_INDEX: gi})
+        if tmp_path is not None:
+            part.save(str(tmp_path / f"process_{p:03d}-of-{count:03d}"))
+        parts.append(part)
+    return parts
+
+
+def test_feature_cache_parts_read_as_one_global_order():
+    data = feature_cache.GlobalFeatures(_parts(23, 3, 2))
+    assert len(data) == 23
+    got = data.take(np.array([22, 0, 7, 8]))
+    np.testing.assert_array_equal(got["input_ids"][:, 0], [22, 0, 7, 8])
+    np.testing.assert_array_equal(got["image_features"][:, 0, 0], [22, 0, 7, 8])
+    assert feature_cache.GLOBAL_INDEX not in data.arrays
+    with pytest.raises(ValueError, match="not global examples"):
+        feature_cache.GlobalFeatures(_parts(23, 3, 2)[:2])
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 4), (4, 2)])
+def test_feature_cache_position_resumes_on_another_process_count(before, after):
+    """Built by 3 processes; trained on `before`, resumed on `after`: the concatenated batches are
+    the one-process stream's, across an epoch boundary."""
+    data = feature_cache.GlobalFeatures(_parts(23, 3, 2))
+    g = 4
+    one = data.iterator(g, seed=5)
+    whole = [next(one) for _ in range(9)]   # 5 global batches per epoch: crosses into epoch 2
+    first = [data.iterator(g // before, seed=5, process_index=p, process_count=before) for p in range(before)]
+    done = _global([_take(it, 4) for it in first])
+    state = first[0].get_state()
+    assert state == {"step": 4, "global_batch_size": g} and first[0].state_is_global
+    resumed = [data.iterator(g // after, seed=5, process_index=p, process_count=after) for p in range(after)]
+    for it in resumed:
+        it.set_state(state)
+    _assert_batches_equal(done + _global([_take(it, 5) for it in resumed]), whole)
+    with pytest.raises(feature_cache.CacheStateError, match="global batch of 4"):
+        data.iterator(3, seed=5).set_state(state)
+
+
+def test_feature_cache_directory_layouts(tmp_path):
+    _parts(11, 2, 2, tmp_path / "new")
+    count, paths = feature_cache.cache_parts(str(tmp_path / "new"))
+    assert count == 2 and len(paths) == 2
+    data = feature_cache._open_cache(str(tmp_path / "new"), count, paths)   # this test runs 1 process
+    assert isinstance(data, feature_cache.GlobalFeatures) and len(data) == 11
+    with pytest.raises(ValueError, match="1 of the 2 parts"):
+        feature_cache._open_cache(str(tmp_path / "new"), count, paths[:1])
+    # A cache from before global indices: per process, only on the count that built it.
+    for p in range(2):
+        feature_cache.FeatureDataset({"input_ids": np.zeros((5, 4), np.int32)}).save(
+            str(tmp_path / "old" / f"process_{p:03d}-of-002"))
+    count, paths = feature_cache.cache_parts(str(tmp_path / "old"))
+    with pytest.raises(ValueError, match="built per process by 2 process.*this run has 1"):
+        feature_cache._open_cache(str(tmp_path / "old"), count, paths)

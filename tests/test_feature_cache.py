@@ -178,7 +178,7 @@ def test_from_config_builds_reloads_and_replays_the_trainers_params(tmp_path):
     batch = next(it)
     assert set(batch) == {"image_features", "frame_mask", "input_ids", "attention_mask", "targets", "media_mask"}
     assert batch["image_features"].shape[:2] == (2, int(config.data.num_frames))
-    assert it.get_state() == {"step": 1}
+    assert it.get_state() == {"step": 1, "global_batch_size": 2}
 
     # Rebuilt from the files, not from the source; same rows in the same order.
     config_again = _stage1_config(tmp_path / "cache", source="test_feature_cache:failing_source")

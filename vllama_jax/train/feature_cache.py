@@ -38,7 +38,9 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vllama_jax import tree_paths
+from vllama_jax.cli_errors import UserError
 from vllama_jax.models.video_llama import FROZEN_TOWERS
 from vllama_jax.progress import progress_bar
 
@@ -263,26 +266,35 @@ class FeatureDataset:
 
     def iterator(self, batch_size: int, seed: int = 0, shuffle: bool = True,
                  keys: Iterable[str] | None = None,
-                 transform: Callable[[dict, np.random.Generator], dict] | None = None) -> "BatchIterator":
-        return BatchIterator(self, batch_size, seed, shuffle, tuple(keys or self.arrays), transform)
+                 transform: Callable[[dict, np.random.Generator], dict] | None = None,
+                 process_index: int = 0, process_count: int = 1) -> "BatchIterator":
+        return BatchIterator(self, batch_size, seed, shuffle, tuple(keys or self.arrays), transform,
+                             process_index, process_count)
 
 
 class BatchIterator:
-    """Endless batches over a `FeatureDataset`, reshuffled every epoch; the last partial batch of
-    an epoch is dropped. Batch i is a pure function of (seed, i), so `get_state()` (`{'step': i}`)
-    restored with `set_state` replays the same stream. `transform(batch, rng)` may add per-batch
-    randomness (rng seeded by (seed, i))."""
+    """Endless batches over a `FeatureDataset`, reshuffled every epoch; the last partial global
+    batch of an epoch is dropped. Global batch i (`batch_size * process_count` examples) is a pure
+    function of (seed, i), and this process takes its `batch_size` rows of it, so `get_state()`
+    (`{'step': i, 'global_batch_size': G}`) restored with `set_state` replays the same stream on
+    any process count with the same G (`state_is_global`, when the dataset is the whole cache in
+    global order: `GlobalFeatures`). `transform(batch, rng)` may add per-batch randomness (rng
+    seeded by (seed, i))."""
 
-    def __init__(self, data: FeatureDataset, batch_size: int, seed: int, shuffle: bool,
-                 keys: tuple[str, ...], transform=None):
-        if not 1 <= batch_size <= len(data):
-            raise ValueError(f"batch_size must be in [1, {len(data)}] (the dataset size), got {batch_size}")
+    def __init__(self, data, batch_size: int, seed: int, shuffle: bool,
+                 keys: tuple[str, ...], transform=None, process_index: int = 0, process_count: int = 1):
+        global_batch = batch_size * process_count
+        if not 1 <= global_batch <= len(data):
+            raise ValueError(f"batch_size must be in [1, {len(data)}] (the dataset size) over all processes, got "
+                             f"{batch_size} x {process_count} processes")
         missing = [k for k in keys if k not in data.arrays]
         if missing:
             raise KeyError(f"FeatureDataset has no arrays {missing}; it has {sorted(data.arrays)}")
         self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
         self.keys, self.transform = keys, transform
-        self.per_epoch = len(data) // batch_size
+        self.process_index, self.global_batch_size = process_index, global_batch
+        self.per_epoch = len(data) // global_batch
+        self.state_is_global = process_count == 1 or isinstance(data, GlobalFeatures)
         self.step = 0
 
     def __iter__(self):
@@ -294,7 +306,8 @@ class BatchIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         epoch, k = divmod(self.step, self.per_epoch)
-        index = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+        start = k * self.global_batch_size + self.process_index * self.batch_size
+        index = self._order(epoch)[start:start + self.batch_size]
         batch = self.data.take(index, self.keys)
         if self.transform is not None:
             batch = self.transform(batch, np.random.default_rng([self.seed, 1, self.step]))
@@ -302,10 +315,74 @@ class BatchIterator:
         return batch
 
     def get_state(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "global_batch_size": self.global_batch_size}
 
     def set_state(self, state: Mapping[str, Any]):
+        if not isinstance(state, Mapping) or "step" not in state:
+            raise CacheStateError(f"feature-cache iterator state {state!r} has no 'step'")
+        # States written before the global batch was recorded are per-process steps of this same
+        # batch size (they only resume on the process count that wrote them).
+        g = int(state.get("global_batch_size", self.global_batch_size))
+        if g != self.global_batch_size:
+            raise CacheStateError(
+                f"feature-cache position was saved with a global batch of {g} examples, this run's is "
+                f"{self.global_batch_size}: keep config.train.batch_size to resume at the same example")
         self.step = int(state["step"])
+
+
+class CacheStateError(ValueError, UserError):
+    """A feature-cache position this iterator cannot resume from (not damage: passed through)."""
+
+
+class GlobalFeatures:
+    """The per-process parts of a feature cache (each process caches its rows of the data) seen as
+    one dataset in global example order, by the `global_index` each part stores: what every
+    process trains from, whatever the count that built the cache. The parts stay memory-mapped;
+    `take` gathers rows from them."""
+
+    def __init__(self, parts: Sequence[FeatureDataset], where: str = "feature cache"):
+        keys = [k for k in parts[0].arrays if k != GLOBAL_INDEX]
+        for i, part in enumerate(parts):
+            if GLOBAL_INDEX not in part.arrays or sorted(k for k in part.arrays if k != GLOBAL_INDEX) != sorted(keys):
+                raise ValueError(f"{where}: part {i} holds {sorted(part.arrays)}, expected {sorted(keys + [GLOBAL_INDEX])}")
+        index = np.concatenate([np.asarray(p[GLOBAL_INDEX], np.int64) for p in parts])
+        n = len(index)
+        if sorted(index.tolist()) != list(range(n)):
+            have = set(index.tolist())
+            gaps = [i for i in range(n) if i not in have][:5]
+            raise ValueError(f"{where}: the parts' examples are not global examples 0..{n - 1} exactly once "
+                             f"(missing e.g. {gaps}); a part is missing or stale: delete the cache to rebuild")
+        self.parts = list(parts)
+        self._part = np.empty(n, np.int32)
+        self._row = np.empty(n, np.int64)
+        for i, part in enumerate(parts):
+            gi = np.asarray(part[GLOBAL_INDEX], np.int64)
+            self._part[gi], self._row[gi] = i, np.arange(len(gi))
+        self.arrays = {k: parts[0].arrays[k] for k in keys}   # for key checks and dtypes
+
+    def __len__(self) -> int:
+        return len(self._part)
+
+    def take(self, index: np.ndarray, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        keys = tuple(self.arrays if keys is None else keys)
+        index = np.asarray(index)
+        part, row = self._part[index], self._row[index]
+        out = {}
+        for k in keys:
+            first = self.parts[0][k]
+            out[k] = np.empty((len(index),) + first.shape[1:], first.dtype)
+        for i, p in enumerate(self.parts):
+            sel = np.nonzero(part == i)[0]
+            if len(sel):
+                got = p.take(row[sel], keys)
+                for k in keys:
+                    out[k][sel] = got[k]
+        return out
+
+    def iterator(self, batch_size: int, seed: int = 0, shuffle: bool = True, keys: Iterable[str] | None = None,
+                 transform=None, process_index: int = 0, process_count: int = 1) -> BatchIterator:
+        return BatchIterator(self, batch_size, seed, shuffle, tuple(keys or self.arrays), transform,
+                             process_index, process_count)
 
 
 def build_feature_dataset(module: nn.Module, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
@@ -327,7 +404,8 @@ def build_feature_dataset(module: nn.Module, variables: Any, batches: Iterable[M
         n = next(iter(batch.values())).shape[0]
         size = size or n
         # Pads a short last batch to the common size so the towers compile once; ids stay on the host.
-        device_batch = {k: _pad_rows(v, size) for k, v in batch.items() if v.dtype.kind in "biuf"}
+        device_batch = {k: _pad_rows(v, size) for k, v in batch.items()
+                        if v.dtype.kind in "biuf" and k != GLOBAL_INDEX}
         feats = jax.device_get(fn(variables, device_batch))
         for k, v in feats.items():
             parts.setdefault(k, []).append(np.asarray(v)[:n])
@@ -363,23 +441,53 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 
 RAW_MEDIA_KEYS = ("frames", "audio")
+# Each cached example's position in the global example order (`data_pipelines.loader.ProcessRows`).
+GLOBAL_INDEX = "global_index"
+_PART = re.compile(r"process_(\d{3})-of-(\d{3})$")
 
 
 def cache_dir(path: str) -> str:
-    """This process' cache directory under `path` (each process caches its own data shard)."""
+    """This process' part of the cache under `path` (each process caches its rows of the data)."""
     return os.path.join(path, f"process_{jax.process_index():03d}-of-{jax.process_count():03d}")
+
+
+def cache_parts(path: str) -> tuple[int, list[str]]:
+    """(process count that built the cache, its complete parts) under `path`."""
+    found: dict[int, dict[int, str]] = {}
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            m = _PART.match(name)
+            if m and os.path.isfile(os.path.join(path, name, "meta.json")):
+                found.setdefault(int(m.group(2)), {})[int(m.group(1))] = os.path.join(path, name)
+    if len(found) > 1:
+        raise ValueError(f"feature cache {path!r} holds parts of builds by {sorted(found)} processes; "
+                         f"delete it to rebuild")
+    if not found:
+        return 0, []
+    (count, parts), = found.items()
+    return count, [parts[i] for i in sorted(parts)]
 
 
 def loader_source(config) -> Iterable[dict]:
     """One pass over the training shards of `config.data` with eval transforms (uniform frames,
-    plain resize, the first prompt): the fixed view of each example the cache stores."""
+    plain resize, the first prompt): the fixed view of each example the cache stores, this
+    process' rows of it, each with its `global_index` (datasets one after another)."""
     from data_pipelines import loader
 
     cfg = dataclasses.replace(loader.loader_config_from(config, train=False), shuffle=False, num_epochs=1,
                               drop_remainder=False)
     encoder = loader._encoder_from(config)
+    index, count = jax.process_index(), jax.process_count()
+    offset = 0
     for spec in loader._dataset_specs(config.data):
-        yield from loader.make_loader(spec, cfg, encoder)
+        rows = loader._process_rows([spec], cfg, encoder, index, count)
+        j = 0
+        for batch in loader.make_loader(spec, cfg, encoder, index, count):
+            n = len(batch["input_ids"])
+            batch[GLOBAL_INDEX] = offset + np.array([rows.global_index(i) for i in range(j, j + n)], np.int64)
+            j += n
+            yield batch
+        offset += len(rows.examples)
 
 
 def trainer_tower_params(config, task, outputs: Sequence[CachedOutput]) -> dict:
@@ -420,8 +528,13 @@ def build_from_config(config, task, outputs: Sequence[CachedOutput], path: str) 
 
 
 def from_config(config, task) -> tuple[CachedFeatureTask, BatchIterator]:
-    """(cached task, resumable train iterator) for `config.feature_cache`; builds the cache first
-    when `config.feature_cache.path` holds none for this process."""
+    """(cached task, resumable train iterator) for `config.feature_cache`; builds this process'
+    part of the cache first when `config.feature_cache.path` holds none.
+
+    Every process then reads all parts (a file system all hosts mount, as for checkpoints) in
+    global example order and takes its rows of each global batch, so the iterator's position
+    resumes on any process count. A cache written before parts stored `global_index` is read
+    per process as it was written, and only on the process count that built it."""
     fc = config.feature_cache
     if not fc.get("path"):
         raise ValueError("config.feature_cache.path must name the cache directory (built there if absent)")
@@ -429,15 +542,53 @@ def from_config(config, task) -> tuple[CachedFeatureTask, BatchIterator]:
         raise ValueError("config.data.pack: the feature cache's iterator batches one example per row; "
                          "train from the cache with pack=False (or packed without the cache)")
     outputs = outputs_for_media(tuple(task.media))
-    path = cache_dir(str(fc.path))
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        data = FeatureDataset.load(path)
-        log.info("feature cache: %d examples from %s", len(data), path)
-    else:
-        data = build_from_config(config, task, outputs, path)
+    root = str(fc.path)
+    count, parts = cache_parts(root)
+    if not count:
+        build_from_config(config, task, outputs, cache_dir(root))
+        count, parts = _await_parts(root, jax.process_count())
+    data = _open_cache(root, count, parts)
     missing = [o.key for o in outputs if o.key not in data.arrays]
     if missing:
-        raise ValueError(f"feature cache {path!r} lacks {missing} for media {tuple(task.media)}; it holds "
+        raise ValueError(f"feature cache {root!r} lacks {missing} for media {tuple(task.media)}; it holds "
                          f"{sorted(data.arrays)} (delete it to rebuild)")
     batch_size = int(config.train.batch_size) // jax.process_count()
-    return CachedFeatureTask(task, outputs), data.iterator(batch_size, seed=int(config.train.seed))
+    if isinstance(data, GlobalFeatures):
+        it = data.iterator(batch_size, seed=int(config.train.seed), process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    else:
+        it = data.iterator(batch_size, seed=int(config.train.seed))
+        it.state_is_global = False
+    return CachedFeatureTask(task, outputs), it
+
+
+def _open_cache(root: str, count: int, parts: list[str]):
+    if len(parts) != count:
+        raise ValueError(f"feature cache {root!r}: {len(parts)} of the {count} parts its build wrote are here "
+                         f"({[os.path.basename(p) for p in parts]}); every process reads all parts, so they must "
+                         f"be on a file system all hosts mount (or delete the cache to rebuild)")
+    loaded = [FeatureDataset.load(p) for p in parts]
+    if all(GLOBAL_INDEX in d.arrays for d in loaded):
+        data = GlobalFeatures(loaded, f"feature cache {root!r}")
+        log.info("feature cache: %d examples in %d part(s) from %s", len(data), count, root)
+        return data
+    if count != jax.process_count():
+        raise ValueError(f"feature cache {root!r} was built per process by {count} process(es) before caches "
+                         f"recorded each example's global position; this run has {jax.process_count()}: delete "
+                         f"it to rebuild, or train with {count} process(es)")
+    data = loaded[jax.process_index()]
+    log.info("feature cache: %d examples from %s (per-process cache)", len(data), parts[jax.process_index()])
+    return data
+
+
+def _await_parts(root: str, count: int, timeout_s: float = 3600.0) -> tuple[int, list[str]]:
+    """Waits until every process' part of a fresh build is visible (they build concurrently)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found, parts = cache_parts(root)
+        if found == count and len(parts) == count:
+            return found, parts
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"feature cache {root!r}: after {timeout_s:.0f} s only {len(parts)} of {count} "
+                               f"process parts are visible here; is the path on a file system all hosts mount?")
+        time.sleep(1.0)
