@@ -4,6 +4,10 @@ one-process run's, and a position saved on N processes resumes on N' with no exa
 or skipped. Processes are simulated with `shard_index` / `shard_count` (the real multi-process
 run of the same mechanism: tests/test_elastic.py)."""
 import dataclasses
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from vllama_jax.train import partition
 from vllama_jax.train import step as train_step
 
 B = 2   # rows per process
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +243,62 @@ def test_feature_cache_directory_layouts(tmp_path):
     count, paths = feature_cache.cache_parts(str(tmp_path / "old"))
     with pytest.raises(ValueError, match="built per process by 2 process.*this run has 1"):
         feature_cache._open_cache(str(tmp_path / "old"), count, paths)
+
+
+# ---------------------------------------------------------------------------- real processes
+
+def _phase(tmp_path, name, count, batches, shards, tokenizer):
+    """`count` processes (jax.distributed when > 1) continue the checkpoint in tmp_path/workdir."""
+    from test_multiprocess import _free_port, _stop
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs, logs = [], []
+    try:
+        for i in range(count):
+            logs.append(open(tmp_path / f"{name}_{i}.log", "w+"))
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "elastic_data_worker.py"), "--coordinator", f"127.0.0.1:{port}",
+                 "--num-processes", str(count), "--process-id", str(i), "--shards", shards, "--tokenizer", tokenizer,
+                 "--global-batch", "4", "--batches", str(batches), "--workdir", str(tmp_path / "workdir"),
+                 "--out", str(tmp_path / f"{name}_{i}.npz")], stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 240
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        _stop(procs)
+    for i, log in enumerate(logs):
+        log.seek(0)
+        assert procs[i].returncode == 0, f"{name} worker {i} failed:\n{log.read()[-4000:]}"
+        log.close()
+    runs = [np.load(tmp_path / f"{name}_{i}.npz") for i in range(count)]
+    return (np.concatenate([r["ids"] for r in runs], axis=1), np.concatenate([r["pixels"] for r in runs], axis=1),
+            int(runs[0]["start"]))
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_processes_to_one_to_two_keep_the_data_position(tmp_path, encoder):
+    """2 `jax.distributed` processes take 3 global batches and checkpoint; 1 process resumes for 3;
+    2 processes resume for 2: the 8 global batches, ids and pixels, are one uninterrupted
+    process' 8, and the checkpoints hold 2, 1 and 2 data-state files."""
+    rng = np.random.default_rng(0)
+    paths = write_shards(str(tmp_path / "cap"), [caption_example(i, rng) for i in range(13)], num_shards=2)
+    shards = str(tmp_path / "cap-*.array_record")
+    tokenizer = str(tmp_path / "tok")
+    encoder.tokenizer.save_pretrained(tokenizer)
+    t0 = time.monotonic()
+    got = [_phase(tmp_path, "a", 2, 3, shards, tokenizer), _phase(tmp_path, "b", 1, 3, shards, tokenizer),
+           _phase(tmp_path, "c", 2, 2, shards, tokenizer)]
+    assert [g[2] for g in got] == [0, 3, 6]
+    cfg = dataclasses.replace(CFG, keep_ids=True, seq_len=160, batch_size=4)
+    whole = _take(loader.make_loader(loader.DatasetSpec(tuple(paths)), cfg, encoder, 0, 1), 8)
+    ids = np.concatenate([g[0] for g in got])
+    assert ids.tolist() == [[str(x) for x in b["example_id"]] for b in whole]
+    np.testing.assert_allclose(np.concatenate([g[1] for g in got]),
+                               [b["frames"].reshape(4, -1).sum(1) for b in whole], rtol=1e-6)
+    data = sorted(p.name for p in (tmp_path / "workdir" / "checkpoints" / "8" / "data").glob("process_*"))
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"], data
+    print(f"2 -> 1 -> 2 processes: {time.monotonic() - t0:.1f} s")
