@@ -132,6 +132,16 @@ _MALLOC_TRIM = None
 CHUNK_BYTES = 4 << 20
 # The import writes a tensor this many bytes (rounded to whole chunk rows) at a time.
 SLAB_BYTES = 16 << 20
+# orbax's tensorstore context caches up to 100 MB of OCDBT B-tree nodes, which a model's worth of
+# writes or reads fills: the host peak grew with depth (7B width: +105 MB from 8 to 32 layers,
+# import over the bound at 32; benchmarks/convert_rss.py). Converting visits each node about once.
+OCDBT_CACHE_BYTES = 8 << 20
+
+
+def _ts_context():
+    import tensorstore as ts
+    return ts.Context({"file_io_concurrency": {"limit": 128},
+                       "cache_pool#ocdbt": {"total_bytes_limit": OCDBT_CACHE_BYTES}})
 
 
 def _chunked(arg, ocp):
@@ -177,6 +187,7 @@ def _streaming_registry():
 
         async def _background_serialize(self, values, infos, args=None):
             args = args or [None] * len(values)
+            context = _ts_context()
             for value, info, arg in zip(values, infos, args):
                 arg = _chunked(arg, ocp)
                 await info.await_path_creation()
@@ -189,7 +200,7 @@ def _streaming_registry():
                         use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id),
                     metadata_key=self._metadata_key)
                 array = value.load() if isinstance(value, LazyArray) else value
-                await self._open_and_write(array, spec.json, info.ts_context)
+                await self._open_and_write(array, spec.json, context)
                 del array
                 trim_host_memory()
 
@@ -421,7 +432,7 @@ def _block_reader(item: Path, keys: tuple[str, ...], shape: tuple[int, ...], dty
     for zarr3 in (False, True):
         spec = ts_utils.ArrayReadSpec(os.fspath(item), ".".join(keys), use_zarr3=zarr3, use_ocdbt=True).json
         try:
-            store = ts.open(spec, context=ts_utils.get_ts_context(use_ocdbt=True), open=True).result()
+            store = ts.open(spec, context=_ts_context(), open=True).result()
             break
         except Exception:  # noqa: BLE001 - not this layout: try the other, then fall back
             continue
