@@ -3,11 +3,14 @@
 * packed vs padded: the trainer's step (`benchmarks.train_step.build_runner`) on the `small`
   towers at stage-2 geometry (seq_len 512, LLaVA-Instruct images: one frame per example), one
   batch padded (one example per row, as `pack=False` loads) and one packed by
-  `data_pipelines.packing` (first fit with look-ahead, up to `--max-examples` per row), same B and L. Figures: s/step,
+  `data_pipelines.packing` (first fit with look-ahead, `--media-per-batch` media slots, which is
+  what the frozen towers encode), same B and L. Figures: s/step,
   non-pad tokens per step and per second, examples per second, XLA's per-step memory of each
   compiled step, and the fraction of the in-process matmul peak of the packed step.
   Tokens per step are averaged over a long simulated stream (`--stream` examples through the same
-  first-fit packer), so one lucky batch does not decide the ratio.
+  first-fit packer), so one lucky batch does not decide the ratio; the stream is also packed with
+  other media budgets (tokens per step only, no step) to show what the budget costs. The cap on
+  the tokens-per-step ratio is B * L over the padded batch's non-pad tokens (perfect packing).
 * chunked loss: the padded step with `loss_chunk=0` (full [B, L, 32000] logits) vs the default
   `loss_chunk=128`: s/step and per-step memory.
 
@@ -53,24 +56,24 @@ def stage2_lengths(n: int, seq_len: int, media_tokens: int, seed: int = 0) -> np
     return np.minimum(1 + media_tokens + np.maximum(text.round().astype(int), 8), seq_len)
 
 
-def packed_batches(rows, batch_size: int, seq_len: int, max_examples: int):
+def packed_batches(rows, batch_size: int, seq_len: int, media_slots: int):
     """The loader's packing transformation (`data_pipelines.packing`) over in-memory rows."""
     import grain
 
     from data_pipelines.packing import PackedBatchIterDataset
 
     ds = grain.MapDataset.source(rows).to_iter_dataset()
-    return iter(PackedBatchIterDataset(ds, batch_size, seq_len, max_examples, pad_id=0, drop_remainder=True))
+    return iter(PackedBatchIterDataset(ds, batch_size, seq_len, media_slots, pad_id=0, drop_remainder=True))
 
 
-def stream_tokens_per_batch(lengths: np.ndarray, batch_size: int, seq_len: int, max_examples: int) -> dict:
+def stream_tokens_per_batch(lengths: np.ndarray, batch_size: int, seq_len: int, media_slots: int) -> dict:
     """Mean non-pad tokens and examples per batch, padded (one per row) and packed (the loader's
     packer over the whole stream of lengths)."""
     padded = lengths[: len(lengths) // batch_size * batch_size]
     rows = [{"input_ids": np.zeros(seq_len, np.int32), "attention_mask": (np.arange(seq_len) < n).astype(np.int32),
              "targets": np.zeros(seq_len, np.int32), "media_mask": np.zeros(seq_len, bool)} for n in lengths]
     packed = [(int(b["attention_mask"].sum()), int(b["example_mask"].sum()))
-              for b in packed_batches(rows, batch_size, seq_len, max_examples)]
+              for b in packed_batches(rows, batch_size, seq_len, media_slots)]
     return {"padded_tokens": float(padded.sum()) / (len(padded) // batch_size),
             "padded_examples": float(batch_size),
             "packed_tokens": float(np.mean([t for t, _ in packed])),
@@ -97,17 +100,19 @@ def example_rows(config, lengths, seq_len: int, num_frames: int, seed: int = 0) 
     return rows
 
 
-def measure(steps: int, rounds: int, batch_size: int, seq_len: int, max_examples: int, stream: int) -> dict:
+def measure(steps: int, rounds: int, batch_size: int, seq_len: int, media_slots: int, stream: int) -> dict:
     from benchmarks.common import load_average
     from benchmarks.train_step import bench_configs, build_runner, interleaved, matmul_peak, summarize
 
     config = bench_configs()["small"]
     k = config.num_media_tokens(("video",))
     lengths = stage2_lengths(stream, seq_len, k)
-    mean = stream_tokens_per_batch(lengths, batch_size, seq_len, max_examples)
+    mean = stream_tokens_per_batch(lengths, batch_size, seq_len, media_slots)
+    budgets = {n: stream_tokens_per_batch(lengths, batch_size, seq_len, n)["packed_tokens"]
+               for n in sorted({batch_size, media_slots, 2 * batch_size, 3 * batch_size})}
     # The timed batches: the stream's first examples, padded and packed.
-    rows = example_rows(config, lengths[: 4 * batch_size * max_examples], seq_len, num_frames=1)
-    packed = next(packed_batches(rows, batch_size, seq_len, max_examples))
+    rows = example_rows(config, lengths[: 4 * media_slots], seq_len, num_frames=1)
+    packed = next(packed_batches(rows, batch_size, seq_len, media_slots))
     padded = {key: np.stack([r[key] for r in rows[:batch_size]]) for key in rows[0]}
 
     chunked = dataclasses.replace(config, loss_chunk=128)
@@ -125,7 +130,10 @@ def measure(steps: int, rounds: int, batch_size: int, seq_len: int, max_examples
     best_ratio = (mean["packed_tokens"] / best["packed"]) / (mean["padded_tokens"] / best["padded"])
     return {
         "config": "small", "batch_size": batch_size, "seq_len": seq_len, "num_frames": 1,
-        "max_examples_per_row": max_examples, "stream_examples": stream,
+        "media_per_batch": media_slots, "stream_examples": stream,
+        "packed_tokens_per_step_by_media_per_batch": budgets,
+        "padded_fill": mean["padded_tokens"] / (batch_size * seq_len),
+        "cap_tokens_per_step": batch_size * seq_len / mean["padded_tokens"],
         "mean_example_tokens": float(lengths.mean()), "truncated_fraction": float((lengths == seq_len).mean()),
         **{f"stream_{k}": v for k, v in mean.items()},
         "step_s": sec, "step_s_best": best, "step_s_all": times, "memory_bytes": {n: r.memory_bytes for n, r in by.items()},
@@ -149,11 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-examples", type=int, default=2)
+    ap.add_argument("--media-per-batch", type=int, default=6, help="media slots of a packed batch")
     ap.add_argument("--stream", type=int, default=4000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    result = measure(args.steps, args.rounds, args.batch_size, args.seq_len, args.max_examples, args.stream)
+    result = measure(args.steps, args.rounds, args.batch_size, args.seq_len, args.media_per_batch, args.stream)
     from benchmarks.common import show, write_json
     show(result)
     write_json(args.json, result)

@@ -149,11 +149,12 @@ def table(results: dict) -> str:
     pk = get("packing")
     if pk:
         tag = (f"stage-2 packing, {pk['config']} (B={pk['batch_size']}, L={pk['seq_len']}, "
-               f"<= {pk['max_examples_per_row']} examples/row)")
+               f"{pk['media_per_batch']} media slots)")
         add(tag, "step padded / packed", f"{pk['step_s']['padded'] * 1e3:.0f} / {pk['step_s']['packed'] * 1e3:.0f} ms")
         add(tag, "non-pad tokens/step padded / packed",
             f"{pk['stream_padded_tokens']:.0f} / {pk['stream_packed_tokens']:.0f}")
-        add(tag, "non-pad tokens/s packed / padded", f"{pk['packed_over_padded_tokens_per_s']:.2f}x")
+        add(tag, "non-pad tokens/s packed / padded", f"{pk['packed_over_padded_tokens_per_s']:.2f}x"
+            + (f" (tokens/step cap {pk['cap_tokens_per_step']:.2f}x)" if "cap_tokens_per_step" in pk else ""))
         add(tag, "step memory padded / packed", f"{pk['memory_bytes']['padded'] / 2**20:.0f} / "
             f"{pk['memory_bytes']['packed'] / 2**20:.0f} MiB")
         add(tag, "packed: fraction of matmul peak", f"{pk['packed_fraction_of_peak']:.1%} "

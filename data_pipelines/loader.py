@@ -32,8 +32,8 @@ Batch (per process; `batch_size` rows), the contract with the model:
   media_mask      bool [B,L], exactly num_media_tokens consecutive True per row
   example_id      str [B] only with keep_ids=True (not for the device)
 With `pack=True` rows hold several examples (`data_pipelines.packing`): the token fields as above
-plus segment_ids [B,L], and frames / frame_mask / audio / audio_mask / example_id per example slot
-[B,E,...] with example_mask [B,E].
+plus segment_ids [B,L], and frames / frame_mask / audio / audio_mask / example_id per media slot
+[N,...] (N = media_per_batch) with example_mask [N].
 Known differences from the reference: batches may mix datasets (the reference draws whole batches
 from one dataset, LAVIS MultiIterLoader); the caption prompt is drawn per example (reference: per
 batch); attention_mask is 1 on unk tokens too (reference: `input_ids != pad` = 0 there).
@@ -119,11 +119,13 @@ class LoaderConfig(Preset):
     worker_count: int = 0            # >0: mp_prefetch worker processes
     worker_buffer_size: int = 2      # batches each worker holds ready
     keep_ids: bool = False
-    # Several examples per row (`data_pipelines.packing`): up to `max_examples_per_row` examples
-    # and their media per row, segment ids keeping them apart; batches then have media slots [B, E, ...].
-    # The towers encode all B*E slots (empty ones too): keep E near the examples a row holds.
+    # Several examples per row (`data_pipelines.packing`), segment ids keeping them apart; their
+    # media go in `media_per_batch` slots per batch ([N, ...], 0: 2 x batch_size), which the frozen
+    # towers encode (empty ones too): size N for the examples a batch holds. `pack_groups`: the
+    # micro-batches the trainer splits a batch into (train.accum_steps), each with its own slots.
     pack: bool = False
-    max_examples_per_row: int = 2
+    media_per_batch: int = 0
+    pack_groups: int = 1
 
     @classmethod
     def presets(cls):
@@ -133,9 +135,19 @@ class LoaderConfig(Preset):
         if self.conv_style not in prompts.CONV_STYLES:
             raise LoaderError(f"conv_style must be one of {prompts.CONV_STYLES}, got {self.conv_style!r}")
         for name in ("batch_size", "seq_len", "num_frames", "image_size", "num_media_tokens", "max_txt_len",
-                     "max_examples_per_row"):
+                     "pack_groups"):
             if getattr(self, name) < 1:
                 raise LoaderError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.media_per_batch < 0:
+            raise LoaderError(f"media_per_batch must be >= 0 (0: 2 x batch_size), got {self.media_per_batch}")
+        if self.pack and (self.batch_size % self.pack_groups or self.media_slots % self.pack_groups):
+            raise LoaderError(f"packed batches of {self.batch_size} rows and {self.media_slots} media slots do not "
+                              f"split into {self.pack_groups} micro-batches (train.accum_steps)")
+
+    @property
+    def media_slots(self) -> int:
+        """Media slots of a packed batch (this process')."""
+        return self.media_per_batch or 2 * self.batch_size
 
 
 LOADER_PRESETS = {
@@ -514,8 +526,8 @@ def _process_rows(specs, config: LoaderConfig, encoder: TextEncoder, shard_index
 def _packed(ds, config: LoaderConfig, encoder: TextEncoder):
     from data_pipelines.packing import PackedBatchIterDataset
 
-    it = PackedBatchIterDataset(_read(ds, config), config.batch_size, config.seq_len, config.max_examples_per_row,
-                                encoder.pad_id, config.drop_remainder)
+    it = PackedBatchIterDataset(_read(ds, config), config.batch_size, config.seq_len, config.media_slots,
+                                encoder.pad_id, config.drop_remainder, groups=config.pack_groups)
     return _prefetched(it, config)
 
 
@@ -553,7 +565,7 @@ def make_loader(datasets, config: LoaderConfig, encoder: TextEncoder, shard_inde
 def batch_spec(config: LoaderConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shapes and dtypes of one batch (for `jax.ShapeDtypeStruct`s before data exists)."""
     b, t, s, L = config.batch_size, config.num_frames, config.image_size, config.seq_len
-    slots = (b, config.max_examples_per_row) if config.pack else (b,)
+    slots = (config.media_slots,) if config.pack else (b,)
     spec = {
         "frames": ((*slots, t, s, s, 3), np.float32), "frame_mask": ((*slots, t), np.bool_),
         "audio": ((*slots, config.num_audio_clips, 1, 128, 204), np.float32), "audio_mask": (slots, np.bool_),
@@ -625,8 +637,17 @@ def loader_config_from(config, train: bool = True) -> LoaderConfig:
         caption_template=str(m.prompt_template), end_sym=str(m.end_sym), train=train,
         seed=int(t.seed) + (0 if train else 1), shuffle=train, num_epochs=None if train else 1,
         read_threads=int(d.get("read_threads", 2)), worker_count=int(d.get("worker_count", 0)),
-        pack=bool(d.get("pack", False)), max_examples_per_row=int(d.get("max_examples_per_row", 2)),
+        pack=bool(d.get("pack", False)), media_per_batch=_per_process(int(d.get("media_per_batch", 0)), "media_per_batch"),
+        pack_groups=int(t.get("accum_steps", 1)) if d.get("pack", False) else 1,
         aligned_targets=bool(d.get("aligned_targets", False)))
+
+
+def _per_process(global_count: int, name: str) -> int:
+    import jax
+
+    if global_count % jax.process_count():
+        raise LoaderError(f"config.data.{name} {global_count} is not divisible by {jax.process_count()} processes")
+    return global_count // jax.process_count()
 
 
 def _encoder_from(config) -> TextEncoder:

@@ -61,7 +61,7 @@ def test_table_shows_packing_and_pytorch_rows():
     mib = 2 ** 20
     results = {
         "packing": {"returncode": 0, "result": {
-            "config": "small", "batch_size": 4, "seq_len": 512, "max_examples_per_row": 2,
+            "config": "small", "batch_size": 4, "seq_len": 512, "media_per_batch": 6, "cap_tokens_per_step": 1.56,
             "step_s": {"padded": 2.0, "packed": 2.2, "padded_full_logits": 2.4},
             "stream_padded_tokens": 1300.0, "stream_packed_tokens": 1800.0, "packed_over_padded_tokens_per_s": 1.26,
             "memory_bytes": {"padded": 100 * mib, "packed": 110 * mib, "padded_full_logits": 400 * mib},
@@ -73,7 +73,7 @@ def test_table_shows_packing_and_pytorch_rows():
             "torch_over_ours": 1.07, "torch_over_ours_cached": 3.75}},
     }
     text = run.table(results)
-    assert "1.26x" in text and "100 / 110 MiB" in text and "400 / 100 MiB (time 1.20x)" in text
+    assert "1.26x (tokens/step cap 1.56x)" in text and "6 media slots" in text and "100 / 110 MiB" in text and "400 / 100 MiB (time 1.20x)" in text
     assert "50.0% (60 of 120 GFLOP/s)" in text
     assert "1500 / 1400 / 400 ms" in text and "1.07x (cached: 3.8x)" in text
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data_pipelines import loader
+from data_pipelines import loader, packing
 from data_pipelines import prompts
 from data_pipelines.records import encode_example, encode_jpeg, make_example
 from data_pipelines.shards import WRITER_OPTIONS
@@ -295,7 +295,7 @@ def test_packed_batches_hold_the_unpacked_rows(shards, encoder):
             for r in b["example_id"]}
     # 47-72 tokens each: two or three to a row
     assert max(int(b["attention_mask"].sum()) for b in rows.values()) < 80
-    cfg = dataclasses.replace(base, pack=True, max_examples_per_row=3, batch_size=2, drop_remainder=False)
+    cfg = dataclasses.replace(base, pack=True, media_per_batch=6, batch_size=2, drop_remainder=False)
     batches = list(loader.make_loader(spec, cfg, encoder, 0, 1))
     assert sorted(_packed_ids(batches)) == sorted(rows) and len(rows) == 8
     assert len(batches) < 4   # 8 examples in fewer than the 4 padded batches of 2
@@ -303,16 +303,18 @@ def test_packed_batches_hold_the_unpacked_rows(shards, encoder):
     for b in batches:
         for k, (shape, dtype) in spec_shapes.items():
             assert b[k].shape == shape and b[k].dtype == dtype, k
+        slot = packing.slot_of_segments(b["segment_ids"])
+        assert sorted(slot.values()) == list(np.flatnonzero(b["example_mask"]))
         for r in range(cfg.batch_size):
             start = 0
-            for j in np.flatnonzero(b["example_mask"][r]):
-                one = rows[str(b["example_id"][r, j])]
+            for j in range(1, int(b["segment_ids"][r].max()) + 1):
+                one = rows[str(b["example_id"][slot[r, j]])]
                 n = int(one["attention_mask"][0].sum())
-                assert (b["segment_ids"][r, start:start + n] == j + 1).all()
+                assert (b["segment_ids"][r, start:start + n] == j).all()
                 for k in ("input_ids", "attention_mask", "targets", "media_mask"):
                     np.testing.assert_array_equal(b[k][r, start:start + n], one[k][0, :n], err_msg=k)
                 for k in ("frames", "frame_mask", "audio", "audio_mask"):
-                    np.testing.assert_array_equal(b[k][r, j], one[k][0], err_msg=k)
+                    np.testing.assert_array_equal(b[k][slot[r, j]], one[k][0], err_msg=k)
                 start += n
             assert (b["segment_ids"][r, start:] == 0).all() and (b["attention_mask"][r, start:] == 0).all()
             assert (b["targets"][r, start:] == X).all()
@@ -321,7 +323,7 @@ def test_packed_batches_hold_the_unpacked_rows(shards, encoder):
 def test_packed_iterator_state_restores_exactly(shards, encoder):
     """Captions (10-11 tokens) and conversations (47-72) into rows of 100: examples are held back
     for later batches and emitted out of order; a restore from any batch boundary replays exactly."""
-    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, max_examples_per_row=3,
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, media_per_batch=6,
                               drop_remainder=False)
     specs = [loader.DatasetSpec(shards["caption"], weight=1.0), loader.DatasetSpec(shards["conv"], weight=1.0)]
     full = list(loader.make_loader(specs, cfg, encoder, 0, 1))
@@ -348,7 +350,7 @@ def test_packed_iterator_state_restores_exactly(shards, encoder):
 def test_packed_worker_processes_resume_exactly(shards, encoder):
     """pack=True under mp_prefetch (2 worker processes): the packer pickles into the workers and
     a restore replays the remaining packed batches (~30 s here)."""
-    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, max_examples_per_row=3,
+    cfg = dataclasses.replace(CFG, keep_ids=True, num_epochs=1, seq_len=100, pack=True, media_per_batch=6,
                               worker_count=2)
     first, rest, again = _stop_and_resume(loader.DatasetSpec(shards["caption"]), cfg, encoder, 2)
     assert len(rest) > 0 and _packed_ids(again) == _packed_ids(rest)

@@ -17,7 +17,7 @@ from vllama_jax.models.video_llama import (VideoLlama, VideoLlamaConfig, causal_
 
 CFG = VideoLlamaConfig.preset("tiny")
 T, L = 3, 64
-LENGTHS = (20, 30, 12, 40)   # four examples; packed two per row into B=2 rows of L=64
+LENGTHS = (20, 30, 16, 40)   # four examples; first fit packs two per row into B=2 rows of L=64
 K = CFG.num_video_tokens
 
 
@@ -52,10 +52,11 @@ def _unpacked(rows):
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
-def _packed(rows):
-    placed = packing.assign_rows([packing.example_length(r) for r in rows], 2, L, 2)
+def _packed(rows, groups=1):
+    layout = packing.Layout(2, L, 4, groups)
+    placed = packing.assign_rows([packing.example_length(r) for r in rows], layout)
     assert placed == [0, 0, 1, 1]
-    return {k: jnp.asarray(v) for k, v in packing.pack_batch(rows, placed, 2, L, 2, pad_id=0).items()}
+    return {k: jnp.asarray(v) for k, v in packing.pack_batch(rows, placed, layout, pad_id=0).items()}
 
 
 def _loss_and_grads(config, batch):
@@ -73,18 +74,41 @@ def _assert_trees_close(a, b, atol, what):
 def test_pack_batch_layout():
     rows = _examples()
     batch = _packed(rows)
-    np.testing.assert_array_equal(batch["example_mask"], [[True, True], [True, True]])
+    np.testing.assert_array_equal(batch["example_mask"], [True] * 4)
     seg = np.asarray(batch["segment_ids"])
     assert (seg[0, :20] == 1).all() and (seg[0, 20:50] == 2).all() and (seg[0, 50:] == 0).all()
     np.testing.assert_array_equal(np.asarray(batch["input_ids"])[0, 20:50], rows[1]["input_ids"][:30])
-    np.testing.assert_array_equal(np.asarray(batch["frames"])[1, 1], rows[3]["frames"])
+    np.testing.assert_array_equal(np.asarray(batch["frames"])[3], rows[3]["frames"])   # row-major slots
     assert np.asarray(batch["media_mask"]).sum() == 4 * K
     pos = np.asarray(positions_from_segments(batch["segment_ids"]))
     np.testing.assert_array_equal(pos[0, :50], np.r_[np.arange(20), np.arange(30)])
-    # An example that fits no row closes the batch.
-    assert packing.assign_rows([60, 60, 10], 2, 64, 4) == [0, 1]
+    # An example that fits no row closes the batch; so does one that finds no free media slot.
+    assert packing.assign_rows([60, 60, 10], packing.Layout(2, 64, 8)) == [0, 1]
+    assert packing.assign_rows([10, 10, 10], packing.Layout(2, 64, 2)) == [0, 0]
     with pytest.raises(ValueError, match="cannot fit"):
-        packing.assign_rows([65], 2, 64, 4)
+        packing.assign_rows([65], packing.Layout(2, 64, 4))
+    # Two micro-batches: rows 0 / 1 and slots 0, 2 / 1, 3 are theirs.
+    two = packing.Layout(2, 64, 4, groups=2)
+    rows = packing.assign_rows([10] * 5, two)
+    assert rows == [0, 0, 1, 1] and packing.assign_slots(rows, 2) == [0, 2, 1, 3]
+    with pytest.raises(ValueError, match="divisible by 2"):
+        packing.Layout(2, 64, 3, groups=2)
+
+
+def test_each_micro_batch_of_a_grouped_packed_batch_is_its_rows_examples():
+    """With groups = accum_steps the trainer's micro-batch split (every n-th row and slot) gives
+    packed micro-batches whose loss is their own examples' unpacked loss."""
+    from vllama_jax.train.step import split_microbatches
+
+    rows = _examples(2)
+    micro = split_microbatches(_packed(rows, groups=2), 2)
+    for m, mine in enumerate((rows[:2], rows[2:])):
+        part = jax.tree.map(lambda x: x[m], micro)
+        assert part["example_mask"].shape == (2,) and bool(part["example_mask"].all())
+        loss_p, aux_p, _ = _loss_and_grads(CFG, part)
+        loss_u, aux_u, _ = _loss_and_grads(CFG, _unpacked(mine))
+        assert int(aux_p["num_tokens"]) == int(aux_u["num_tokens"])
+        assert_close(loss_p, loss_u, atol=1e-5, what=f"micro-batch {m} loss")
 
 
 def test_segment_ids_keep_attention_inside_each_segment():
@@ -104,7 +128,7 @@ def test_packed_logits_loss_and_grads_equal_unpacked():
     unpacked, packed = _unpacked(rows), _packed(rows)
     fwd = jax.jit(lambda p, b: VideoLlama(CFG).apply({"params": p}, b, ("video",)).logits)
     lu, lp = np.asarray(fwd(_params(), unpacked)), np.asarray(fwd(_params(), packed))
-    starts = {0: (0, 0), 1: (0, 20), 2: (1, 0), 3: (1, 12)}
+    starts = {0: (0, 0), 1: (0, 20), 2: (1, 0), 3: (1, 16)}
     for i, n in enumerate(LENGTHS):
         r, s = starts[i]
         assert_close(lp[r, s:s + n], lu[i, :n], atol=1e-4, what=f"example {i} logits")

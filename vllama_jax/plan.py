@@ -197,6 +197,11 @@ def check_batch_split(config, shape: Sequence[int]) -> None:
     if accum < 1 or global_batch % accum or (global_batch // accum) % rows:
         raise PlanError(f"global batch {global_batch} in {accum} micro-batch(es) does not split over "
                         f"data x fsdp = {rows} devices")
+    if config.data.get("pack", False):
+        slots = int(config.data.get("media_per_batch", 0)) or 2 * global_batch
+        if slots % accum or (slots // accum) % rows:
+            raise PlanError(f"config.data.media_per_batch {slots} packed media slots in {accum} micro-batch(es) "
+                            f"do not split over data x fsdp = {rows} devices")
 
 
 # ------------------------------------------------------------------------------ sizes

@@ -38,8 +38,6 @@ from vllama_jax.models.vit import EvaViTConfig
 
 IGNORE_INDEX = -100
 MEDIA = ("video", "audio", "audio_from_frames")
-# Batch keys that a packed batch holds per example slot, `[B, E, ...]`.
-PACKED_MEDIA_KEYS = ("frames", "frame_mask", "audio", "audio_mask")
 
 # torch.nn.Linear / nn.Embedding defaults, which the reference's randomly initialised heads use.
 torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -235,28 +233,42 @@ def splice_media(embeds: jax.Array, soft: jax.Array, media_mask: jax.Array) -> j
     """Puts `soft [B,K,D]` into `embeds [B,L,D]` at the True positions of `media_mask [B,L]`, in order.
 
     Every row must have exactly K True positions (the loader guarantees it; `check_media_mask`
-    verifies it on host arrays); a packed row holds its examples' soft tokens one example after
-    the other (`[B, E*K, D]`) and uses the first n*K of them (n examples in the row).
+    verifies it on host arrays). A packed batch splices over the batch as one sequence
+    (`splice_packed_media`).
     """
     idx = jnp.clip(jnp.cumsum(media_mask.astype(jnp.int32), axis=1) - 1, 0, soft.shape[1] - 1)
     gathered = jnp.take_along_axis(soft, idx[..., None], axis=1)
     return jnp.where(media_mask[..., None], gathered.astype(embeds.dtype), embeds)
 
 
+def splice_packed_media(embeds: jax.Array, soft: jax.Array, media_mask: jax.Array) -> jax.Array:
+    """A packed batch's splice: `soft [N, K, D]` (one media slot each) fills the media positions of
+    `embeds [B, L, D]` in row-major order, slot after slot (`data_pipelines.packing` orders the
+    slots so; empty slots come last and are never reached)."""
+    b, l, d = embeds.shape
+    flat = splice_media(embeds.reshape(1, b * l, d), soft.reshape(1, -1, soft.shape[-1]), media_mask.reshape(1, b * l))
+    return flat.reshape(b, l, d)
+
+
 def check_media_mask(media_mask: Any, num_tokens: int, example_mask: Any = None) -> None:
     """Host-side check that each row has exactly `num_tokens` media positions (skipped when traced);
-    packed rows (`example_mask [B, E]`) `num_tokens` per example they hold."""
+    a packed batch (`example_mask [N]`) a multiple of `num_tokens` per row and `num_tokens` per
+    example it holds."""
     if isinstance(media_mask, jax.core.Tracer) or isinstance(example_mask, jax.core.Tracer):
         return
     counts = np.asarray(media_mask).sum(axis=1)
-    want = np.full_like(counts, num_tokens) if example_mask is None else \
-        num_tokens * np.asarray(example_mask).sum(axis=1)
-    bad = np.nonzero(counts != want)[0]
+    if example_mask is not None:
+        bad = np.nonzero(counts % num_tokens)[0]
+        total, examples = int(counts.sum()), int(np.asarray(example_mask).sum())
+        if bad.size or total != num_tokens * examples:
+            raise ValueError(f"media_mask: a packed batch of {examples} examples has {total} media positions "
+                             f"(rows {counts.tolist()[:8]}), expected {num_tokens} per example (one per soft "
+                             f"token of the requested media)")
+        return
+    bad = np.nonzero(counts != num_tokens)[0]
     if bad.size:
-        expected = num_tokens if example_mask is None else want[bad[:8]].tolist()
         raise ValueError(f"media_mask: rows {bad[:8].tolist()} have {counts[bad[:8]].tolist()} media positions, "
-                         f"expected {expected} (one per soft token of the requested media"
-                         f"{'' if example_mask is None else ', per example in the row'})")
+                         f"expected {num_tokens} (one per soft token of the requested media)")
 
 
 def shifted_labels(targets: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -407,9 +419,9 @@ class VideoLlama(nn.Module):
                      deterministic: bool = True) -> jax.Array:
         """LLaMA input embeddings with the media soft tokens spliced in: `[B, L, d_llm]`.
 
-        A packed batch (`segment_ids` present, see `data_pipelines.packing`) holds up to E examples
-        per row and their media as `[B, E, ...]` (`example_mask [B, E]`): the media of all B*E slots
-        are encoded as one batch and each row's examples' soft tokens fill its media positions in
+        A packed batch (`segment_ids` present, see `data_pipelines.packing`) holds several examples
+        per row and their media in N slots `[N, ...]` (`example_mask [N]`): the N slots are
+        encoded as one batch and their soft tokens fill the batch's media positions in row-major
         order (empty slots are encoded but never spliced).
         """
         media_mask = batch["media_mask"].astype(bool)
@@ -420,12 +432,8 @@ class VideoLlama(nn.Module):
         embeds = self.llama.embed(ids)
         if not media:
             return embeds
-        if not packed:
-            return splice_media(embeds, self.encode_media(batch, media, deterministic), media_mask)
-        b, e = batch["example_mask"].shape
-        flat = {k: batch[k].reshape(b * e, *batch[k].shape[2:]) for k in PACKED_MEDIA_KEYS if k in batch}
-        soft = self.encode_media(flat, media, deterministic)
-        return splice_media(embeds, soft.reshape(b, e * soft.shape[1], soft.shape[2]), media_mask)
+        soft = self.encode_media(batch, media, deterministic)
+        return splice_packed_media(embeds, soft, media_mask) if packed else splice_media(embeds, soft, media_mask)
 
     def __call__(self, batch: Mapping[str, jax.Array], media: Sequence[str] = ("video",),
                  deterministic: bool = True, return_logits: bool = True,

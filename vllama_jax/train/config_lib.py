@@ -105,10 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
     # trained branch's model.num_{video,audio}_query_token (train.preflight checks it).
     c.data.num_query_placeholders = 32
     c.data.pack = False              # several examples per row (data_pipelines.packing)
-    # With pack: example (media) slots per row. The frozen towers encode every slot, empty or not,
-    # so keep it near the examples a row holds: stage 2's LLaVA-like lengths in 512-token rows
-    # average 1.4 per row, and 2 slots pack as densely as 4 (benchmarks/packing.py).
-    c.data.max_examples_per_row = 2
+    # With pack: media slots per global batch (0: 2 x train.batch_size). The frozen towers encode
+    # every slot, empty or not, so size it for the examples a batch holds: LLaVA-like lengths in
+    # 512-token rows average 1.4 examples per row (benchmarks/packing.py); a batch that runs out of
+    # slots closes early (no example is dropped). Must divide by the processes and accum_steps.
+    c.data.media_per_batch = 0
 
     c.freeze = ml_collections.ConfigDict()
     # What trains beyond the task's own declaration (a Video-LLaMA task: model.train_branch).
