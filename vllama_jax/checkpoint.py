@@ -21,11 +21,11 @@ across another count, and a sharded grain pipeline's per-process position (an in
 process' own slice of the shuffled data) has no meaning under another split. So `restore`:
 - same count: grain's handler, as written;
 - another count, iterator with `state_is_global = True` (its state is one position in the
-  global example order, equal on every process, each process deriving its own rows from it,
-  e.g. `train.toy`): every written file must hold the same state, which is set on each new
-  process;
-- another count, any other iterator: refused (`ProcessCountChangeError`, a UserError) naming
-  both counts and the way out (resume with the old count).
+  global example order, equal on every process, each process deriving its own rows from it:
+  `train.toy`, the ArrayRecord loader's `GlobalPositionLoader`, the feature cache's iterator):
+  every written file must hold the same state, which is set on each new process;
+- another count, any other iterator (packed batches): refused (`ProcessCountChangeError`, a
+  UserError) naming both counts and the way out (resume with the old count).
 
   frozen/                    the frozen params, written once if asked (they normally come from
                              their pretrained source and are never re-saved)
