@@ -495,11 +495,17 @@ def _read(ds, config: LoaderConfig):
 
 
 def _batched(rows, config: LoaderConfig, start: int = 0):
-    """`ProcessRows` from local row `start` on -> the IterDataset of batches."""
+    """`ProcessRows` from local row `start` on -> the IterDataset of batches.
+
+    Batched as a MapDataset, before the read threads and worker processes: grain's mp_prefetch
+    gives worker w every n-th *element* of its input and interleaves the workers' outputs, so
+    batches formed inside the workers would each hold one worker's rows (row order per worker, not
+    the process' row order), and a position would not say which rows were consumed. Whole
+    batches per worker keep the order of a single reader, with or without workers."""
     import grain
 
-    it = _read(grain.MapDataset.source(rows)[start:], config)
-    return _prefetched(it.batch(config.batch_size, drop_remainder=config.drop_remainder), config)
+    ds = grain.MapDataset.source(rows)[start:].batch(config.batch_size, drop_remainder=config.drop_remainder)
+    return _prefetched(_read(ds, config), config)
 
 
 def make_dataset(datasets, config: LoaderConfig, encoder: TextEncoder, shard_index: int | None = None,

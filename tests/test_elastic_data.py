@@ -134,15 +134,17 @@ def test_finite_epoch_resume_covers_every_example_once(specs, encoder):
     assert sorted(map(str, seen)) == sorted(map(str, whole)) and len(whole) == 28
 
 
-def test_worker_processes_resume_at_the_global_position(specs, encoder):
-    cfg = _cfg(B, worker_count=2)
-    it = loader.make_loader(specs, cfg, encoder, 1, 2)
-    _take(it, 2)
+def test_worker_processes_feed_the_same_batches_and_resume_at_the_global_position(specs, encoder):
+    """mp_prefetch worker processes: the same batches as a single reader (grain hands each worker
+    whole batches), and their position resumes elsewhere."""
+    one = [loader.make_loader(specs, _cfg(B), encoder, p, 2) for p in range(2)]
+    whole = _global([_take(it, 4) for it in one])
+    it = loader.make_loader(specs, _cfg(B, worker_count=2), encoder, 1, 2)
+    _assert_batches_equal(_take(it, 2), [{k: v[B:] for k, v in b.items()} for b in whole[:2]])
     state = it.get_state()
     it.close()
     resumed = loader.make_loader(specs, _cfg(2 * B), encoder, 0, 1)
     resumed.set_state(state)
-    whole = _take(loader.make_loader(specs, _cfg(2 * B), encoder, 0, 1), 4)
     _assert_batches_equal(_take(resumed, 2), whole[2:])
 
 
